@@ -1,0 +1,26 @@
+"""imptome: importance-based token merging for diffusers pipelines.
+
+    import imptome
+    imptome.apply_patch(pipe, ratio=0.7)     # merge what classifier-free guidance says matters least
+    image = pipe(prompt).images[0]
+    imptome.importance_map(pipe)             # [B, h, w] map of the last step
+    imptome.remove_patch(pipe)               # back to the original model, bit for bit
+"""
+
+from imptome.config import PRESETS, MergeConfig
+from imptome.patch.api import apply_patch, importance_map, is_patched, merge_plan, remove_patch
+from imptome.patch.state import PlanRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "MergeConfig",
+    "PlanRecord",
+    "__version__",
+    "apply_patch",
+    "importance_map",
+    "is_patched",
+    "merge_plan",
+    "remove_patch",
+]

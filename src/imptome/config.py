@@ -1,0 +1,149 @@
+"""`MergeConfig`: every option of imptome in one dataclass, with per-family presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["importance", "tome"]
+CfgOrder = Literal["auto", "uncond_first", "cond_first"]
+Matching = Literal["feature", "grid"]
+DstSelection = Literal["random", "topk"]
+PlanScope = Literal["step", "layer"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("importance", "tome"),
+    "cfg_order": ("auto", "uncond_first", "cond_first"),
+    "matching": ("feature", "grid"),
+    "dst_selection": ("random", "topk"),
+    "plan_scope": ("step", "layer"),
+}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """How and where tokens are merged. Defaults follow the paper's Stable Diffusion setting.
+
+    Merge amount
+        ratio: fraction R/N of each merged layer's N tokens that are removed before attention.
+            Allowed: 0 <= ratio <= max_ratio (see `max_ratio`); 0 disables merging exactly.
+        method: "importance" (keep what CFG says matters) or "tome" (ToMeSD's random sx x sy cells).
+
+    Importance partition (method="importance")
+        dst_fraction: destinations D = floor(N * dst_fraction) (paper: 0.25).
+        pool_factor: the pool holds the M = min(N, floor((N - R) * pool_factor)) most important tokens
+            (paper: 1.4 for SD UNets, 1.0 for PixArt). Must be >= 1 so the pool can hold every kept token.
+        dst_selection: "random" draws destinations uniformly from the pool (paper); "topk" takes the
+            D most important tokens (an ablation).
+
+    ToMeSD partition (method="tome", and every warm-up or no-CFG step)
+        sx, sy: cell size; one destination per cell at a random position.
+
+    Schedule (importance only; step = index of the denoiser call within one generation)
+        importance_start_step: steps before it use the random cell partition (no map exists at step 0).
+        merge_start_step: steps before it *prune* (removed tokens receive their destination's output
+            but are not averaged into it); from it on they are merged (averaged). Paper: SD 2 / 2,
+            PixArt-alpha 1 / 4.
+
+    Layers
+        max_downsample: merge only layers whose token grid is the latent grid downsampled by at most
+            this factor (1 = highest resolution only, ToMeSD's default). Transformers: 1 merges all.
+        block_range: (first, stop) transformer-block indices to merge in transformer denoisers
+            (PixArt/DiT); None merges all blocks.
+        merge_attn / merge_crossattn / merge_mlp: which sub-layers of a transformer block are merged.
+        matching: "feature" matches sources to destinations by cosine similarity of the layer's tokens;
+            "grid" by distance on the token grid (the authors' PixArt code).
+
+    Runtime
+        plan_scope: "step" computes one plan per token grid per denoiser call and reuses it in every
+            layer of that grid (fast, default); "layer" plans at every block (ToMeSD / paper behaviour).
+        cfg_order: which half of the CFG batch is conditional. "auto" takes it from the denoiser:
+            [cond, uncond] for DiT, [uncond, cond] otherwise. The importance magnitude does not depend on
+            it; it selects the conditional half whose features drive matching.
+        seed: seeds imptome's own generator at the start of every generation (never the global RNG).
+        similarity_chunk: upper bound on similarity-matrix entries held at once per plan
+            (bounds memory at large token counts).
+    """
+
+    ratio: float = 0.5
+    method: Method = "importance"
+    dst_fraction: float = 0.25
+    pool_factor: float = 1.4
+    dst_selection: DstSelection = "random"
+    sx: int = 2
+    sy: int = 2
+    importance_start_step: int = 2
+    merge_start_step: int = 2
+    max_downsample: int = 1
+    block_range: tuple[int, int] | None = None
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    matching: Matching = "feature"
+    plan_scope: PlanScope = "step"
+    cfg_order: CfgOrder = "auto"
+    seed: int = 0
+    similarity_chunk: int = 1 << 24
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
+        if not 0.0 < self.dst_fraction <= 0.5:
+            raise ValueError(f"dst_fraction={self.dst_fraction} must be in (0, 0.5]")
+        if self.pool_factor < 1.0:
+            raise ValueError(f"pool_factor={self.pool_factor} must be >= 1 (the pool must hold every kept token)")
+        if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
+            raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
+        if self.max_downsample not in (1, 2, 4, 8):
+            raise ValueError(f"max_downsample={self.max_downsample} must be one of 1, 2, 4, 8")
+        if self.importance_start_step < 0 or self.merge_start_step < 0:
+            raise ValueError("importance_start_step and merge_start_step must be >= 0")
+        if self.block_range is not None:
+            first, stop = self.block_range
+            if not 0 <= first < stop:
+                raise ValueError(f"block_range={self.block_range} must be (first, stop) with 0 <= first < stop")
+        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
+            raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be True")
+        if self.similarity_chunk < 1:
+            raise ValueError("similarity_chunk must be >= 1")
+        if not 0.0 <= self.ratio <= self.max_ratio:
+            raise ValueError(
+                f"ratio={self.ratio} is out of range: allowed 0 <= ratio <= {self.max_ratio:g} for "
+                f"method={self.method!r} (at most N - D tokens can be removed, D = destinations)"
+            )
+
+    @property
+    def max_ratio(self) -> float:
+        """Largest allowed ratio: every destination must survive, so R <= N - D."""
+        if self.method == "tome":
+            return 1.0 - 1.0 / (self.sx * self.sy)
+        return 1.0 - self.dst_fraction
+
+    def replace(self, **changes: object) -> MergeConfig:
+        """A copy with some fields changed; unknown names raise a TypeError listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise TypeError(f"unknown MergeConfig option(s) {unknown}; valid options: {sorted(valid)}")
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, MergeConfig] = {
+    # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2).
+    "unet": MergeConfig(),
+    # PixArt-alpha/sigma (paper: 1024 px, 20 steps, ratio 0.5, blocks 7-20 of 28, self+cross attention,
+    # random pruning at step 0, importance pruning on steps 1-3, importance merging from step 4).
+    "pixart": MergeConfig(
+        ratio=0.5,
+        pool_factor=1.0,
+        importance_start_step=1,
+        merge_start_step=4,
+        block_range=(7, 21),
+        merge_crossattn=True,
+    ),
+    # DiT: the same transformer machinery; no published schedule, so PixArt's warm-up on all blocks.
+    "dit": MergeConfig(ratio=0.5, pool_factor=1.0, importance_start_step=1, merge_start_step=4),
+}

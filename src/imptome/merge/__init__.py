@@ -1,0 +1,19 @@
+"""The merge algorithm in pure torch: importance maps, partitions, matching, merge plans."""
+
+from imptome.merge.importance import cfg_importance, pool_to_grid
+from imptome.merge.partition import cell_count, cell_partition, importance_partition, pool_size
+from imptome.merge.plan import DESTINATION, INDEPENDENT, MERGED, MergePlan, build_plan
+
+__all__ = [
+    "DESTINATION",
+    "INDEPENDENT",
+    "MERGED",
+    "MergePlan",
+    "build_plan",
+    "cell_count",
+    "cell_partition",
+    "cfg_importance",
+    "importance_partition",
+    "pool_size",
+    "pool_to_grid",
+]

@@ -1,0 +1,74 @@
+"""Partitions: which tokens become destinations, and which are protected as important.
+
+All draws use the caller's device generator; nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def pool_size(num_tokens: int, num_remove: int, pool_factor: float) -> int:
+    """M = min(N, floor((N - R) * pool_factor)): how many of the most important tokens form the pool."""
+    return min(num_tokens, math.floor((num_tokens - num_remove) * pool_factor))
+
+
+def importance_partition(
+    importance: torch.Tensor,
+    num_dst: int,
+    num_pool: int,
+    generator: torch.Generator | None,
+    topk_dst: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Destinations drawn from the pool of the most important tokens.
+
+    Args:
+        importance: [U, N] per-token importance.
+        num_dst: D, destinations per row.
+        num_pool: M >= D, the size of the pool of most important tokens.
+        generator: device generator for the uniform draw.
+        topk_dst: take the D most important tokens instead of a random draw (ablation).
+
+    Returns:
+        dst_idx [U, D] token indices and in_pool [U, N] bool.
+    """
+    units, num_tokens = importance.shape
+    pool = importance.topk(num_pool, dim=-1).indices  # [U, M], most important first
+    if topk_dst:
+        dst_idx = pool[:, :num_dst]
+    else:
+        noise = torch.rand(units, num_pool, generator=generator, device=importance.device)
+        dst_idx = pool.gather(1, noise.topk(num_dst, dim=-1).indices)
+    in_pool = torch.zeros(units, num_tokens, dtype=torch.bool, device=importance.device)
+    in_pool.scatter_(1, pool, True)
+    return dst_idx, in_pool
+
+
+def cell_partition(
+    units: int,
+    grid: tuple[int, int],
+    sy: int,
+    sx: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """ToMeSD's partition: one destination at a random position in every full sy x sx cell.
+
+    Tokens in incomplete cells at the bottom and right edges are always sources.
+
+    Returns:
+        dst_idx [U, (h // sy) * (w // sx)] token indices (row-major on the h x w grid).
+    """
+    h, w = grid
+    cells_y, cells_x = h // sy, w // sx
+    offset = torch.randint(sy * sx, (units, cells_y, cells_x), generator=generator, device=device)
+    row = torch.arange(cells_y, device=device).view(1, -1, 1) * sy + offset // sx
+    col = torch.arange(cells_x, device=device).view(1, 1, -1) * sx + offset % sx
+    return (row * w + col).flatten(1)
+
+
+def cell_count(grid: tuple[int, int], sy: int, sx: int) -> int:
+    """Number of destinations `cell_partition` draws on a grid."""
+    return (grid[0] // sy) * (grid[1] // sx)

@@ -1,0 +1,154 @@
+"""Matching sources to destinations, the resulting merge plan, and merge / unmerge.
+
+Shapes: U plan units (one per image, or per video frame), B denoiser rows (2U under CFG: both halves of
+a sample share one plan), N tokens, D destinations, R removed tokens, K = N - R kept tokens, C channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Index tensors that take N tokens to K kept tokens and back.
+
+    Attributes:
+        kept_idx: [U, K] token index of each kept slot; slots 0..D-1 are destinations, the rest
+            independent tokens.
+        slot: [B, N] kept slot whose attention output each token receives.
+        counts: [B, K, 1] how many tokens are averaged into each slot (float32), or None when removed
+            tokens are pruned (dropped before attention, not averaged).
+        roles: [U, N] MERGED (0), DESTINATION (1) or INDEPENDENT (2).
+        grid: (h, w) token grid, N = h * w.
+    """
+
+    kept_idx: torch.Tensor
+    slot: torch.Tensor
+    counts: torch.Tensor | None
+    roles: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept_idx.shape[1]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning)."""
+        rows, _, channels = x.shape
+        if self.counts is None:
+            kept = self.kept_idx.repeat(rows // self.kept_idx.shape[0], 1)
+            return x.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
+        index = self.slot.unsqueeze(-1).expand(-1, -1, channels)
+        summed = x.new_zeros(rows, self.num_kept, channels).scatter_add_(1, index, x)
+        return summed / self.counts.to(x.dtype)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, K, C] -> [B, N, C]: every token receives the output of its slot (one gather)."""
+        return y.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
+    def source(self) -> torch.Tensor:
+        """[B, N] token index of the kept token whose output each token receives."""
+        kept = self.kept_idx.repeat(self.slot.shape[0] // self.kept_idx.shape[0], 1)
+        return kept.gather(1, self.slot)
+
+
+def _best_destination(
+    metric: torch.Tensor | None,
+    grid: tuple[int, int],
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    chunk_entries: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each source, its most similar destination: (score [U, S], destination position [U, S]).
+
+    metric [U, N, C] selects cosine similarity of features; None selects (negative squared) distance on
+    the token grid. The [U, S, D] similarity is computed in chunks of sources to bound memory.
+    """
+    units, num_src = src_idx.shape
+    num_dst = dst_idx.shape[1]
+    if metric is None:
+        width = grid[1]
+        dst_y, dst_x = (dst_idx // width).float(), (dst_idx % width).float()
+    else:
+        metric = F.normalize(metric, dim=-1)
+        dst_feat = metric.gather(1, dst_idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+    step = max(1, chunk_entries // max(1, units * num_dst))
+    scores, best = [], []
+    for start in range(0, num_src, step):
+        idx = src_idx[:, start : start + step]
+        if metric is None:
+            dy = (idx // width).float().unsqueeze(-1) - dst_y.unsqueeze(1)
+            dx = (idx % width).float().unsqueeze(-1) - dst_x.unsqueeze(1)
+            sim = -(dy * dy + dx * dx)
+        else:
+            src_feat = metric.gather(1, idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+            sim = src_feat @ dst_feat.transpose(1, 2)
+        value, position = sim.max(dim=-1)
+        scores.append(value.float())
+        best.append(position)
+    return torch.cat(scores, dim=1), torch.cat(best, dim=1)
+
+
+def build_plan(
+    dst_idx: torch.Tensor,
+    num_remove: int,
+    grid: tuple[int, int],
+    rows: int,
+    metric: torch.Tensor | None = None,
+    in_pool: torch.Tensor | None = None,
+    average: bool = True,
+    chunk_entries: int = 1 << 24,
+) -> MergePlan:
+    """Match every source to a destination and choose the R sources to remove.
+
+    Args:
+        dst_idx: [U, D] destination token indices (from a partition).
+        num_remove: R, tokens removed per row; R <= N - D.
+        grid: (h, w) token grid.
+        rows: B, denoiser rows the plan is applied to; a multiple of U (row b uses unit b % U).
+        metric: [U, N, C] token features for cosine matching, or None to match by grid distance.
+        in_pool: [U, N] bool, the important tokens. Sources outside the pool are always removed; the rest of
+            the R removals go to the pool sources most similar to their destination. None: no pool
+            (ToMeSD: the R most similar sources).
+        average: merge removed tokens into their destination (True) or prune them (False).
+        chunk_entries: upper bound on similarity entries computed at once.
+    """
+    units, num_dst = dst_idx.shape
+    num_tokens = grid[0] * grid[1]
+    if not 0 <= num_remove <= num_tokens - num_dst:
+        raise ValueError(f"num_remove={num_remove} must be in [0, N - D = {num_tokens - num_dst}]")
+    if rows % units:
+        raise ValueError(f"rows={rows} is not a multiple of the plan's units={units}")
+    device = dst_idx.device
+
+    is_dst = torch.zeros(units, num_tokens, dtype=torch.bool, device=device).scatter_(1, dst_idx, True)
+    src_idx = is_dst.to(torch.uint8).argsort(dim=1, stable=True)[:, : num_tokens - num_dst]  # [U, N - D]
+
+    score, best = _best_destination(metric, grid, src_idx, dst_idx, chunk_entries)
+    if in_pool is not None:
+        score = score.masked_fill(~in_pool.gather(1, src_idx), float("inf"))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    removed_pos, independent_pos = order[:, :num_remove], order[:, num_remove:]
+    removed_idx = src_idx.gather(1, removed_pos)
+    kept_idx = torch.cat([dst_idx, src_idx.gather(1, independent_pos)], dim=1)  # [U, K]
+    num_kept = kept_idx.shape[1]
+
+    slot = torch.empty(units, num_tokens, dtype=torch.long, device=device)
+    slot.scatter_(1, kept_idx, torch.arange(num_kept, device=device).expand(units, -1))
+    slot.scatter_(1, removed_idx, best.gather(1, removed_pos))
+    roles = torch.full((units, num_tokens), MERGED, dtype=torch.int8, device=device)
+    roles.scatter_(1, dst_idx, DESTINATION)
+    roles.scatter_(1, kept_idx[:, num_dst:], INDEPENDENT)
+
+    slot = slot.repeat(rows // units, 1)
+    counts = None
+    if average:
+        ones = torch.ones(rows, num_tokens, device=device)
+        counts = torch.zeros(rows, num_kept, device=device).scatter_add_(1, slot, ones).unsqueeze(-1)
+    return MergePlan(kept_idx=kept_idx, slot=slot, counts=counts, roles=roles, grid=grid)

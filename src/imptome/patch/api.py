@@ -1,0 +1,100 @@
+"""The public verbs: apply_patch, remove_patch, importance_map, merge_plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from imptome.config import PRESETS, MergeConfig
+from imptome.patch.families import DENOISER_FAMILIES, denoiser_info, spatial_blocks, supported_names
+from imptome.patch.hooks import register_hooks
+from imptome.patch.state import PatchState, PlanRecord
+
+T = TypeVar("T")
+_ATTR = "_imptome_patch"
+
+
+@dataclass
+class _Patch:
+    state: PatchState
+    handles: list[RemovableHandle]
+
+
+def find_denoiser(target: Any) -> nn.Module:
+    """The denoiser of a pipeline (`unet` or `transformer`), a supported denoiser itself, or a TypeError."""
+    if isinstance(target, nn.Module):
+        module = getattr(target, "_orig_mod", target)  # torch.compile wrapper
+        if isinstance(module, tuple(DENOISER_FAMILIES)):
+            return module
+    else:
+        for name in ("unet", "transformer"):
+            module = getattr(target, name, None)
+            if isinstance(module, tuple(DENOISER_FAMILIES)):
+                return module
+    raise TypeError(
+        f"imptome cannot patch a {type(target).__name__}: pass a diffusers pipeline with a `unet` or "
+        f"`transformer`, or one of the supported denoisers: {supported_names()}"
+    )
+
+
+def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) -> T:
+    """Merge tokens in `target`'s denoiser from its next call on; returns `target`.
+
+    Args:
+        target: a diffusers pipeline or its denoiser (UNet2DConditionModel, UNetMotionModel,
+            PixArtTransformer2DModel, DiTTransformer2DModel).
+        config: a MergeConfig; None uses the preset of the denoiser's family.
+        **options: MergeConfig fields overriding `config` (e.g. ratio=0.7, method="tome").
+
+    Applying again replaces the previous patch.
+    """
+    denoiser = find_denoiser(target)
+    info = denoiser_info(denoiser)
+    config = config if config is not None else PRESETS[info.family]
+    if options:
+        config = config.replace(**options)
+    remove_patch(denoiser)
+    cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
+    state = PatchState(config=config, info=info, cond_first=cond_first)
+    handles = register_hooks(denoiser, spatial_blocks(denoiser), state)
+    setattr(denoiser, _ATTR, _Patch(state, handles))
+    return target
+
+
+def remove_patch(target: T) -> T:
+    """Remove imptome's hooks; the model computes exactly what it did before patching. Returns `target`."""
+    denoiser = find_denoiser(target)
+    patch = denoiser.__dict__.pop(_ATTR, None)
+    if patch is not None:
+        for handle in patch.handles:
+            handle.remove()
+    return target
+
+
+def _state(target: Any) -> PatchState | None:
+    patch = find_denoiser(target).__dict__.get(_ATTR)
+    return None if patch is None else patch.state
+
+
+def is_patched(target: Any) -> bool:
+    return _state(target) is not None
+
+
+def importance_map(target: Any) -> torch.Tensor | None:
+    """The latest CFG importance map, float32 [U, h, w] on the latent token grid, or None.
+
+    U is the number of images (for video: images x frames). None before the first guided step of a
+    generation, after a call without CFG, or when `target` is not patched.
+    """
+    state = _state(target)
+    return None if state is None else state.importance
+
+
+def merge_plan(target: Any) -> list[PlanRecord]:
+    """The plans used in the last denoiser call, one per token grid (per layer with plan_scope="layer")."""
+    state = _state(target)
+    return [] if state is None else state.records()

@@ -1,0 +1,89 @@
+"""Model families: which denoisers are supported, and where their mergeable transformer blocks are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    Transformer2DModel,
+    UNet2DConditionModel,
+    UNetMotionModel,
+)
+from torch import nn
+
+# Denoiser class -> family name (a key of imptome.config.PRESETS).
+DENOISER_FAMILIES: dict[type[nn.Module], str] = {
+    UNet2DConditionModel: "unet",
+    UNetMotionModel: "unet",
+    PixArtTransformer2DModel: "pixart",
+    DiTTransformer2DModel: "dit",
+}
+
+# Modules whose `transformer_blocks` attend over the 2-D token grid. Temporal attention (AnimateDiff's
+# motion modules, class AnimateDiffTransformer3D) uses the same block class with frames as tokens, so blocks
+# are found through their spatial container, never by their own class.
+SPATIAL_CONTAINERS: tuple[type[nn.Module], ...] = (
+    Transformer2DModel,
+    PixArtTransformer2DModel,
+    DiTTransformer2DModel,
+)
+
+
+def supported_names() -> str:
+    return ", ".join(cls.__name__ for cls in DENOISER_FAMILIES)
+
+
+@dataclass(frozen=True)
+class DenoiserInfo:
+    """What the hooks need to know about a denoiser.
+
+    family: preset name; patch_size: latent pixels per token side (1 for UNets); noise_channels: output
+    channels that are noise (the rest is a learned variance); cond_first: default CFG batch order.
+    """
+
+    family: str
+    patch_size: int
+    noise_channels: int
+    cond_first: bool
+
+
+def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
+    family = next((name for cls, name in DENOISER_FAMILIES.items() if isinstance(denoiser, cls)), None)
+    if family is None:
+        raise TypeError(
+            f"imptome cannot patch a {type(denoiser).__name__}; supported denoisers: {supported_names()} "
+            "(or a diffusers pipeline that has one as `unet` or `transformer`)"
+        )
+    config = denoiser.config
+    in_channels = config.in_channels
+    out_channels = config.get("out_channels") or in_channels
+    noise_channels = in_channels if out_channels == 2 * in_channels else out_channels
+    patch_size = 1 if family == "unet" else (config.get("patch_size") or 1)
+    return DenoiserInfo(family, patch_size, noise_channels, cond_first=family == "dit")
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """A transformer block on the spatial token grid: `index` counts blocks in its container."""
+
+    name: str
+    index: int
+    block: nn.Module
+    in_transformer_denoiser: bool
+
+
+def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
+    """Every transformer block that attends over image tokens, in module order."""
+    sites = []
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, SPATIAL_CONTAINERS):
+            continue
+        for index, block in enumerate(getattr(module, "transformer_blocks", ())):
+            if hasattr(block, "attn1"):
+                prefix = f"{name}." if name else ""
+                sites.append(
+                    BlockSite(f"{prefix}transformer_blocks.{index}", index, block, module is denoiser)
+                )
+    return sites

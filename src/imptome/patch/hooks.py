@@ -1,0 +1,109 @@
+"""Forward hooks: the denoiser hooks drive the step state; layer hooks merge inputs and unmerge outputs.
+
+Nothing of diffusers' forward code is copied or replaced: attention processors (SDPA, xformers,
+IP-Adapter, custom) keep running, on fewer query tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from imptome.merge.plan import MergePlan
+from imptome.patch.families import BlockSite
+from imptome.patch.state import PatchState
+
+_SAMPLE_KEYS = ("sample", "hidden_states")
+
+
+def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any, str | int | None]:
+    for key in keys:
+        if key in kwargs:
+            return kwargs[key], key
+    return (args[0], 0) if args else (None, None)
+
+
+def _denoiser_pre_hook(state: PatchState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        state.begin_call(sample, timestep)
+
+    return hook
+
+
+def _denoiser_post_hook(state: PatchState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        noise_pred = output[0] if isinstance(output, tuple) else output.sample
+        state.end_call(noise_pred)
+
+    return hook
+
+
+class _LayerHooks:
+    """Merges the token input of one attention / MLP module and unmerges its output."""
+
+    def __init__(self, state: PatchState, block_name: str, self_attention: bool) -> None:
+        self.state = state
+        self.block_name = block_name
+        self.self_attention = self_attention
+        self.pending: list[MergePlan] = []
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        tokens, where = _first_input(args, kwargs, ("hidden_states",))
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
+            return None
+        # A mask over the query tokens themselves would no longer line up once they are merged.
+        if self.self_attention and kwargs.get("attention_mask") is not None:
+            return None
+        grid = self.state.token_grid(tokens.shape[1])
+        plan = None if grid is None else self.state.plan_for(self.block_name, grid, tokens)
+        if plan is None:
+            return None
+        self.pending.append(plan)
+        merged = plan.merge(tokens)
+        if where == 0:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, where: merged}
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.pending:
+            return None
+        plan = self.pending.pop()
+        if isinstance(output, tuple):
+            return (plan.unmerge(output[0]), *output[1:])
+        return plan.unmerge(output)
+
+    def register(self, module: nn.Module) -> list[RemovableHandle]:
+        return [
+            module.register_forward_pre_hook(self.pre, with_kwargs=True),
+            module.register_forward_hook(self.post, with_kwargs=True),
+        ]
+
+
+def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchState) -> list[RemovableHandle]:
+    """Hook the denoiser and the selected sub-layers of each block; returns the handles to remove."""
+    config = state.config
+    handles = [
+        denoiser.register_forward_pre_hook(_denoiser_pre_hook(state), with_kwargs=True),
+        denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
+    ]
+    for site in blocks:
+        if site.in_transformer_denoiser and config.block_range is not None:
+            first, stop = config.block_range
+            if not first <= site.index < stop:
+                continue
+        block = site.block
+        targets: list[tuple[nn.Module, bool]] = []
+        if config.merge_attn:
+            targets.append((block.attn1, True))
+        if config.merge_crossattn and getattr(block, "attn2", None) is not None:
+            targets.append((block.attn2, False))
+        if config.merge_mlp and getattr(block, "ff", None) is not None:
+            targets.append((block.ff, False))
+        for module, self_attention in targets:
+            handles += _LayerHooks(state, site.name, self_attention).register(module)
+    return handles

@@ -1,0 +1,187 @@
+"""Per-denoiser state of a patch: the current generation's step, CFG layout, importance map and plans."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from imptome.config import MergeConfig
+from imptome.merge import (
+    build_plan,
+    cell_partition,
+    cfg_importance,
+    importance_partition,
+    pool_size,
+    pool_to_grid,
+)
+from imptome.merge.plan import MergePlan
+from imptome.patch.families import DenoiserInfo
+
+
+@dataclass
+class PlanRecord:
+    """A plan used in the last denoiser call, with what it was built from (see `imptome.merge_plan`).
+
+    Attributes:
+        grid: (h, w) token grid.
+        layer: name of the block whose tokens built the plan (with plan_scope="step" it is reused by every
+            merged layer of this grid).
+        importance: [U, h, w] the pooled importance map it was built from, or None (random cells).
+        roles: [B, h, w] per denoiser row: 0 merged, 1 destination, 2 independent.
+        source: [B, h * w] index of the kept token whose attention output each token receives.
+        pruned: True when removed tokens were dropped rather than averaged (warm-up).
+    """
+
+    grid: tuple[int, int]
+    layer: str
+    importance: torch.Tensor | None
+    roles: torch.Tensor
+    source: torch.Tensor
+    pruned: bool
+
+
+@dataclass
+class _Built:
+    plan: MergePlan
+    layer: str
+    importance: torch.Tensor | None
+
+
+@dataclass
+class PatchState:
+    """Everything a patch remembers between hooks. One per patched denoiser."""
+
+    config: MergeConfig
+    info: DenoiserInfo
+    cond_first: bool
+    step: int = 0
+    last_timestep: float | None = None
+    latent_grid: tuple[int, int] | None = None
+    cfg: bool = False
+    importance: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    plans: dict[object, _Built] = field(default_factory=dict)
+    last_plans: list[_Built] = field(default_factory=list)
+    warned_no_cfg: bool = False
+
+    # ---- called by the denoiser hooks -------------------------------------------------------------
+    def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
+        """Start of a denoiser call: detect a new generation, the latent grid and whether CFG is on."""
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self.last_timestep is None or t > self.last_timestep:
+            self._new_generation(sample.device)
+        self.last_timestep = t
+        self.latent_grid = (sample.shape[-2] // self.info.patch_size, sample.shape[-1] // self.info.patch_size)
+        half = sample.shape[0] // 2
+        self.cfg = sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
+        if not self.cfg:
+            self.importance = None
+            if self.config.method == "importance" and not self.warned_no_cfg:
+                warnings.warn(
+                    "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
+                    "a CFG cut-off or a distilled model), so there is no importance map; merging falls back "
+                    "to the random 2x2-cell partition for such calls.",
+                    stacklevel=2,
+                )
+                self.warned_no_cfg = True
+        self.plans = {}
+
+    def end_call(self, noise_pred: torch.Tensor) -> None:
+        """End of a denoiser call: keep this step's importance map for the next step."""
+        if self.cfg:
+            self.importance = cfg_importance(noise_pred.detach(), self.info.noise_channels, self.cond_first)
+        self.last_plans = list(self.plans.values())
+        self.plans = {}
+        self.step += 1
+
+    def _new_generation(self, device: torch.device) -> None:
+        self.step = 0
+        self.importance = None
+        self.last_plans = []
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.config.seed)
+
+    # ---- called by the layer hooks ----------------------------------------------------------------
+    def token_grid(self, num_tokens: int) -> tuple[int, int] | None:
+        """The merged grid with `num_tokens` tokens, or None when that layer is not to be merged."""
+        if self.latent_grid is None:
+            return None
+        height, width = self.latent_grid
+        factor = 1
+        while factor <= self.config.max_downsample:
+            grid = (math.ceil(height / factor), math.ceil(width / factor))
+            if grid[0] * grid[1] == num_tokens:
+                return grid
+            factor *= 2
+        return None
+
+    def plan_for(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> MergePlan | None:
+        """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per layer."""
+        key = grid if self.config.plan_scope == "step" else (layer, grid)
+        built = self.plans.get(key)
+        if built is None:
+            built = self._build(layer, grid, tokens)
+            if built is None:
+                return None
+            self.plans[key] = built
+        return built.plan
+
+    def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> _Built | None:
+        config = self.config
+        rows, num_tokens = tokens.shape[:2]
+        num_remove = math.floor(num_tokens * config.ratio)
+        units = rows // 2 if self.cfg else rows
+        if num_remove == 0 or units == 0:
+            return None
+        if self.cfg:
+            cond = tokens[:units] if self.cond_first else tokens[units:]
+        else:
+            cond = tokens
+        importance = None
+        if (
+            config.method == "importance"
+            and self.importance is not None
+            and self.importance.shape[0] == units
+            and self.step >= config.importance_start_step
+        ):
+            importance = pool_to_grid(self.importance, grid)
+            num_dst = math.floor(num_tokens * config.dst_fraction)
+            num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
+            dst_idx, in_pool = importance_partition(
+                importance, num_dst, num_pool, self.generator, topk_dst=config.dst_selection == "topk"
+            )
+        else:
+            dst_idx = cell_partition(units, grid, config.sy, config.sx, self.generator, tokens.device)
+            in_pool = None
+        metric = None
+        if config.matching == "feature":
+            metric = cond.float() if cond.device.type == "cpu" else cond
+        average = config.method == "tome" or self.step >= config.merge_start_step
+        plan = build_plan(
+            dst_idx,
+            num_remove,
+            grid,
+            rows,
+            metric=metric,
+            in_pool=in_pool,
+            average=average,
+            chunk_entries=config.similarity_chunk,
+        )
+        pooled = None if importance is None else importance.view(units, *grid)
+        return _Built(plan, layer, pooled)
+
+    def records(self) -> list[PlanRecord]:
+        """The last call's plans, expanded to one entry per denoiser row."""
+        out = []
+        for built in self.last_plans:
+            plan = built.plan
+            rows = plan.slot.shape[0]
+            roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
+            out.append(
+                PlanRecord(plan.grid, built.layer, built.importance, roles, plan.source(), plan.counts is None)
+            )
+        return out

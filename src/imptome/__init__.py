@@ -1,10 +1,10 @@
 """imptome: importance-based token merging for diffusers pipelines.
 
-    import imptome
-    imptome.apply_patch(pipe, ratio=0.7)     # merge what classifier-free guidance says matters least
-    image = pipe(prompt).images[0]
-    imptome.importance_map(pipe)             # [B, h, w] map of the last step
-    imptome.remove_patch(pipe)               # back to the original model, bit for bit
+import imptome
+imptome.apply_patch(pipe, ratio=0.7)     # merge what classifier-free guidance says matters least
+image = pipe(prompt).images[0]
+imptome.importance_map(pipe)             # [B, h, w] map of the last step
+imptome.remove_patch(pipe)               # back to the original model, bit for bit
 """
 
 from imptome.config import PRESETS, MergeConfig

@@ -94,7 +94,7 @@ class MergeConfig:
         if not 0.0 < self.dst_fraction <= 0.5:
             raise ValueError(f"dst_fraction={self.dst_fraction} must be in (0, 0.5]")
         if self.pool_factor < 1.0:
-            raise ValueError(f"pool_factor={self.pool_factor} must be >= 1 (the pool must hold every kept token)")
+            raise ValueError(f"pool_factor={self.pool_factor} must be >= 1 (the pool holds every kept token)")
         if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
             raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
         if self.max_downsample not in (1, 2, 4, 8):
@@ -104,7 +104,7 @@ class MergeConfig:
         if self.block_range is not None:
             first, stop = self.block_range
             if not 0 <= first < stop:
-                raise ValueError(f"block_range={self.block_range} must be (first, stop) with 0 <= first < stop")
+                raise ValueError(f"block_range={self.block_range} must be (first, stop), 0 <= first < stop")
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be True")
         if self.similarity_chunk < 1:

@@ -74,7 +74,8 @@ class PatchState:
         if self.last_timestep is None or t > self.last_timestep:
             self._new_generation(sample.device)
         self.last_timestep = t
-        self.latent_grid = (sample.shape[-2] // self.info.patch_size, sample.shape[-1] // self.info.patch_size)
+        patch = self.info.patch_size
+        self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         half = sample.shape[0] // 2
         self.cfg = sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
         if not self.cfg:
@@ -137,10 +138,9 @@ class PatchState:
         units = rows // 2 if self.cfg else rows
         if num_remove == 0 or units == 0:
             return None
+        cond = tokens
         if self.cfg:
             cond = tokens[:units] if self.cond_first else tokens[units:]
-        else:
-            cond = tokens
         importance = None
         if (
             config.method == "importance"
@@ -181,7 +181,6 @@ class PatchState:
             plan = built.plan
             rows = plan.slot.shape[0]
             roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
-            out.append(
-                PlanRecord(plan.grid, built.layer, built.importance, roles, plan.source(), plan.counts is None)
-            )
+            pruned = plan.counts is None
+            out.append(PlanRecord(plan.grid, built.layer, built.importance, roles, plan.source(), pruned))
         return out

@@ -1,0 +1,167 @@
+"""Properties of the pure merge algorithm on random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imptome.merge import (
+    DESTINATION,
+    INDEPENDENT,
+    MERGED,
+    build_plan,
+    cell_count,
+    cell_partition,
+    importance_partition,
+    pool_size,
+)
+
+from .reference import reference_plan
+
+
+@st.composite
+def layer_cases(draw):
+    h = draw(st.integers(2, 9))
+    w = draw(st.integers(2, 9))
+    units = draw(st.integers(1, 3))
+    cfg = draw(st.booleans())
+    ratio = draw(st.floats(0.0, 0.75))
+    pool_factor = draw(st.floats(1.0, 2.0))
+    seed = draw(st.integers(0, 2**16))
+    return h, w, units, cfg, ratio, pool_factor, seed
+
+
+def _importance_plan(h, w, units, cfg, ratio, pool_factor, seed, chunk=1 << 24):
+    gen = torch.Generator().manual_seed(seed)
+    n = h * w
+    num_remove = math.floor(n * ratio)
+    num_dst = math.floor(n * 0.25)
+    num_pool = pool_size(n, num_remove, pool_factor)
+    importance = torch.rand(units, n, generator=gen)
+    features = torch.randn(units, n, 6, generator=gen)
+    dst_idx, in_pool = importance_partition(importance, num_dst, num_pool, gen)
+    rows = 2 * units if cfg else units
+    plan = build_plan(dst_idx, num_remove, (h, w), rows, features, in_pool, chunk_entries=chunk)
+    return plan, importance, features, dst_idx, in_pool, num_remove, num_pool
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_cases())
+def test_importance_plan_counts_and_groups(case):
+    h, w, units, cfg, ratio, pool_factor, seed = case
+    n = h * w
+    plan, importance, _, dst_idx, in_pool, num_remove, num_pool = _importance_plan(*case)
+    num_dst = math.floor(n * 0.25)
+    assert num_pool == min(n, math.floor((n - num_remove) * pool_factor))
+    assert num_pool >= n - num_remove
+    assert in_pool.sum(1).tolist() == [num_pool] * units
+    # the pool is the num_pool most important tokens
+    threshold = importance.topk(num_pool, dim=1).values[:, -1:]
+    assert bool((importance[in_pool.logical_not()] <= threshold.expand_as(importance)[~in_pool]).all())
+    roles = plan.roles
+    assert (roles == DESTINATION).sum(1).tolist() == [num_dst] * units
+    assert (roles == MERGED).sum(1).tolist() == [num_remove] * units
+    assert (roles == INDEPENDENT).sum(1).tolist() == [n - num_remove - num_dst] * units
+    # destinations come from the pool; every unimportant token is merged
+    assert bool(in_pool.gather(1, dst_idx).all())
+    assert bool((roles[~in_pool] == MERGED).all())
+    # every token belongs to exactly one kept slot, and each kept token to its own slot
+    assert plan.num_kept == n - num_remove
+    slot = plan.slot[:units]
+    assert bool(((slot >= 0) & (slot < plan.num_kept)).all())
+    assert bool((slot.gather(1, plan.kept_idx) == torch.arange(plan.num_kept)).all())
+    # merged tokens point at destinations only
+    receiver_roles = roles.gather(1, plan.source()[:units])
+    assert bool((receiver_roles[roles == MERGED] == DESTINATION).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer_cases())
+def test_fast_plan_matches_reference(case):
+    h, w, units, cfg, ratio, pool_factor, seed = case
+    plan, _, features, dst_idx, in_pool, num_remove, _ = _importance_plan(*case)
+    source = plan.source()
+    for u in range(units):
+        receiver, roles = reference_plan(features[u], dst_idx[u].tolist(), num_remove, in_pool[u].tolist())
+        assert source[u].tolist() == receiver
+        assert plan.roles[u].tolist() == roles
+
+
+@settings(max_examples=30, deadline=None)
+@given(layer_cases())
+def test_merge_unmerge(case):
+    h, w, units, cfg, ratio, pool_factor, seed = case
+    plan, *_ = _importance_plan(*case)
+    rows = plan.slot.shape[0]
+    x = torch.randn(rows, h * w, 5, generator=torch.Generator().manual_seed(seed + 1))
+    merged = plan.merge(x)
+    assert merged.shape == (rows, plan.num_kept, 5)
+    # each kept slot is the mean of the tokens that map to it
+    for b in range(rows):
+        for k in range(plan.num_kept):
+            members = (plan.slot[b] == k).nonzero().flatten()
+            torch.testing.assert_close(merged[b, k], x[b, members].mean(0))
+    restored = plan.unmerge(merged)
+    singles = plan.counts.squeeze(-1).gather(1, plan.slot) == 1  # tokens alone in their slot
+    assert bool((plan.roles.repeat(rows // units, 1)[singles] != MERGED).all())
+    torch.testing.assert_close(restored[singles], x[singles], rtol=0, atol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(layer_cases())
+def test_chunked_similarity_is_identical(case):
+    full, *_ = _importance_plan(*case)
+    chunked, *_ = _importance_plan(*case, chunk=7)
+    assert torch.equal(full.slot, chunked.slot)
+    assert torch.equal(full.kept_idx, chunked.kept_idx)
+
+
+def test_pruning_copies_destination_without_averaging():
+    plan, *_ = _importance_plan(6, 5, 2, True, 0.6, 1.4, 3)
+    pruned = build_plan(plan.kept_idx[:, :7], 18, (6, 5), 4, torch.randn(2, 30, 4), average=False)
+    x = torch.randn(4, 30, 3)
+    kept = pruned.kept_idx.repeat(2, 1)
+    assert torch.equal(pruned.merge(x), x.gather(1, kept.unsqueeze(-1).expand(-1, -1, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_keeps_dtype(dtype):
+    plan, *_ = _importance_plan(8, 6, 2, True, 0.7, 1.4, 0)
+    x = torch.randn(4, 48, 8, dtype=dtype)
+    merged = plan.merge(x)
+    assert merged.dtype == dtype
+    assert plan.unmerge(merged).dtype == dtype
+    torch.testing.assert_close(merged.float(), plan.merge(x.float()), atol=2e-2, rtol=2e-2)
+
+
+def test_topk_destinations_are_the_most_important():
+    importance = torch.rand(3, 40)
+    dst_idx, _ = importance_partition(importance, 10, 20, None, topk_dst=True)
+    expected = importance.topk(10, dim=1).indices
+    assert torch.equal(dst_idx.sort(1).values, expected.sort(1).values)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 7), (9, 2), (3, 3)])
+def test_cell_partition_one_destination_per_full_cell(grid):
+    h, w = grid
+    gen = torch.Generator().manual_seed(0)
+    dst = cell_partition(2, grid, 2, 2, gen, torch.device("cpu"))
+    assert dst.shape == (2, cell_count(grid, 2, 2))
+    cells = sorted((int(i) // w // 2, int(i) % w // 2) for i in dst[0])
+    assert cells == [(cy, cx) for cy in range(h // 2) for cx in range(w // 2)]
+
+
+def test_grid_matching_picks_nearest_destination():
+    dst = torch.tensor([[0, 15]])  # corners of a 4x4 grid
+    plan = build_plan(dst, 14, (4, 4), 1, metric=None)
+    source = plan.source()[0]
+    assert source[1].item() == 0 and source[14].item() == 15  # neighbours go to their own corner
+
+
+def test_plan_rejects_too_many_removals():
+    with pytest.raises(ValueError, match="num_remove"):
+        build_plan(torch.tensor([[0, 1]]), 3, (2, 2), 1, torch.randn(1, 4, 2))

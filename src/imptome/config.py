@@ -48,7 +48,9 @@ class MergeConfig:
 
     Layers
         max_downsample: merge only layers whose token grid is the latent grid downsampled by at most
-            this factor (1 = highest resolution only, ToMeSD's default). Transformers: 1 merges all.
+            this factor (1 = highest resolution only, ToMeSD's default). None (default) picks the finest
+            level that has attention: 1 on SD 1.x/2.x (the same as ToMeSD), 2 on SDXL, whose top level has
+            no attention, so ToMeSD's 1 would merge nothing there. Transformers have one grid.
         block_range: (first, stop) transformer-block indices to merge in transformer denoisers
             (PixArt/DiT); None merges all blocks.
         merge_attn / merge_crossattn / merge_mlp: which sub-layers of a transformer block are merged.
@@ -75,7 +77,7 @@ class MergeConfig:
     sy: int = 2
     importance_start_step: int = 2
     merge_start_step: int = 2
-    max_downsample: int = 1
+    max_downsample: int | None = None
     block_range: tuple[int, int] | None = None
     merge_attn: bool = True
     merge_crossattn: bool = False
@@ -97,8 +99,8 @@ class MergeConfig:
             raise ValueError(f"pool_factor={self.pool_factor} must be >= 1 (the pool holds every kept token)")
         if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
             raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
-        if self.max_downsample not in (1, 2, 4, 8):
-            raise ValueError(f"max_downsample={self.max_downsample} must be one of 1, 2, 4, 8")
+        if self.max_downsample not in (None, 1, 2, 4, 8):
+            raise ValueError(f"max_downsample={self.max_downsample} must be None (auto) or one of 1, 2, 4, 8")
         if self.importance_start_step < 0 or self.merge_start_step < 0:
             raise ValueError("importance_start_step and merge_start_step must be >= 0")
         if self.block_range is not None:

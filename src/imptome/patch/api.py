@@ -10,7 +10,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from imptome.config import PRESETS, MergeConfig
-from imptome.patch.families import DENOISER_FAMILIES, denoiser_info, spatial_blocks, supported_names
+from imptome.patch.families import (
+    DENOISER_FAMILIES,
+    denoiser_info,
+    finest_attention_downsample,
+    spatial_blocks,
+    supported_names,
+)
 from imptome.patch.hooks import register_hooks
 from imptome.patch.state import PatchState, PlanRecord
 
@@ -59,7 +65,8 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config = config.replace(**options)
     remove_patch(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
-    state = PatchState(config=config, info=info, cond_first=cond_first)
+    max_downsample = config.max_downsample or finest_attention_downsample(denoiser)
+    state = PatchState(config=config, info=info, cond_first=cond_first, max_downsample=max_downsample)
     handles = register_hooks(denoiser, spatial_blocks(denoiser), state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
     return target

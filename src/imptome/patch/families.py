@@ -87,3 +87,12 @@ def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
                     BlockSite(f"{prefix}transformer_blocks.{index}", index, block, module is denoiser)
                 )
     return sites
+
+
+def finest_attention_downsample(denoiser: nn.Module) -> int:
+    """Downsampling factor of the highest-resolution UNet level with attention (1 for transformers)."""
+    for level, block in enumerate(getattr(denoiser, "down_blocks", ())):
+        if getattr(block, "attentions", None):
+            return 2**level
+    levels = len(getattr(denoiser, "down_blocks", ()))
+    return 2 ** max(levels - 1, 0)

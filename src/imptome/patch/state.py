@@ -57,6 +57,7 @@ class PatchState:
     config: MergeConfig
     info: DenoiserInfo
     cond_first: bool
+    max_downsample: int
     step: int = 0
     last_timestep: float | None = None
     latent_grid: tuple[int, int] | None = None
@@ -113,7 +114,7 @@ class PatchState:
             return None
         height, width = self.latent_grid
         factor = 1
-        while factor <= self.config.max_downsample:
+        while factor <= self.max_downsample:
             grid = (math.ceil(height / factor), math.ceil(width / factor))
             if grid[0] * grid[1] == num_tokens:
                 return grid

@@ -1,0 +1,265 @@
+"""End-to-end behaviour of the patch on tiny Stable Diffusion and SDXL pipelines (random weights, CPU)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+import imptome
+from imptome.merge import DESTINATION, INDEPENDENT, MERGED
+from tests.factories import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+PROMPT = "a red circle on the left"
+
+
+def generate(pipe, steps: int = 4, seed: int = 0, **kwargs) -> np.ndarray:
+    """Final latents (decoding adds nothing to what is tested here)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
+    return out.images.numpy()
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(autouse=True)
+def unpatched(sd):
+    imptome.remove_patch(sd)
+    yield
+    imptome.remove_patch(sd)
+
+
+def query_token_counts(unet, run) -> dict[str, list[int]]:
+    """Tokens seen by every attention's query projection during `run()`, by attention module name."""
+    counts: dict[str, list[int]] = defaultdict(list)
+    handles = [
+        module.to_q.register_forward_hook(lambda m, a, o, name=name: counts[name].append(a[0].shape[1]))
+        for name, module in unet.named_modules()
+        if hasattr(module, "to_q")
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def test_ratio_zero_and_remove_patch_are_bit_identical(sd):
+    base = generate(sd)
+    imptome.apply_patch(sd, ratio=0.0)
+    assert np.array_equal(generate(sd), base)
+    imptome.apply_patch(sd, ratio=0.7)
+    merged = generate(sd)
+    assert not np.array_equal(merged, base)
+    assert np.isfinite(merged).all()
+    imptome.remove_patch(sd)
+    assert np.array_equal(generate(sd), base)
+
+
+def test_patching_twice_equals_patching_once(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    once = generate(sd)
+    imptome.apply_patch(sd, ratio=0.7)
+    imptome.apply_patch(sd, ratio=0.7)
+    assert np.array_equal(generate(sd), once)
+    hooks = sum(len(m._forward_pre_hooks) for m in sd.unet.modules())
+    imptome.remove_patch(sd)
+    assert sum(len(m._forward_pre_hooks) for m in sd.unet.modules()) == 0 < hooks
+
+
+def test_same_seed_same_image_and_global_rng_untouched(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    first = generate(sd)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    second = generate(sd)
+    assert np.array_equal(first, second)
+    assert torch.equal(torch.rand(3), expected_next)  # imptome drew nothing from the global RNG
+
+
+@pytest.mark.parametrize("method", ["importance", "tome"])
+def test_merged_layers_see_n_minus_r_tokens(sd, method):
+    imptome.apply_patch(sd, ratio=0.7, method=method)
+    counts = query_token_counts(sd.unet, lambda: generate(sd, steps=3))
+    n, r = 256, math.floor(256 * 0.7)
+    for name, seen in counts.items():
+        top_level = (
+            ".0.attentions." in name
+            and "down_blocks" in name
+            or ".1.attentions." in name
+            and "up_blocks" in name
+        )
+        if top_level and name.endswith("attn1"):
+            assert seen == [n - r] * 3, name
+        elif top_level:  # cross-attention: queries are not merged by default
+            assert seen == [n] * 3, name
+        else:
+            assert seen == [64] * 3, name  # second level: untouched (ToMeSD's max_downsample=1)
+
+
+def test_crossattn_and_mlp_options(sd):
+    imptome.apply_patch(sd, ratio=0.5, merge_crossattn=True, merge_mlp=True, max_downsample=2)
+    counts = query_token_counts(sd.unet, lambda: generate(sd, steps=2))
+    assert {seen[0] for seen in counts.values()} == {256 - 128, 64 - 32}
+
+
+def test_importance_map_is_channel_mean_of_cfg_difference(sd):
+    outputs = []
+    imptome.apply_patch(sd, ratio=0.7)
+    handle = sd.unet.register_forward_hook(
+        lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o.sample)
+    )
+    try:
+        generate(sd, steps=3)
+    finally:
+        handle.remove()
+    uncond, cond = outputs[-1].chunk(2)
+    expected = (cond - uncond).abs().mean(dim=1)
+    importance = imptome.importance_map(sd)
+    assert importance.shape == (1, 16, 16)
+    torch.testing.assert_close(importance, expected)
+
+
+def test_merge_plan_records_roles_and_sources(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    generate(sd, steps=4)
+    (record,) = imptome.merge_plan(sd)
+    assert record.grid == (16, 16) and not record.pruned
+    assert record.roles.shape == (2, 16, 16) and record.source.shape == (2, 256)
+    assert torch.equal(record.roles[0], record.roles[1])  # both CFG halves share the plan
+    n, r = 256, math.floor(256 * 0.7)
+    assert int((record.roles[0] == MERGED).sum()) == r
+    assert int((record.roles[0] == DESTINATION).sum()) == 64
+    assert int((record.roles[0] == INDEPENDENT).sum()) == n - r - 64
+    # built from the map of the previous step: its most important tokens are never merged
+    importance = record.importance[0].flatten()
+    num_pool = min(n, math.floor((n - r) * 1.4))
+    unimportant = importance.argsort(descending=True)[num_pool:]
+    assert bool((record.roles[0].flatten()[unimportant] == MERGED).all())
+    # kept tokens receive their own output; merged ones a destination's
+    source, roles = record.source[0], record.roles[0].flatten()
+    kept = roles != MERGED
+    assert torch.equal(source[kept], torch.arange(n)[kept])
+    assert bool((roles[source[~kept]] == DESTINATION).all())
+
+
+def test_warmup_prunes_then_merges(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    records = []
+    callback = lambda pipe, i, t, kw: records.append(imptome.merge_plan(pipe)[0]) or kw  # noqa: E731
+    generate(sd, steps=4, callback_on_step_end=callback)
+    assert [rec.pruned for rec in records] == [True, True, False, False]
+    assert [rec.importance is not None for rec in records] == [False, False, True, True]
+
+
+def test_plan_scope_layer_plans_every_block(sd):
+    imptome.apply_patch(sd, ratio=0.7, plan_scope="layer")
+    generate(sd, steps=3)
+    layers = [record.layer for record in imptome.merge_plan(sd)]
+    assert len(layers) == len(set(layers)) == 5  # 2 down + 3 up blocks at the top level
+
+
+def test_tome_partition_has_one_destination_per_cell(sd):
+    imptome.apply_patch(sd, ratio=0.7, method="tome")
+    generate(sd, steps=2)
+    (record,) = imptome.merge_plan(sd)
+    cells = (record.roles[0] == DESTINATION).view(8, 2, 8, 2).sum(dim=(1, 3))
+    assert torch.equal(cells, torch.ones(8, 8, dtype=cells.dtype))
+
+
+def test_non_square_odd_grid_and_several_prompts(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    generator = torch.Generator().manual_seed(0)
+    run = lambda: sd(  # noqa: E731
+        [PROMPT, "a blue square"],
+        height=72,
+        width=104,
+        num_inference_steps=3,
+        generator=generator,
+        output_type="latent",
+    )
+    counts = query_token_counts(sd.unet, run)
+    n = 9 * 13
+    assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [n - math.floor(n * 0.7)] * 3
+    assert imptome.importance_map(sd).shape == (2, 9, 13)
+    (record,) = imptome.merge_plan(sd)
+    assert record.roles.shape == (4, 9, 13)
+    assert torch.equal(record.roles[:2], record.roles[2:])  # [uncond x2, cond x2] rows share plans per image
+
+
+def test_no_cfg_falls_back_to_cells_and_warns_once(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = query_token_counts(sd.unet, lambda: generate(sd, steps=3, guidance_scale=1.0))
+        generate(sd, steps=3, guidance_scale=1.0)
+    messages = [str(w.message) for w in caught if "imptome" in str(w.message)]
+    assert len(messages) == 1 and "classifier-free guidance" in messages[0]
+    assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [256 - 179] * 3
+    assert imptome.importance_map(sd) is None
+
+
+def test_map_from_another_image_is_never_reused(sd):
+    imptome.apply_patch(sd, ratio=0.7)
+    generate(sd, steps=3)
+    records = []
+    callback = lambda pipe, i, t, kw: records.append(imptome.merge_plan(pipe)[0]) or kw  # noqa: E731
+    generate(sd, steps=3, seed=1, callback_on_step_end=callback)
+    assert records[0].importance is None  # a new generation starts without a map
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_denoiser_keeps_dtype(dtype):
+    unet = tiny_sd_pipeline().unet.to(dtype)
+    imptome.apply_patch(unet, ratio=0.7, importance_start_step=1)
+    latents = torch.randn(1, 4, 16, 16, dtype=dtype).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, 32, dtype=dtype)
+    with torch.no_grad():
+        for t in (900, 800):
+            out = unet(latents, t, encoder_hidden_states=text).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert imptome.merge_plan(unet)[0].importance is not None
+
+
+def test_sdxl_pipeline_merges_finest_attention_level():
+    pipe = tiny_sdxl_pipeline(
+        top_level_attention=False
+    )  # like the real SDXL: no attention at full resolution
+    base = generate(pipe, steps=2)
+    imptome.apply_patch(pipe, ratio=0.5)
+    counts = query_token_counts(pipe.unet, lambda: generate(pipe, steps=2))
+    self_attn = {name: seen for name, seen in counts.items() if name.endswith("attn1")}
+    assert self_attn and all(seen == [32, 32] for seen in self_attn.values())  # 8x8 level, ratio 0.5
+    imptome.apply_patch(pipe, ratio=0.5, max_downsample=1)  # ToMeSD's setting merges nothing on SDXL
+    assert np.array_equal(generate(pipe, steps=2), base)
+    imptome.remove_patch(pipe)
+    assert np.array_equal(generate(pipe, steps=2), base)
+
+
+def test_sdxl_with_top_level_attention():
+    pipe = tiny_sdxl_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    counts = query_token_counts(pipe.unet, lambda: generate(pipe, steps=2))
+    assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [256 - 179] * 2
+    assert counts["down_blocks.1.attentions.0.transformer_blocks.0.attn1"] == [64] * 2
+
+
+def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
+    with pytest.raises(ValueError, match=r"allowed 0 <= ratio <= 0.75"):
+        imptome.apply_patch(sd, ratio=0.9)
+    with pytest.raises(ValueError, match=r"method="):
+        imptome.apply_patch(sd, method="random")
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        imptome.apply_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unknown MergeConfig option"):
+        imptome.apply_patch(sd, rato=0.5)
+    assert not imptome.is_patched(sd)

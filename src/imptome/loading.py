@@ -1,0 +1,49 @@
+"""Loading pipelines the ecosystem's way: a local folder, the bundled miniature model, or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from imptome.cli import CliError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model(model: str | None) -> str:
+    """Resolve `model` without loading it: None -> the bundled model's folder; a path must exist.
+
+    Anything that is not an existing folder and does not look like a path is taken as a hub id
+    (downloaded by diffusers on first use; needs internet).
+    """
+    if model is None:
+        from imptome.miniature import miniature_path
+
+        return str(miniature_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CliError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+        return str(path)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise CliError(f"model folder {model} does not exist (give a local pipeline folder or a hub id)")
+    return model
+
+
+def load_pipeline(model: str | None = None, device: str | None = None, dtype: str = "float32"):
+    """A DiffusionPipeline on `device` in `dtype`, progress bar off; safety checker never loaded."""
+    source = check_model(model)
+    if dtype not in DTYPES:
+        raise CliError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    local = Path(source).is_dir()
+    pipe = DiffusionPipeline.from_pretrained(
+        source, torch_dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or default_device())

@@ -29,27 +29,32 @@ class CliError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
-def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    importlib.import_module(module).add_arguments(parser)
     parser.set_defaults(_module=module)
+    if load:  # only the chosen subcommand's module is imported: `imptome demo` never imports the benchmarks
+        importlib.import_module(module).add_arguments(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with arguments for the subcommand named in `argv` (all of them when none is named)."""
+    words = [word for word in argv if not word.startswith("-")]
+    chosen = words[:2] if words[:1] == ["bench"] else words[:1]
     parser = argparse.ArgumentParser(prog="imptome", description="Importance-based token merging (diffusers)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,bench}")
     for name, (module, help_text) in COMMANDS.items():
-        _add(sub, name, module, help_text)
+        _add(sub, name, module, help_text, load=chosen == [name])
     bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(
         dest="benchmark", required=True
     )
     for name, (module, help_text) in BENCHMARKS.items():
-        _add(bench, name, module, help_text)
+        _add(bench, name, module, help_text, load=chosen == ["bench", name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
     except CliError as error:

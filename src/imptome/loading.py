@@ -43,7 +43,7 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         raise CliError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     local = Path(source).is_dir()
     pipe = DiffusionPipeline.from_pretrained(
-        source, torch_dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
+        source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())

@@ -1,0 +1,161 @@
+"""`imptome demo`: no merging vs ToMeSD-style vs importance merging, side by side, on the same seeds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+import imptome
+from imptome.cli import CliError
+from imptome.config import MergeConfig
+from imptome.loading import DTYPES, check_model, load_pipeline
+from imptome.patch.api import find_denoiser
+from imptome.visualize import comparison_grid
+
+VARIANTS = ("none", "tome", "importance")
+
+
+def default_prompts(count: int = 4) -> list[str]:
+    """Held-out prompts of the bundled model (attribute combinations it never saw in training)."""
+    from imptome.miniature.data import held_out_prompts, prompt_for
+
+    return [prompt_for(objects) for objects in held_out_prompts()[:count]]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
+    parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio for both merged variants")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
+    parser.add_argument("--out", default="imptome-demo.png", help="PNG file to write")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+@dataclass
+class _Timer:
+    """Wall time of every denoiser call (CUDA-synchronised)."""
+
+    seconds: list[float] = field(default_factory=list)
+    _start: float = 0.0
+
+    def attach(self, module: torch.nn.Module) -> list:
+        def sync() -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def pre(*_: object) -> None:
+            sync()
+            self._start = time.perf_counter()
+
+        def post(*_: object) -> None:
+            sync()
+            self.seconds.append(time.perf_counter() - self._start)
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+@dataclass
+class _Result:
+    images: list
+    step_seconds: float
+    importance: torch.Tensor | None = None  # [U, h, w] the map the middle step's plan was built from
+    roles: torch.Tensor | None = None  # [B, h, w] at the middle step
+
+
+def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
+    denoiser = find_denoiser(pipe)
+    if variant == "none":
+        imptome.remove_patch(pipe)
+    else:
+        imptome.apply_patch(pipe, ratio=args.ratio, method=variant)
+    middle = args.steps // 2
+    captured: dict[str, torch.Tensor | None] = {}
+
+    def on_step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
+        if step == middle and variant != "none":
+            plans = imptome.merge_plan(pipeline)
+            finest = max(plans, key=lambda p: p.grid[0] * p.grid[1], default=None)
+            if finest is not None:
+                captured["roles"] = finest.roles.cpu()
+                captured["importance"] = None if finest.importance is None else finest.importance.cpu()
+        progress.update(1)
+        return kwargs
+
+    timer = _Timer()
+    handles = timer.attach(denoiser)
+    generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(len(prompts))]
+    try:
+        images = pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+        ).images
+    finally:
+        for handle in handles:
+            handle.remove()
+        imptome.remove_patch(pipe)
+    step_seconds = statistics.median(timer.seconds)
+    return _Result(images, step_seconds, captured.get("importance"), captured.get("roles"))
+
+
+def run(args: argparse.Namespace) -> int:
+    for variant in ("tome", "importance"):
+        try:
+            MergeConfig(ratio=args.ratio, method=variant)
+        except ValueError as error:
+            raise CliError(str(error)) from error
+    if args.steps < 2:
+        raise CliError(f"--steps {args.steps}: need at least 2 steps")
+    out = Path(args.out)
+    if not os.access(out.parent.resolve(), os.W_OK):
+        raise CliError(f"cannot write {out}: folder {out.parent.resolve()} is not writable")
+    check_model(args.model)
+    prompts = args.prompt or default_prompts()
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe("warm-up", num_inference_steps=1, generator=torch.Generator(pipe.device).manual_seed(0))
+    results: dict[str, _Result] = {}
+    with tqdm(total=len(VARIANTS) * args.steps, desc="demo", unit="step") as progress:
+        for variant in VARIANTS:
+            progress.set_postfix_str(variant)
+            results[variant] = _generate(pipe, prompts, args, variant, progress)
+
+    n = len(prompts)
+    columns = [("no merging", results["none"].images, "image")]
+    for variant in ("tome", "importance"):
+        result = results[variant]
+        columns.append((f"{variant} {args.ratio:g}", result.images, "image"))
+        if result.roles is not None:
+            cond_rows = result.roles[-n:]  # the plan is shared by both CFG halves
+            columns.append((f"{variant}: kept tokens", list(cond_rows), "roles"))
+    importance = results["importance"].importance
+    if importance is not None:
+        columns.append((f"CFG importance used at step {args.steps // 2}", list(importance[:n]), "heatmap"))
+    title = f"{args.model or 'bundled miniature model'}: {args.steps} steps, guidance {args.guidance:g}"
+    comparison_grid(out, prompts, columns, title=title)
+
+    table = Table(title=f"denoiser time per step ({pipe.device}, batch {2 * n} with CFG)")
+    for name in ("variant", "ratio", "median s/step", "speedup"):
+        table.add_column(name, justify="right" if name != "variant" else "left")
+    base = results["none"].step_seconds
+    for variant, result in results.items():
+        ratio = "0" if variant == "none" else f"{args.ratio:g}"
+        table.add_row(variant, ratio, f"{result.step_seconds:.4f}", f"{base / result.step_seconds:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out}")
+    return 0

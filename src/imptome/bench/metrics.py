@@ -1,0 +1,54 @@
+"""Image-quality metrics for the quality benchmark: fidelity to full compute, Frechet distance, intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def to_float_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 [n, H, W, 3] against `reference`; inf where identical."""
+    a, b = to_float_images(images), to_float_images(reference)
+    return np.array(
+        [
+            float(peak_signal_noise_ratio(x[None], y[None], data_range=1.0))
+            if not torch.equal(x, y)
+            else float("inf")
+            for x, y in zip(a, b, strict=True)
+        ]
+    )
+
+
+def ssim(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (Gaussian window 11, sigma 1.5) of uint8 [n, H, W, 3] against `reference`."""
+    a, b = to_float_images(images), to_float_images(reference)
+    values = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    return values.double().numpy()
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [n, d] (the FID formula)."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a = np.cov(features_a, rowvar=False)
+    cov_b = np.cov(features_b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    return max(value, 0.0)
+
+
+def bootstrap_ci(values: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `values` [n] (resampling the n units)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (rounds, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)

@@ -1,0 +1,51 @@
+"""Quality metrics on inputs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
+
+
+def _images(seed: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_psnr_identical_is_infinite_and_known_offset():
+    a = _images(0)
+    assert np.isinf(psnr(a, a)).all()
+    flat = np.full((1, 16, 16, 3), 100, np.uint8)
+    shifted = flat + 10  # MSE = (10/255)^2
+    assert math.isclose(psnr(shifted, flat)[0], 20 * math.log10(255 / 10), rel_tol=1e-4)
+
+
+def test_ssim_identical_is_one_and_noise_lowers_it():
+    a = _images(0)
+    np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-5)
+    noise = np.random.default_rng(1).normal(size=a.shape)
+
+    def noisy(scale: float) -> np.ndarray:
+        return np.clip(a + scale * noise, 0, 255).astype(np.uint8)
+
+    assert (ssim(noisy(80), a) < ssim(noisy(20), a)).all()
+    assert (ssim(noisy(20), a) < 0.999).all()
+
+
+def test_frechet_distance_of_identical_and_shifted_sets():
+    feats = np.random.default_rng(0).normal(size=(500, 8))
+    assert frechet_distance(feats, feats) < 1e-6
+    shift = np.zeros(8)
+    shift[0] = 3.0
+    # equal covariances: the distance is the squared mean shift
+    assert math.isclose(frechet_distance(feats + shift, feats), 9.0, rel_tol=1e-6)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_samples():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(30) < 0.7, rng.random(3000) < 0.7
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < hi_s - lo_s

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from factories import (
+
+from tests.factories import (
     tiny_animatediff_pipeline,
     tiny_clip_tokenizer,
     tiny_dit_pipeline,

@@ -1,0 +1,1 @@
+"""Benchmarks: real-size architectures (``archs``), speed and quality measurement."""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 import imptome
+from imptome.bench.measure import DenoiserTimer
 from imptome.cli import CliError
 from imptome.config import MergeConfig
 from imptome.loading import DTYPES, check_model, load_pipeline
@@ -44,29 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class _Timer:
-    """Wall time of every denoiser call (CUDA-synchronised)."""
-
-    seconds: list[float] = field(default_factory=list)
-    _start: float = 0.0
-
-    def attach(self, module: torch.nn.Module) -> list:
-        def sync() -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-
-        def pre(*_: object) -> None:
-            sync()
-            self._start = time.perf_counter()
-
-        def post(*_: object) -> None:
-            sync()
-            self.seconds.append(time.perf_counter() - self._start)
-
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-
-
-@dataclass
 class _Result:
     images: list
     step_seconds: float
@@ -93,23 +69,19 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
         progress.update(1)
         return kwargs
 
-    timer = _Timer()
-    handles = timer.attach(denoiser)
     generators = [torch.Generator(pipe.device).manual_seed(args.seed + i) for i in range(len(prompts))]
     try:
-        images = pipe(
-            prompts,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-        ).images
+        with DenoiserTimer().attach(denoiser) as timer:
+            images = pipe(
+                prompts,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=generators,
+                callback_on_step_end=on_step_end,
+            ).images
     finally:
-        for handle in handles:
-            handle.remove()
         imptome.remove_patch(pipe)
-    step_seconds = statistics.median(timer.seconds)
-    return _Result(images, step_seconds, captured.get("importance"), captured.get("roles"))
+    return _Result(images, timer.median, captured.get("importance"), captured.get("roles"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,10 +45,18 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return max(value, 0.0)
 
 
-def bootstrap_ci(values: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of `values` [n] (resampling the n units)."""
+def bootstrap_ci(
+    values: np.ndarray, weights: np.ndarray | None = None, rounds: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of sum(values) / sum(weights), resampling the n units.
+
+    values [n]; weights [n] (default ones, giving the plain mean). With per-image hit counts as values and
+    object counts as weights this is the interval of a per-object accuracy that respects the grouping
+    of objects in images.
+    """
     values = np.asarray(values, dtype=float)
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, dtype=float)
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (rounds, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    idx = rng.integers(0, len(values), (rounds, len(values)))
+    low, high = np.percentile(values[idx].sum(1) / weights[idx].sum(1), [2.5, 97.5])
     return float(low), float(high)

@@ -1,0 +1,66 @@
+"""Measuring a denoiser inside a running pipeline: wall time per call and FLOPs per call."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _sync(device: torch.device | None = None) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+class DenoiserTimer:
+    """Wall time of every call of a module (CUDA-synchronised), via forward hooks."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    @contextmanager
+    def attach(self, module: torch.nn.Module) -> Iterator[DenoiserTimer]:
+        def pre(*_: object) -> None:
+            _sync()
+            self._start = time.perf_counter()
+
+        def post(*_: object) -> None:
+            _sync()
+            self.seconds.append(time.perf_counter() - self._start)
+
+        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def denoiser_flops(module: torch.nn.Module, run: Callable[[], object]) -> float:
+    """Mean FLOPs per call of `module` while `run()` executes (everything the call does, hooks included)."""
+    per_call: list[int] = []
+    with FlopCounterMode(display=False) as counter:
+        start = [0]
+
+        def pre(*_: object) -> None:
+            start[0] = counter.get_total_flops()
+
+        def post(*_: object) -> None:
+            per_call.append(counter.get_total_flops() - start[0])
+
+        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+    return float(sum(per_call) / len(per_call))

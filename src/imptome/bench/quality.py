@@ -1,0 +1,465 @@
+"""`imptome bench quality`: does importance merging beat random merging at the same ratio?
+
+Every method runs in one process on the same prompts and seeds. Images are cached as PNGs under
+`--cache` as they are made, so an interrupted run resumes where it stopped. Metrics:
+
+- accuracy: prompted objects drawn with the right colour and shape (read by the bundled classifier);
+  position_accuracy: also in the prompted cell; both with 95% bootstrap intervals over images;
+- frechet: Frechet distance between classifier features of the generated images and of real procedural
+  images of the same prompts (the FID analogue);
+- psnr / ssim: each merged image against the unmerged image of the same prompt and seed;
+- step_seconds: median denoiser call time at the benchmark's batch size; flops_per_step: FLOPs of one
+  denoiser call for one prompt with CFG (batch 2), averaged over the schedule, merge overhead included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from tqdm.auto import tqdm
+
+import imptome
+from imptome.bench.measure import DenoiserTimer, denoiser_flops
+from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
+from imptome.cli import CliError
+from imptome.config import MergeConfig
+from imptome.loading import DTYPES, check_model, load_pipeline
+from imptome.patch.api import find_denoiser
+
+METHODS = ("none", "tome", "importance", "tomesd")
+# Ablations of the importance method (DESIGN.md section 1 and the paper's discussion).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "importance-topk": {"dst_selection": "topk"},
+    "importance-pool1.0": {"pool_factor": 1.0},
+    "importance-pool2.0": {"pool_factor": 2.0},
+    "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
+    "importance-per-layer": {"plan_scope": "layer"},
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str  # a METHODS entry or an ABLATIONS key
+    ratio: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.ratio:g}"
+
+    def apply(self, pipe: Any) -> None:
+        imptome.remove_patch(pipe)
+        if self.method == "tomesd":
+            import tomesd
+
+            tomesd.apply_patch(pipe, ratio=self.ratio)
+        elif self.method != "none":
+            method = "tome" if self.method == "tome" else "importance"
+            imptome.apply_patch(pipe, ratio=self.ratio, method=method, **ABLATIONS.get(self.method, {}))
+
+    def remove(self, pipe: Any) -> None:
+        if self.method == "tomesd":
+            import tomesd
+
+            tomesd.remove_patch(pipe)
+        imptome.remove_patch(pipe)
+
+
+@dataclass
+class Row:
+    method: str
+    ratio: float
+    n_images: int
+    accuracy: float | None
+    accuracy_ci95: tuple[float, float] | None
+    position_accuracy: float | None
+    position_accuracy_ci95: tuple[float, float] | None
+    frechet: float | None
+    psnr: float | None
+    ssim: float | None
+    step_seconds: float | None
+    flops_per_step: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    parser.add_argument("--prompts", type=Path, help="one prompt per line (default: built-in held-out set)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[8], help="N (seeds 0..N-1) or a list")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batch-size", type=int, default=36, help="prompts per pipeline call")
+    parser.add_argument("--json", type=Path, default=Path("quality.json"), help="results JSON")
+    parser.add_argument("--markdown", type=Path, help="results table (default: next to --json)")
+    parser.add_argument("--plot", type=Path, help="metric-vs-ratio plot (default: next to --json)")
+    parser.add_argument("--cache", type=Path, help="image cache for resuming (default: <json>.cache/)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        from imptome.miniature.data import held_out_prompts, prompt_for
+
+        return [prompt_for(objects) for objects in held_out_prompts()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"cannot read prompt file {path}: {error}") from error
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise CliError(f"prompt file {path} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def _seeds(values: list[int]) -> list[int]:
+    if len(values) == 1:
+        if values[0] < 1:
+            raise CliError(f"--seeds {values[0]}: give a count >= 1 or a list of seeds")
+        return list(range(values[0]))
+    return values
+
+
+def _variants(args: argparse.Namespace) -> list[Variant]:
+    methods = args.methods or [m for m in METHODS if m != "tomesd" or _has_tomesd()]
+    unknown = [m for m in methods if m not in METHODS and m not in ABLATIONS]
+    if unknown:
+        raise CliError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
+    if "tomesd" in methods and not _has_tomesd():
+        raise CliError("method tomesd needs the tomesd package: pip install tomesd")
+    if args.ablations:
+        methods = list(methods) + [m for m in ABLATIONS if m not in methods]
+    variants = [Variant("none", 0.0)]
+    for ratio in args.ratios:
+        for method in methods:
+            if method == "none":
+                continue
+            try:
+                MergeConfig(ratio=ratio, method="tome" if method in ("tome", "tomesd") else "importance")
+            except ValueError as error:
+                raise CliError(str(error)) from error
+            variants.append(Variant(method, ratio))
+    return variants
+
+
+def _has_tomesd() -> bool:
+    try:
+        import tomesd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _parse_all(prompts: list[str]) -> list[list] | None:
+    """Object lists of the bundled model's prompts, or None when any prompt is outside its grammar."""
+    from imptome.miniature.data import parse_prompt
+
+    try:
+        return [parse_prompt(prompt) for prompt in prompts]
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+class ImageCache:
+    """PNG per (variant, prompt, seed); written atomically, so a file that exists is complete."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        settings_file = root / "settings.json"
+        if settings_file.exists():
+            previous = json.loads(settings_file.read_text())
+            if previous != settings:
+                raise CliError(
+                    f"cache {root} holds images made with other settings ({previous}); use another --cache"
+                )
+        else:
+            settings_file.write_text(json.dumps(settings, indent=1))
+
+    def path(self, variant: Variant, prompt_index: int, seed: int) -> Path:
+        return self.root / variant.key / f"{prompt_index:04d}_{seed}.png"
+
+    def has(self, variant: Variant, prompt_index: int, seed: int) -> bool:
+        return self.path(variant, prompt_index, seed).exists()
+
+    def save(self, variant: Variant, prompt_index: int, seed: int, image: Image.Image) -> None:
+        path = self.path(variant, prompt_index, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+    def load(self, variant: Variant, items: list[tuple[int, int]]) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(self.path(variant, p, s)).convert("RGB")) for p, s in items])
+
+    def stats(self, variant: Variant) -> dict[str, Any]:
+        path = self.root / variant.key / "stats.json"
+        return json.loads(path.read_text()) if path.exists() else {"step_seconds": []}
+
+    def save_stats(self, variant: Variant, stats: dict[str, Any]) -> None:
+        path = self.root / variant.key / "stats.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, path)
+
+
+def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> None:
+    """Make the missing images of one variant in batches; record step times and FLOPs."""
+    stats = cache.stats(variant)
+    todo = [(p, s) for p, s in items if not cache.has(variant, p, s)]
+    denoiser = find_denoiser(pipe)
+    variant.apply(pipe)
+    try:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in batch]
+            with DenoiserTimer().attach(denoiser) as timer:
+                images = pipe(
+                    [prompts[p] for p, _ in batch],
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    generator=generators,
+                ).images
+            for (p, s), image in zip(batch, images, strict=True):
+                cache.save(variant, p, s, image)
+            stats["step_seconds"].append(timer.median)
+            cache.save_stats(variant, stats)
+            progress.update(len(batch))
+        if "flops_per_step" not in stats:
+            generator = torch.Generator(pipe.device).manual_seed(0)
+            stats["flops_per_step"] = denoiser_flops(
+                denoiser,
+                lambda: pipe(
+                    prompts[0],
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    generator=generator,
+                ),
+            )
+            cache.save_stats(variant, stats)
+    finally:
+        variant.remove(pipe)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _reference_images(objects: list[list], items: list[tuple[int, int]]) -> np.ndarray:
+    """Real procedural images of the same prompts (one per prompt and seed)."""
+    from imptome.miniature.data import render
+
+    images = [render(objects[p], np.random.default_rng([seed, p, 7])) for p, seed in items]
+    return np.round(np.stack(images) * 255).astype(np.uint8)
+
+
+def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: objects right anywhere, objects right at their cell, and prompted objects."""
+    from imptome.miniature.classifier import score
+
+    result = score(list(images), [prompts[p] for p, _ in items], classifier)
+    anywhere = np.array([sum(a for a, _ in hits) for hits in result["per_image"]], dtype=float)
+    placed = np.array([sum(p for _, p in hits) for hits in result["per_image"]], dtype=float)
+    counts = np.array([len(hits) for hits in result["per_image"]], dtype=float)
+    return anywhere, placed, counts
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
+
+
+def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Metrics of every variant, and paired importance-vs-tome accuracy differences per ratio."""
+    classifier = None
+    real_features = None
+    if objects is not None:
+        from imptome.miniature.classifier import features, load_classifier
+
+        classifier = load_classifier()
+        real_features = features(_reference_images(objects, items), classifier).numpy()
+    baseline = cache.load(Variant("none", 0.0), items)
+    rows, hits_by_key = [], {}
+    for variant in tqdm(variants, desc="metrics", unit="variant"):
+        images = cache.load(variant, items)
+        stats = cache.stats(variant)
+        accuracy = accuracy_ci = placed_acc = placed_ci = frechet = None
+        if classifier is not None:
+            anywhere, placed, counts = _score(images, prompts, items, classifier)
+            hits_by_key[variant.key] = (anywhere, counts)
+            accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
+            placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
+            frechet = frechet_distance(features(images, classifier).numpy(), real_features)
+        merged = variant.method != "none"
+        rows.append(
+            Row(
+                method=variant.method,
+                ratio=variant.ratio,
+                n_images=len(images),
+                accuracy=None if accuracy is None else float(accuracy),
+                accuracy_ci95=accuracy_ci,
+                position_accuracy=None if placed_acc is None else float(placed_acc),
+                position_accuracy_ci95=placed_ci,
+                frechet=frechet,
+                psnr=_finite_mean(psnr(images, baseline)) if merged else None,
+                ssim=float(ssim(images, baseline).mean()) if merged else None,
+                step_seconds=float(np.median(stats["step_seconds"])) if stats["step_seconds"] else None,
+                flops_per_step=float(stats["flops_per_step"]),
+            )
+        )
+    comparisons = []
+    for variant in variants:
+        tome_key = f"tome@{variant.ratio:g}"
+        if variant.method != "importance" or tome_key not in hits_by_key:
+            continue
+        (imp, counts), (tome, _) = hits_by_key[variant.key], hits_by_key[tome_key]
+        low, high = bootstrap_ci(imp - tome, counts)
+        comparisons.append(
+            {
+                "ratio": variant.ratio,
+                "accuracy_importance_minus_tome": float((imp.sum() - tome.sum()) / counts.sum()),
+                "ci95": (low, high),
+            }
+        )
+    return rows, comparisons
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None or ci is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
+    header = (
+        "| method | ratio | images | accuracy [95% CI] | position acc. [95% CI] | Frechet | PSNR dB | SSIM "
+        "| s/step | GFLOPs/step |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r.method} | {r.ratio:g} | {r.n_images} | {_fmt_ci(r.accuracy, r.accuracy_ci95)} "
+        f"| {_fmt_ci(r.position_accuracy, r.position_accuracy_ci95)} | {_fmt(r.frechet, 2)} "
+        f"| {_fmt(r.psnr, 2)} | {_fmt(r.ssim)} | {_fmt(r.step_seconds, 4)} | {r.flops_per_step / 1e9:.3f} |"
+        for r in rows
+    ]
+    text = header + "\n".join(lines) + "\n"
+    if comparisons:
+        text += "\n| ratio | accuracy, importance minus tome (paired) | 95% CI |\n|---|---|---|\n"
+        text += "\n".join(
+            f"| {c['ratio']:g} | {c['accuracy_importance_minus_tome']:+.3f} "
+            f"| [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |"
+            for c in comparisons
+        )
+        text += "\n"
+    return text
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [
+        ("accuracy", "accuracy"),
+        ("frechet", "Frechet distance"),
+        ("psnr", "PSNR (dB)"),
+        ("ssim", "SSIM"),
+    ]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+    none_row = next(r for r in rows if r.method == "none")
+    for ax, (name, label) in zip(axes, metrics, strict=True):
+        for method in dict.fromkeys(r.method for r in rows if r.method != "none"):
+            points = [(r.ratio, getattr(r, name)) for r in rows if r.method == method]
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", label=method)
+        if getattr(none_row, name) is not None:
+            ax.axhline(getattr(none_row, name), color="black", linestyle="--", linewidth=1, label="none")
+        ax.set_xlabel("merge ratio")
+        ax.set_title(label)
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args.prompts)
+    seeds = _seeds(args.seeds)
+    variants = _variants(args)
+    if args.steps < 2 or args.batch_size < 1:
+        raise CliError("--steps must be >= 2 and --batch-size >= 1")
+    model = check_model(args.model)
+    objects = _parse_all(prompts)
+    cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
+    settings = {"model": model, "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype}
+    cache = ImageCache(cache_root, settings)
+    items = [(p, seed) for seed in seeds for p in range(len(prompts))]
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    missing = sum(not cache.has(v, p, s) for v in variants for p, s in items)
+    with tqdm(total=missing, desc="generating", unit="img") as progress:
+        for variant in variants:
+            progress.set_postfix_str(variant.key)
+            _generate_variant(pipe, variant, prompts, items, cache, args, progress)
+
+    rows, comparisons = evaluate(cache, variants, prompts, items, objects)
+    report = {
+        "command": "imptome bench quality " + " ".join(_argv_of(args)),
+        "device": str(pipe.device),
+        "model": model,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "rows": [asdict(r) for r in rows],
+        "comparisons": comparisons,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    table = markdown_table(rows, comparisons)
+    (args.markdown or args.json.with_suffix(".md")).write_text(table)
+    plot(rows, args.plot or args.json.with_suffix(".png"))
+    Console().print(table)
+    return 0
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    """The options that define the run, for the report."""
+    out = ["--seeds", *map(str, args.seeds), "--ratios", *(f"{r:g}" for r in args.ratios)]
+    out += ["--steps", str(args.steps), "--guidance", f"{args.guidance:g}"]
+    if args.methods:
+        out += ["--methods", *args.methods]
+    if args.ablations:
+        out.append("--ablations")
+    if args.model:
+        out += ["--model", args.model]
+    if args.prompts:
+        out += ["--prompts", str(args.prompts)]
+    return out

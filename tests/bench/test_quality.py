@@ -1,0 +1,74 @@
+"""`imptome bench quality` end to end on a tiny saved pipeline: JSON fields, resuming, input checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imptome.bench import quality
+from imptome.cli import main
+from tests.factories import tiny_sd_pipeline
+
+FIELDS = {
+    "method", "ratio", "n_images", "accuracy", "accuracy_ci95", "position_accuracy", "frechet", "psnr",
+    "ssim", "step_seconds", "flops_per_step",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(sample_size=8).save_pretrained(path, safe_serialization=True)  # 64 px images
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\n\na blue square\n")
+    return path
+
+
+def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path, monkeypatch):
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("none", 0.0), ("importance", 0.5)]
+    assert all(set(r) >= FIELDS for r in rows)
+    assert all(r["n_images"] == 2 for r in rows)
+    merged = [r for r in rows if r["method"] != "none"]
+    assert all(r["flops_per_step"] < rows[0]["flops_per_step"] for r in merged)
+    assert all(0 < r["ssim"] <= 1 and r["psnr"] > 0 for r in merged)
+    assert rows[0]["accuracy"] is None  # prompts outside the bundled model's grammar: no classifier scores
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+
+    # a second run finds every image in the cache and generates nothing
+    def fail(*args, **kwargs):
+        raise AssertionError("regenerated a cached image")
+
+    monkeypatch.setattr(quality.ImageCache, "save", fail)
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ratios", "0.8"], "allowed 0 <= ratio <= 0.75"),
+        (["--methods", "random"], "unknown method"),
+        (["--seeds", "0"], "--seeds 0"),
+    ],
+)
+def test_quality_bench_rejects_bad_input(prompt_file, extra, message, capsys):
+    assert main(["bench", "quality", "--prompts", str(prompt_file), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_prompt_file_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["bench", "quality", "--prompts", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err

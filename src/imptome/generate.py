@@ -1,0 +1,321 @@
+"""`imptome generate`: one image per (prompt, seed), split across `accelerate launch` processes, resumable.
+
+Files. The image of prompt `p` (0-based, blank lines not counted) with seed `s` is `OUT/{p:05d}_{s}.png`.
+Its generation arguments are stored in the PNG itself, as a JSON text chunk named "imptome". Each image is
+written to `NAME.tmp`, fsynced and renamed, so a file with its final name is always complete. At the end of
+a run, `OUT/manifest.jsonl` lists every image of the run (its metadata plus "file").
+
+Resuming. An image is done when its file exists and its chunk matches this run's arguments. A re-run skips
+done images and regenerates missing ones, PNGs without imptome metadata included; leftover `*.png.tmp` files
+of a killed run are deleted and never count. More seeds or more prompt lines extend a finished run. If an
+image of this run exists but was made with different arguments (`MATCHED_FIELDS`), the run refuses before
+loading the model rather than mixing or overwriting results.
+
+Determinism. Each image's initial noise comes from its own CPU `torch.Generator` seeded with its seed. With
+`--batch-size B`, batches are fixed slices of the full (prompt, seed) list, not of what is left to do, so on
+given hardware the pixels do not depend on the number of processes or on where an earlier run was killed.
+Batching itself changes float results slightly (and merging draws destinations per batch row), so images
+made with different batch sizes are not bit-identical; the batch size is recorded but not compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+import imptome
+from imptome.cli import CliError
+from imptome.config import MergeConfig
+from imptome.loading import DTYPES, check_model, load_pipeline
+
+METHODS = ("none", "tome", "importance")
+METADATA_KEY = "imptome"
+MANIFEST = "manifest.jsonl"
+#: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
+MATCHED_FIELDS = (
+    "prompt", "seed", "model", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompts", required=True, help="text file, one prompt per line (blank lines skipped)"
+    )
+    parser.add_argument("--out", required=True, help="output folder (created if missing; re-runs resume)")
+    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    parser.add_argument(
+        "--method", default="importance", choices=METHODS, help="token merging method (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=0.5,
+        help="merge ratio (default: %(default)s; ignored with --method none)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="first seed (default: %(default)s); every prompt uses the same seeds",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="images per prompt, seeds SEED .. SEED+SEEDS-1 (default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)"
+    )
+    parser.add_argument("--height", type=int, help="image height in px (default: the model's)")
+    parser.add_argument("--width", type=int, help="image width in px (default: the model's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="images per pipeline call (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", help="e.g. cuda:0 or cpu (default: the device accelerate gives the process)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to make: prompt number `prompt_index` (0-based, blank lines not counted) with `seed`."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.prompt_index:05d}_{self.seed}.png"
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped; a CliError when unreadable or empty."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise CliError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise CliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CliError(f"prompt file {path} has no prompts (one per line; blank lines are skipped)")
+    return prompts
+
+
+def work_items(prompts: list[str], seeds: range) -> list[WorkItem]:
+    """Every (prompt, seed) pair, prompt-major: the same list in every process and on every re-run."""
+    return [WorkItem(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in seeds]
+
+
+def prepare_output(out: Path) -> None:
+    """Create `out` if needed and prove it is writable by creating a file in it; a CliError otherwise."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create output folder {out}: {error.strerror or error}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise CliError(f"output folder {out} is not writable: {error.strerror or error}") from None
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The imptome metadata of a PNG, or None when the file is missing, unreadable or has none."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(METADATA_KEY)
+        return json.loads(text) if text is not None else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def pending_items(items: list[WorkItem], out: Path, settings: dict[str, Any]) -> list[WorkItem]:
+    """The items whose image is not done yet; a CliError if any was made with different arguments."""
+    pending = []
+    conflicts = []
+    for item in items:
+        metadata = read_metadata(out / item.file_name)
+        if metadata is None:
+            pending.append(item)
+            continue
+        expected = {**settings, "prompt": item.prompt, "seed": item.seed}
+        differing = [name for name in MATCHED_FIELDS if metadata.get(name) != expected[name]]
+        if differing:
+            details = ", ".join(
+                f"{name} {metadata.get(name)!r} (now {expected[name]!r})" for name in differing
+            )
+            conflicts.append(f"{item.file_name}: {details}")
+    if conflicts:
+        shown = "; ".join(conflicts[:3]) + ("; ..." if len(conflicts) > 3 else "")
+        raise CliError(
+            f"{len(conflicts)} image(s) in {out} were generated with different arguments ({shown}). "
+            "Use another --out folder, or delete those images to regenerate them with these arguments."
+        )
+    return pending
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path.tmp`, fsync it, rename it to `path` and fsync the folder: `path` is whole or absent."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
+    """Save `image` as PNG with `metadata` as its "imptome" JSON text chunk, atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomically(path, buffer.getvalue())
+
+
+def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str, Any]]:
+    """Everything checkable without a model: the work list, the output folder and the image settings."""
+    if args.method != "none":
+        try:
+            MergeConfig(ratio=args.ratio, method=args.method)
+        except ValueError as error:
+            raise CliError(str(error)) from None
+    for name in ("steps", "seeds", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.seed < 0:
+        raise CliError(f"--seed {args.seed}: seeds must be >= 0")
+    if not math.isfinite(args.guidance):
+        raise CliError(f"--guidance {args.guidance}: must be a finite number")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise CliError(f"--{name} {value}: must be a positive multiple of 8")
+    items = work_items(read_prompts(args.prompts), range(args.seed, args.seed + args.seeds))
+    try:
+        source = check_model(args.model)
+    except FileNotFoundError as error:  # the bundled model is not installed
+        raise CliError(f"{error}; or pass --model FOLDER") from None
+    if Path(source).is_dir():
+        source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
+    out = Path(args.out).expanduser().resolve()
+    prepare_output(out)
+    settings = {
+        "model": source,
+        "method": args.method,
+        "ratio": 0.0 if args.method == "none" else args.ratio,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "dtype": args.dtype,
+    }
+    return items, out, settings
+
+
+def _process_state(device: str | None) -> PartialState:
+    """accelerate's view of this process (rank, count, device); CPU processes when asked or without CUDA."""
+    cpu = device == "cpu" if device is not None else not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def run(args: argparse.Namespace) -> int:
+    items, out, settings = _validate(args)
+    state = _process_state(args.device)
+    if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier
+        for leftover in out.glob("*.png.tmp"):
+            leftover.unlink(missing_ok=True)
+    pending = set(pending_items(items, out, settings))
+    state.wait_for_everyone()  # every process has scanned the folder before any of them writes to it
+
+    batches = [items[start : start + args.batch_size] for start in range(0, len(items), args.batch_size)]
+    with state.split_between_processes([batch for batch in batches if pending.intersection(batch)]) as mine:
+        written = _generate(args, settings, out, list(mine), pending, state) if mine else 0
+    print(
+        f"imptome generate: process {state.process_index + 1}/{state.num_processes} wrote {written} image(s)",
+        flush=True,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_manifest(items, out)
+    return 0
+
+
+def _generate(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    out: Path,
+    batches: list[list[WorkItem]],
+    pending: set[WorkItem],
+    state: PartialState,
+) -> int:
+    """Generate this process's batches and save their pending images; returns how many were written."""
+    device = args.device or ("cpu" if state.device.type == "cpu" else str(state.device))
+    pipe = load_pipeline(settings["model"], device, args.dtype)
+    if args.method != "none":
+        imptome.apply_patch(pipe, ratio=args.ratio, method=args.method)
+    recorded = {**settings, "batch_size": args.batch_size, "imptome_version": imptome.__version__}
+    total = sum(item in pending for batch in batches for item in batch)
+    label = f"process {state.process_index}" if state.num_processes > 1 else "generate"
+    written = 0
+    with tqdm(total=total, desc=label, unit="image", position=state.process_index) as progress:
+        for batch in batches:
+            images = pipe(
+                [item.prompt for item in batch],
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=args.height,
+                width=args.width,
+                generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+            ).images
+            for item, image in zip(batch, images, strict=True):
+                if item not in pending:  # a batch is generated whole; its images already done stay untouched
+                    continue
+                metadata = {
+                    **recorded,
+                    "prompt_index": item.prompt_index,
+                    "prompt": item.prompt,
+                    "seed": item.seed,
+                }
+                save_image(image, out / item.file_name, metadata)
+                written += 1
+                progress.update(1)
+    return written
+
+
+def _write_manifest(items: list[WorkItem], out: Path) -> None:
+    """`out/manifest.jsonl`: one JSON line per finished image of this run, in work order."""
+    lines = []
+    for item in items:
+        metadata = read_metadata(out / item.file_name)
+        if metadata is not None:
+            lines.append(json.dumps({"file": item.file_name, **metadata}, sort_keys=True) + "\n")
+    write_atomically(out / MANIFEST, "".join(lines).encode())
+    print(f"imptome generate: {len(lines)}/{len(items)} images done in {out} (index: {out / MANIFEST})")

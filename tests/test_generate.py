@@ -1,0 +1,220 @@
+"""`imptome generate` on a tiny SD pipeline folder: two accelerate processes, resume after SIGKILL, bad input.
+
+Generation runs on one thread per process (OMP_NUM_THREADS=1 / torch.set_num_threads(1)): the cores here are
+shared, and the same thread count in every run keeps float results comparable across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import imptome.generate as generate
+from imptome.cli import CliError, main
+from imptome.generate import WorkItem, pending_items, read_metadata, save_image, work_items
+from tests.factories import tiny_sd_pipeline
+
+PROMPTS = ["a red cat", "a blue dog on the grass", "a green tree", "a white house", "a yellow star"]
+FAST = ["--steps", "2", "--height", "64", "--width", "64"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text(PROMPTS[0] + "\n\n" + "\n".join(PROMPTS[1:]) + "\n   \n")  # blank lines are skipped
+    return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _environment(tmp_path: Path) -> dict[str, str]:
+    """A subprocess environment: one thread, no user accelerate config, offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _images(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+def _expected_names(prompts: int, seeds: range) -> set[str]:
+    return {f"{index:05d}_{seed}.png" for index in range(prompts) for seed in seeds}
+
+
+def test_two_accelerate_processes_make_the_full_set_once(tmp_path, model_dir, prompts_file):
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    command = [*launch, "-m", "imptome", "generate", "--prompts", str(prompts_file), "--out", str(out)]
+    command += ["--model", str(model_dir), *FAST]
+    result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert set(_images(out)) == _expected_names(len(PROMPTS), range(1))
+    # each process reports what it wrote: 3 + 2 = 5 means no image was generated twice
+    assert "process 1/2 wrote 3 image(s)" in result.stdout
+    assert "process 2/2 wrote 2 image(s)" in result.stdout
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [entry["file"] for entry in manifest] == sorted(_expected_names(len(PROMPTS), range(1)))
+    assert [entry["prompt"] for entry in manifest] == PROMPTS
+    assert not list(out.glob("*.tmp"))
+
+
+def test_killed_run_resumes_to_the_images_of_a_clean_run(tmp_path, model_dir, prompts_file, one_thread):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    arguments = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), "--seeds", "3", *FAST]
+    expected = _expected_names(len(PROMPTS), range(3))
+    with open(tmp_path / "killed.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imptome", *arguments, "--out", str(killed)],
+            env=_environment(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        while not list(killed.glob("*.png")):
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no image appeared"
+            time.sleep(0.005)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    done_before_kill = _images(killed)
+    assert 0 < len(done_before_kill) < len(expected)
+    (killed / "00004_2.png.tmp").write_bytes(b"half an image")  # as if killed while writing
+
+    assert main([*arguments, "--out", str(killed)]) == 0
+    resumed = _images(killed)
+    assert set(resumed) == expected
+    assert not list(killed.glob("*.tmp"))
+    rewritten = [name for name, data in done_before_kill.items() if resumed[name] != data]
+    assert rewritten == []  # finished images were kept as they were
+
+    assert main([*arguments, "--out", str(clean)]) == 0
+    reference = _images(clean)
+    assert [name for name in sorted(expected) if reference[name] != resumed[name]] == []  # byte-identical
+
+
+def test_a_partly_done_batch_is_regenerated_whole_and_only_its_missing_image_written(
+    tmp_path, model_dir, prompts_file, one_thread, capsys
+):
+    out = tmp_path / "out"
+    arguments = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), "--out", str(out)]
+    arguments += ["--method", "tome", "--ratio", "0.5", "--batch-size", "2", *FAST]
+    assert main(arguments) == 0
+    first = _images(out)
+    assert set(first) == _expected_names(len(PROMPTS), range(1))
+    metadata = read_metadata(out / "00002_0.png")
+    assert metadata is not None
+    assert (metadata["method"], metadata["batch_size"], metadata["prompt"]) == ("tome", 2, PROMPTS[2])
+
+    (out / "00003_0.png").unlink()  # batches are [0, 1], [2, 3], [4]: batch [2, 3] is half done
+    capsys.readouterr()
+    assert main(arguments) == 0
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+    again = _images(out)
+    assert [name for name in first if again[name] != first[name]] == []  # same batch composition, same pixels
+
+
+def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):
+    items = work_items(["a red cat", "a blue dog", "a green tree"], range(7, 8))
+    settings = {"model": "/m", "method": "importance", "ratio": 0.5, "steps": 2, "guidance": 7.5}
+    settings |= {"height": 64, "width": 64, "dtype": "float32"}
+
+    def metadata(item: WorkItem) -> dict:
+        return {**settings, "prompt": item.prompt, "seed": item.seed}
+
+    save_image(Image.new("RGB", (8, 8)), tmp_path / items[0].file_name, metadata(items[0]))
+    complete = (tmp_path / items[0].file_name).read_bytes()
+    (tmp_path / (items[1].file_name + ".tmp")).write_bytes(complete)  # a temporary file never counts
+    (tmp_path / items[2].file_name).write_bytes(complete[:40])  # truncated: not done, will be overwritten
+    assert pending_items(items, tmp_path, settings) == items[1:]
+
+    with pytest.raises(CliError) as refused:
+        pending_items(items, tmp_path, {**settings, "steps": 3})
+    assert "1 image(s)" in str(refused.value) and "00000_7.png: steps 2 (now 3)" in str(refused.value)
+    with pytest.raises(CliError, match=r"00000_7.png: prompt 'a red cat' \(now 'a black cat'\)"):
+        pending_items([WorkItem(0, "a black cat", 7), *items[1:]], tmp_path, settings)
+
+
+def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments, expected message) for every kind of bad input."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    conflicting = tmp_path / "conflicting"
+    conflicting.mkdir()
+    old = {"model": str(model_dir.resolve()), "method": "importance", "ratio": 0.5, "steps": 30}
+    old |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32", "prompt": PROMPTS[0], "seed": 0}
+    save_image(Image.new("RGB", (8, 8)), conflicting / "00000_0.png", old)
+
+    def args(
+        prompts: Path = prompts_file, out: Path = tmp_path / "out", model: Path = model_dir
+    ) -> list[str]:
+        return ["generate", "--prompts", str(prompts), "--out", str(out), "--model", str(model), *FAST]
+
+    return {
+        "empty prompt file": (args(prompts=empty), "has no prompts"),
+        "missing prompt file": (args(prompts=tmp_path / "nope.txt"), "nope.txt does not exist"),
+        "prompt file is a folder": (args(prompts=tmp_path), "cannot read prompt file"),
+        "prompt file not utf-8": (args(prompts=latin1), "is not UTF-8 text"),
+        "missing model folder": (args(model=tmp_path / "no-model"), "no-model does not exist"),
+        "folder is not a pipeline": (args(model=tmp_path), "not a diffusers pipeline"),
+        "output is a file": (args(out=not_a_folder), "file.txt is a file, not a folder"),
+        "output under a file": (args(out=not_a_folder / "sub"), "cannot create output folder"),
+        "ratio too large": (
+            [*args(), "--ratio", "0.9"],
+            "ratio=0.9 is out of range: allowed 0 <= ratio <= 0.75",
+        ),
+        "negative ratio": ([*args(), "--ratio", "-0.1"], "ratio=-0.1 is out of range"),
+        "zero steps": ([*args(), "--steps", "0"], "--steps 0: must be at least 1"),
+        "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
+        "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
+    }
+
+
+def test_bad_input_exits_2_with_a_clear_message_before_loading(
+    tmp_path, model_dir, prompts_file, capsys, monkeypatch
+):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded despite bad input")
+
+    monkeypatch.setattr(generate, "load_pipeline", never)
+    for name, (arguments, message) in _bad_inputs(tmp_path, model_dir, prompts_file).items():
+        assert main(arguments) == 2, name
+        error = capsys.readouterr().err
+        assert error.startswith("imptome: error: ") and message in error, (name, error)
+        assert "Traceback" not in error

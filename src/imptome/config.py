@@ -40,7 +40,8 @@ class MergeConfig:
     ToMeSD partition (method="tome", and every warm-up or no-CFG step)
         sx, sy: cell size; one destination per cell at a random position.
 
-    Schedule (importance only; step = index of the denoiser call within one generation)
+    Schedule (importance only; step = index of the timestep within one generation: denoiser calls at the
+    same timestep, such as Zero123++'s reference pass before the main pass, share one step)
         importance_start_step: steps before it use the random cell partition (no map exists at step 0).
         merge_start_step: steps before it *prune* (removed tokens receive their destination's output
             but are not averaged into it); from it on they are merged (averaged). Paper: SD 2 / 2,
@@ -52,7 +53,10 @@ class MergeConfig:
             level that has attention: 1 on SD 1.x/2.x (the same as ToMeSD), 2 on SDXL, whose top level has
             no attention, so ToMeSD's 1 would merge nothing there. Transformers have one grid.
         block_range: (first, stop) transformer-block indices to merge in transformer denoisers
-            (PixArt/DiT); None merges all blocks.
+            (PixArt/DiT), stop exclusive; None merges all blocks. Indices are absolute, not scaled to the
+            model's depth: the PixArt preset's (7, 21) is the paper's blocks 7-20 of the 28 that every
+            PixArt-alpha/sigma checkpoint has. apply_patch rejects a range past the model's depth and any
+            range on a UNet.
         merge_attn / merge_crossattn / merge_mlp: which sub-layers of a transformer block are merged.
         matching: "feature" matches sources to destinations by cosine similarity of the layer's tokens;
             "grid" by distance on the token grid (the authors' PixArt code).

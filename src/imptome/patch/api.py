@@ -30,17 +30,23 @@ class _Patch:
     handles: list[RemovableHandle]
 
 
+# Attributes that lead from a wrapper to the module it wraps: torch.compile's, and the pipelines' own
+# (`pipe.unet`, `pipe.transformer`) that custom pipelines reuse for wrappers (Zero123++'s RefOnlyNoisedUNet).
+_INNER = ("_orig_mod", "unet", "transformer")
+_MAX_WRAPPING = 4
+
+
 def find_denoiser(target: Any) -> nn.Module:
-    """The denoiser of a pipeline (`unet` or `transformer`), a supported denoiser itself, or a TypeError."""
-    if isinstance(target, nn.Module):
-        module = getattr(target, "_orig_mod", target)  # torch.compile wrapper
+    """The denoiser of a pipeline (`unet` or `transformer`, looking through wrappers that keep the denoiser
+    under one of those names), a supported denoiser itself, or a TypeError."""
+    module = target
+    for _ in range(_MAX_WRAPPING + 1):
         if isinstance(module, tuple(DENOISER_FAMILIES)):
             return module
-    else:
-        for name in ("unet", "transformer"):
-            module = getattr(target, name, None)
-            if isinstance(module, tuple(DENOISER_FAMILIES)):
-                return module
+        inner = (getattr(module, name, None) for name in _INNER)
+        module = next((m for m in inner if isinstance(m, nn.Module)), None)
+        if module is None:
+            break
     raise TypeError(
         f"imptome cannot patch a {type(target).__name__}: pass a diffusers pipeline with a `unet` or "
         f"`transformer`, or one of the supported denoisers: {supported_names()}"
@@ -63,6 +69,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     config = config if config is not None else PRESETS[info.family]
     if options:
         config = config.replace(**options)
+    _check_block_range(denoiser, config.block_range)
     remove_patch(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
     max_downsample = config.max_downsample or finest_attention_downsample(denoiser)
@@ -70,6 +77,25 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     handles = register_hooks(denoiser, spatial_blocks(denoiser), state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
     return target
+
+
+def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None) -> None:
+    """block_range indexes a transformer denoiser's blocks; a range past its depth is a mistake."""
+    if block_range is None:
+        return
+    depth = len(getattr(denoiser, "transformer_blocks", ()))
+    name = type(denoiser).__name__
+    if depth == 0:
+        raise ValueError(
+            f"block_range={block_range} selects blocks of transformer denoisers (PixArt, DiT); a {name} has "
+            "none: pass block_range=None and choose its merged levels with max_downsample"
+        )
+    if block_range[1] > depth:
+        raise ValueError(
+            f"block_range={block_range} is out of range for this {name} with {depth} transformer blocks: "
+            f"allowed (first, stop) with 0 <= first < stop <= {depth}, or None for all blocks (the PixArt "
+            "preset's (7, 21) is the paper's choice for the 28 blocks of PixArt-alpha/sigma)"
+        )
 
 
 def remove_patch(target: T) -> T:
@@ -92,10 +118,11 @@ def is_patched(target: Any) -> bool:
 
 
 def importance_map(target: Any) -> torch.Tensor | None:
-    """The latest CFG importance map, float32 [U, h, w] on the latent token grid, or None.
+    """The latest CFG importance map, float32 [U, H, W] on the latent grid, or None.
 
-    U is the number of images (for video: images x frames). None before the first guided step of a
-    generation, after a call without CFG, or when `target` is not patched.
+    U is the number of images (for video: images x frames); each merged layer area-pools it to its own token
+    grid (PixArt/DiT: H / patch x W / patch). None before the first guided call of a generation (throughout a
+    generation without CFG) or when `target` is not patched; calls without CFG keep the last guided map.
     """
     state = _state(target)
     return None if state is None else state.importance

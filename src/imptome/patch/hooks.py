@@ -6,6 +6,7 @@ IP-Adapter, custom) keep running, on fewer query tokens.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -26,10 +27,15 @@ def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any,
     return (args[0], 0) if args else (None, None)
 
 
-def _denoiser_pre_hook(state: PatchState):
+def _timestep_position(denoiser: nn.Module) -> int:
+    """Positional index of `timestep` in the denoiser's forward: 1 for UNets and DiT, 2 for PixArt."""
+    return list(inspect.signature(denoiser.forward).parameters).index("timestep")
+
+
+def _denoiser_pre_hook(state: PatchState, timestep_position: int):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[timestep_position]
         state.begin_call(sample, timestep)
 
     return hook
@@ -88,7 +94,9 @@ def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchSta
     """Hook the denoiser and the selected sub-layers of each block; returns the handles to remove."""
     config = state.config
     handles = [
-        denoiser.register_forward_pre_hook(_denoiser_pre_hook(state), with_kwargs=True),
+        denoiser.register_forward_pre_hook(
+            _denoiser_pre_hook(state, _timestep_position(denoiser)), with_kwargs=True
+        ),
         denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
     ]
     for site in blocks:

@@ -70,25 +70,30 @@ class PatchState:
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
-        """Start of a denoiser call: detect a new generation, the latent grid and whether CFG is on."""
+        """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
+
+        Calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
+        main pass). A call without CFG neither produces nor clears the importance map.
+        """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self.last_timestep is None or t > self.last_timestep:
             self._new_generation(sample.device)
+        elif t < self.last_timestep:
+            self.step += 1
         self.last_timestep = t
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         half = sample.shape[0] // 2
         self.cfg = sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
-        if not self.cfg:
-            self.importance = None
-            if self.config.method == "importance" and not self.warned_no_cfg:
-                warnings.warn(
-                    "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
-                    "a CFG cut-off or a distilled model), so there is no importance map; merging falls back "
-                    "to the random 2x2-cell partition for such calls.",
-                    stacklevel=2,
-                )
-                self.warned_no_cfg = True
+        if not self.cfg and self.config.method == "importance" and not self.warned_no_cfg:
+            warnings.warn(
+                "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
+                "a distilled model, or an auxiliary pass such as Zero123++'s reference image), so it "
+                "yields no importance map; until a guided call on its latent grid does, merging falls "
+                "back to the random 2x2-cell partition.",
+                stacklevel=2,
+            )
+            self.warned_no_cfg = True
         self.plans = {}
 
     def end_call(self, noise_pred: torch.Tensor) -> None:
@@ -97,7 +102,6 @@ class PatchState:
             self.importance = cfg_importance(noise_pred.detach(), self.info.noise_channels, self.cond_first)
         self.last_plans = list(self.plans.values())
         self.plans = {}
-        self.step += 1
 
     def _new_generation(self, device: torch.device) -> None:
         self.step = 0
@@ -132,6 +136,14 @@ class PatchState:
             self.plans[key] = built
         return built.plan
 
+    def _map_fits(self, units: int) -> bool:
+        """Whether the last guided map belongs to this call: same units and latent grid (not, e.g., the map
+        of the main pass during Zero123++'s reference pass on another grid)."""
+        if self.importance is None or self.importance.shape[0] != units:
+            return False
+        patch = self.info.patch_size
+        return tuple(side // patch for side in self.importance.shape[-2:]) == self.latent_grid
+
     def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> _Built | None:
         config = self.config
         rows, num_tokens = tokens.shape[:2]
@@ -145,8 +157,7 @@ class PatchState:
         importance = None
         if (
             config.method == "importance"
-            and self.importance is not None
-            and self.importance.shape[0] == units
+            and self._map_fits(units)
             and self.step >= config.importance_start_step
         ):
             importance = pool_to_grid(self.importance, grid)

@@ -1,0 +1,30 @@
+"""Probes for the end-to-end patch tests: what every attention and MLP actually computed on."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from torch import nn
+
+
+def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[tuple[int, int]]]:
+    """(rows, tokens) seen by every attention query projection (`<attn>`) and every feed-forward input
+    (`<block>.ff`) during `run()`, one entry per call, by module name."""
+    shapes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+
+    def record(name: str):
+        return lambda module, args: shapes[name].append(tuple(args[0].shape[:2]))
+
+    handles = []
+    for name, module in model.named_modules():
+        if hasattr(module, "to_q"):
+            handles.append(module.to_q.register_forward_pre_hook(record(name)))
+        elif name.endswith(".ff"):
+            handles.append(module.register_forward_pre_hook(record(name)))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(shapes)

@@ -1,0 +1,72 @@
+"""DiT (DiTTransformer2DModel, class-conditional DiTPipeline, `ada_norm_zero` blocks): the CFG batch is
+[cond, uncond] there, the reverse of every other pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import imptome
+from tests.factories import tiny_dit_pipeline
+from tests.patch.probes import token_shapes
+
+LABELS = [1, 2]
+TOKENS = 64  # 16 x 16 latent, patch 2 -> 8 x 8 tokens
+
+
+def generate(pipe, steps: int = 3) -> np.ndarray:
+    """Decoded images (DiTPipeline has no latent output)."""
+    generator = torch.Generator().manual_seed(0)
+    return pipe(class_labels=LABELS, num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return tiny_dit_pipeline()
+
+
+@pytest.fixture(autouse=True)
+def unpatched(dit):
+    imptome.remove_patch(dit)
+    yield
+    imptome.remove_patch(dit)
+
+
+def test_preset_merges_self_attention_of_every_block(dit):
+    base = generate(dit)
+    imptome.apply_patch(dit)  # the DiT preset: ratio 0.5, all blocks, self-attention only
+    seen = token_shapes(dit.transformer, lambda: generate(dit))
+    assert len(seen) == 4 * 2  # attn1 and ff of 4 blocks; DiT blocks have no cross-attention
+    for name, shapes in seen.items():
+        assert shapes == [(4, TOKENS if name.endswith(".ff") else TOKENS // 2)] * 3, name
+    merged = generate(dit)
+    assert np.isfinite(merged).all() and not np.array_equal(merged, base)
+    imptome.remove_patch(dit)
+    assert np.array_equal(generate(dit), base)
+
+
+def test_importance_pairs_each_label_with_its_null_class_row(dit):
+    outputs = []
+    imptome.apply_patch(dit)
+    handle = dit.transformer.register_forward_hook(lambda m, a, o: outputs.append(o.sample))
+    try:
+        generate(dit, steps=2)
+    finally:
+        handle.remove()
+    cond, uncond = outputs[-1][:, :4].chunk(2)  # rows [label 1, label 2, null, null]; 4 noise channels of 8
+    torch.testing.assert_close(imptome.importance_map(dit), (cond - uncond).abs().mean(dim=1))
+
+
+def test_auto_cfg_order_matches_on_the_conditional_half(dit):
+    """Matching features come from the conditional half: [cond, uncond] on DiT. Only the features differ
+    between the orders (the importance magnitude does not), so plans and images tell them apart."""
+    results = {}
+    for order in ("auto", "cond_first", "uncond_first"):
+        imptome.apply_patch(dit, cfg_order=order)
+        image = generate(dit, steps=4)
+        results[order] = (image, imptome.merge_plan(dit)[0].source)
+    assert np.array_equal(results["auto"][0], results["cond_first"][0])
+    assert torch.equal(results["auto"][1], results["cond_first"][1])
+    assert not torch.equal(results["auto"][1], results["uncond_first"][1])
+    assert not np.array_equal(results["auto"][0], results["uncond_first"][0])

@@ -344,7 +344,8 @@ def example_inputs(
     """Keyword arguments of one denoiser call as the ``name`` pipeline sends them: ``model(**kwargs)[0]``.
 
     ``res`` is the image size in px (int: square; or (height, width)); latent h x w = res / 8. With ``cfg``
-    the batch is doubled, [uncond, cond] as the pipelines send it: n = 2 * batch (else n = batch).
+    the batch is doubled, [uncond, cond] as the pipelines send it: n = 2 * batch (else n = batch), both halves
+    holding the same latents and different text.
 
     - sd15 / sd2: ``sample`` [n, 4, h, w], ``timestep`` 0-d int64, ``encoder_hidden_states`` [n, 77, D].
     - sdxl: also ``added_cond_kwargs`` = {``text_embeds`` [n, 1280], ``time_ids`` [n, 6]}
@@ -366,6 +367,10 @@ def example_inputs(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
+    def latents(*shape: int) -> torch.Tensor:
+        """[n, *shape]: one draw per prompt, repeated for the two CFG halves."""
+        return randn(batch, *shape).repeat(n // batch, *([1] * len(shape)))
+
     timestep = torch.tensor(500, dtype=torch.int64, device=device)
     text = randn(n, spec.text_seq_len, spec.text_embed_dim)
     kwargs: dict[str, Any]
@@ -379,7 +384,7 @@ def example_inputs(
                 "aspect_ratio": torch.tensor([[height / width]] * n).to(device=device, dtype=dtype),
             }
         kwargs = {
-            "hidden_states": randn(n, spec.latent_channels, h, w),
+            "hidden_states": latents(spec.latent_channels, h, w),
             "timestep": timestep[None].expand(n),
             "encoder_hidden_states": text,
             "encoder_attention_mask": mask.to(device),
@@ -388,12 +393,12 @@ def example_inputs(
     elif spec.family == "animatediff":
         frames = num_frames or spec.num_frames
         kwargs = {
-            "sample": randn(n, spec.latent_channels, frames, h, w),
+            "sample": latents(spec.latent_channels, frames, h, w),
             "timestep": timestep,
             "encoder_hidden_states": text.repeat_interleave(frames, dim=0),
         }
     else:
-        sample = randn(n, spec.latent_channels, h, w)
+        sample = latents(spec.latent_channels, h, w)
         kwargs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
         if spec.family == "sdxl":
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * n)

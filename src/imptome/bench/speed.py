@@ -1,0 +1,523 @@
+"""`imptome bench speed`: denoiser step time, FLOPs and efficiency of token merging at real model sizes.
+
+For every (architecture, resolution) the denoiser is built once from the configs in `imptome.bench.archs`
+(random weights: speed does not depend on their values) and called on one classifier-free-guidance batch,
+[uncond, cond] as a pipeline sends it. Variants:
+
+- ``none``: the unmerged model.
+- ``tome``, ``importance``, ``importance-per-layer``: imptome with the family's preset (`imptome.PRESETS`)
+  at the given ratio; method "tome", or "importance" planning once per token grid per step
+  (``plan_scope="step"``, the default) or in every block (``plan_scope="layer"``). Each is timed at a
+  mid-generation step: past the warm-up schedule, with the previous step's importance map.
+- ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
+  on PixArt or AnimateDiff); a failure is recorded in the row's ``error``.
+
+Every variant is called once as warm-up (under a FLOP counter), then ``--rounds`` rounds call each variant
+once, the order rotating every round, with the device synchronised around each call. Reported per row:
+median step seconds and spread, speedup = median(none) / median(variant) of the same run, FLOPs per step
+(merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant), efficiency = speedup / ideal,
+peak memory, and the seconds spent in the method's own work (``overhead_frac`` = own work / median step).
+On the CPU own work is timed in the timed calls; on a GPU in one extra call with syncs around each function
+(see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import imptome
+from imptome.bench.archs import ARCHS, ArchSpec, build_denoiser, example_inputs
+from imptome.bench.flops import flop_counter
+from imptome.bench.timing import PeakMemory, WorkTimer, synchronize
+from imptome.cli import CliError
+from imptome.config import PRESETS, MergeConfig
+from imptome.loading import DTYPES
+from imptome.merge import cfg_importance
+from imptome.patch.api import _state
+from imptome.patch.families import denoiser_info, finest_attention_downsample
+
+VARIANTS = ("none", "tome", "importance", "importance-per-layer", "tomesd")
+DEFAULT_RATIOS = (0.5, 0.7)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """`--x a b` and `--x a,b` alike."""
+    return [item for value in values or [] for item in value.split(",") if item]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch", nargs="+", help=f"architectures: {', '.join(ARCHS)} (default: all; 'a,b' or 'a b')"
+    )
+    parser.add_argument(
+        "--res", nargs="+", help="image sizes in px, e.g. 512 768 (default: each architecture's own list)"
+    )
+    parser.add_argument("--ratios", nargs="+", help="merge ratios (default: 0.5 0.7)")
+    parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=("sdpa", "math"),
+        help="attention processor: torch scaled_dot_product_attention, or diffusers' explicit bmm + softmax",
+    )
+    parser.add_argument("--frames", type=int, help="video frames for animatediff (default: 16)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--json", type=Path, default=Path("speed.json"), help="results JSON (default speed.json)"
+    )
+    parser.add_argument("--markdown", type=Path, help="results table (default: the JSON path with .md)")
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # a VARIANTS entry
+    ratio: float  # 0 for "none"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name == "none" else f"{self.name}@{self.ratio:g}"
+
+    def config(self, family: str) -> MergeConfig:
+        preset = PRESETS[family]
+        if self.name == "tome":
+            return preset.replace(ratio=self.ratio, method="tome")
+        scope = "layer" if self.name == "importance-per-layer" else "step"
+        return preset.replace(ratio=self.ratio, method="importance", plan_scope=scope)
+
+    @contextmanager
+    def applied(
+        self, model: torch.nn.Module, importance: torch.Tensor | None, timestep: float
+    ) -> Iterator[None]:
+        """The variant patched into `model` for the duration, in the state of a mid-generation step."""
+        if self.name == "none":
+            yield
+        elif self.name == "tomesd":
+            import tomesd
+
+            tomesd.apply_patch(model, ratio=self.ratio, max_downsample=finest_attention_downsample(model))
+            try:
+                yield
+            finally:
+                tomesd.remove_patch(model)
+        else:
+            imptome.apply_patch(model, self.config(denoiser_info(model).family))
+            _enter_mid_generation(model, importance, timestep)
+            try:
+                yield
+            finally:
+                imptome.remove_patch(model)
+
+
+def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor | None, timestep: float) -> None:
+    """Make a fresh patch behave as in the middle of a generation: past the warm-up schedule (merging, and
+    with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
+    state = _state(model)
+    config = state.config
+    state.generator = torch.Generator(device=importance.device).manual_seed(config.seed)
+    state.step = max(config.importance_start_step, config.merge_start_step)
+    state.importance = importance
+    state.last_timestep = timestep
+
+
+def parse_variants(names: list[str], ratios: list[float]) -> list[Variant]:
+    """`none` once, every other name at every ratio."""
+    variants = [Variant("none", 0.0)]
+    for name in names:
+        if name != "none":
+            variants += [Variant(name, ratio) for ratio in ratios]
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    archs: list[str]
+    resolutions: dict[str, list[int]]
+    variants: list[Variant]
+    rounds: int
+    device: torch.device
+    dtype: str
+    attention: str
+    frames: int | None
+    batch: int
+
+
+def _parse(args: argparse.Namespace) -> Settings:
+    archs = _split(args.arch) or list(ARCHS)
+    unknown = [name for name in archs if name not in ARCHS]
+    if unknown:
+        raise CliError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    try:
+        res_list = [int(value) for value in _split(args.res)]
+        ratios = [float(value) for value in _split(args.ratios)] or list(DEFAULT_RATIOS)
+    except ValueError as error:
+        raise CliError(f"--res takes integers (px) and --ratios numbers: {error}") from None
+    resolutions = {name: res_list or list(ARCHS[name].resolutions) for name in archs}
+    for name, values in resolutions.items():
+        for res in values:
+            if res <= 0 or res % ARCHS[name].vae_scale_factor:
+                raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
+    names = _split(args.variants) or list(VARIANTS)
+    bad = [name for name in names if name not in VARIANTS]
+    if bad:
+        raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    for ratio in ratios:
+        if not 0 < ratio <= 0.75:
+            raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
+    if args.rounds < 1:
+        raise CliError(f"--rounds {args.rounds}: need at least 1")
+    if args.batch < 1 or (args.frames is not None and args.frames < 1):
+        raise CliError("--batch and --frames must be at least 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return Settings(
+        archs=archs,
+        resolutions=resolutions,
+        variants=parse_variants(names, ratios),
+        rounds=args.rounds,
+        device=device,
+        dtype=args.dtype,
+        attention=args.attention,
+        frames=args.frames,
+        batch=args.batch,
+    )
+
+
+# ------------------------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class _Record:
+    variant: Variant
+    flops: int | None = None
+    seconds: list[float] = field(default_factory=list)
+    own_work: list[dict[str, float]] = field(default_factory=list)
+    peak_mem: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+def _set_attention(model: torch.nn.Module, attention: str) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
+    """One call with the latent passed positionally, as pipelines do (tomesd reads it from the args)."""
+    inputs = dict(inputs)
+    latent = inputs.pop("hidden_states" if "hidden_states" in inputs else "sample")
+    return lambda: model(latent, **inputs)
+
+
+def _measure_case(
+    model: torch.nn.Module, spec: ArchSpec, res: int, settings: Settings, say: Callable[[str], None]
+) -> list[_Record]:
+    device = settings.device
+    inputs = example_inputs(
+        spec.name,
+        res,
+        batch=settings.batch,
+        num_frames=settings.frames,
+        dtype=DTYPES[settings.dtype],
+        device=device,
+    )
+    timestep = float(inputs["timestep"].flatten()[0])
+    call = _denoiser_call(model, inputs)
+    info = denoiser_info(model)
+    timer, peak = WorkTimer(device), PeakMemory(device)
+    records = [_Record(variant) for variant in settings.variants]
+    importance = None
+    tag = f"[{spec.name} {res}px]"
+
+    def instrumented(variant: Variant) -> contextlib.AbstractContextManager:
+        if variant.name == "none":
+            return contextlib.nullcontext()
+        return timer.tomesd() if variant.name == "tomesd" else timer.imptome()
+
+    for record in records:  # warm-up, FLOPs, and on a GPU the own-work call; "none" comes first
+        variant = record.variant
+        try:
+            with variant.applied(model, importance, timestep), torch.inference_mode():
+                with flop_counter() as counter:
+                    output = call()
+                record.flops = counter.get_total_flops()
+                if variant.name == "none":
+                    importance = cfg_importance(output[0], info.noise_channels, info.cond_first)
+                if device.type == "cuda":
+                    for _ in range(2):
+                        call()
+                    timer.reset()
+                    with instrumented(variant):
+                        call()
+                    record.own_work.append(dict(timer.seconds))
+        except Exception as error:  # a variant that does not run here (tomesd on PixArt) is reported
+            if variant.name == "none":
+                raise
+            record.error = f"{type(error).__name__}: {error}"
+            say(f"{tag} {variant.label}: does not run ({record.error})")
+            continue
+        say(f"{tag} warm-up {variant.label}: {record.flops / 1e9:.1f} GFLOP per step")
+
+    active = [record for record in records if record.error is None]
+    for round_index in range(settings.rounds):
+        shift = round_index % len(active)
+        for record in active[shift:] + active[:shift]:
+            variant = record.variant
+            with variant.applied(model, importance, timestep), torch.inference_mode():
+                timer.reset()
+                with instrumented(variant) if device.type == "cpu" else contextlib.nullcontext():
+                    peak.reset()
+                    synchronize(device)
+                    start = time.perf_counter()
+                    call()
+                    synchronize(device)
+                    seconds = time.perf_counter() - start
+                memory = peak.read()
+            record.seconds.append(seconds)
+            if memory is not None:
+                record.peak_mem.append(memory)
+            if device.type == "cpu":
+                record.own_work.append(dict(timer.seconds))
+            say(f"{tag} round {round_index + 1}/{settings.rounds} {variant.label}: {seconds:.3f} s")
+    return records
+
+
+def _quantiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def _rows(
+    records: list[_Record], spec: ArchSpec, res: int, settings: Settings, model: torch.nn.Module
+) -> list[dict]:
+    base = records[0]  # "none"
+    base_median = statistics.median(base.seconds) if base.seconds else None
+    tokens = spec.top_level_tokens(res)
+    rows = []
+    for record in records:
+        variant = record.variant
+        row: dict[str, Any] = {
+            "arch": spec.name,
+            "res": res,
+            "variant": variant.name,
+            "ratio": variant.ratio,
+            "tokens": tokens,
+            "kept_tokens": tokens - math.floor(tokens * variant.ratio),
+            "frames": (settings.frames or spec.num_frames) if spec.num_frames else None,
+            "batch": 2 * settings.batch,
+            "device": settings.device.type,
+            "device_name": _device_name(settings.device),
+            "dtype": settings.dtype,
+            "attention": settings.attention,
+            "rounds": len(record.seconds),
+            "error": record.error,
+        }
+        if record.error is None and record.seconds:
+            median = statistics.median(record.seconds)
+            q1, q3 = _quantiles(record.seconds)
+            own = [sum(parts.values()) for parts in record.own_work]
+            own_median = statistics.median(own) if own else 0.0
+            kinds = sorted({kind for parts in record.own_work for kind in parts})
+            row.update(
+                median_s=median,
+                iqr_s=q3 - q1,
+                min_s=min(record.seconds),
+                max_s=max(record.seconds),
+                times_s=record.seconds,
+                speedup=base_median / median if base_median else None,
+                flops=record.flops,
+                ideal_speedup=base.flops / record.flops if base.flops and record.flops else None,
+                overhead_s=own_median,
+                overhead_frac=own_median / median,
+                overhead_breakdown_s={
+                    kind: statistics.median(parts.get(kind, 0.0) for parts in record.own_work)
+                    for kind in kinds
+                },
+                peak_mem_bytes=max(record.peak_mem) if record.peak_mem else None,
+            )
+            if row["speedup"] is not None and row["ideal_speedup"]:
+                row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+            else:
+                row["efficiency"] = None
+            if variant.name == "tomesd":
+                row["max_downsample"] = finest_attention_downsample(model)
+        else:
+            row.update(
+                median_s=None,
+                speedup=None,
+                flops=record.flops,
+                ideal_speedup=None,
+                efficiency=None,
+                overhead_frac=None,
+                peak_mem_bytes=None,
+            )
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> str:
+    """The command line that repeats this run."""
+    parts = ["imptome", "bench", "speed", "--arch", *settings.archs]
+    if args.res:
+        parts += ["--res", *_split(args.res)]
+    ratios = sorted({variant.ratio for variant in settings.variants if variant.name != "none"})
+    names = list(dict.fromkeys(variant.name for variant in settings.variants))
+    parts += ["--ratios", *(f"{ratio:g}" for ratio in ratios)] if ratios else []
+    parts += ["--variants", *names, "--rounds", str(settings.rounds), "--device", settings.device.type]
+    parts += ["--dtype", settings.dtype, "--attention", settings.attention]
+    if settings.frames:
+        parts += ["--frames", str(settings.frames)]
+    if settings.batch != 1:
+        parts += ["--batch", str(settings.batch)]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+def _meta(settings: Settings, command: str) -> dict[str, Any]:
+    import diffusers
+
+    versions = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "imptome": imptome.__version__,
+    }
+    try:
+        versions["tomesd"] = importlib.metadata.version("tomesd")
+    except importlib.metadata.PackageNotFoundError:
+        versions["tomesd"] = None
+    return {
+        "command": command,
+        "device": settings.device.type,
+        "device_name": _device_name(settings.device),
+        "dtype": settings.dtype,
+        "attention": settings.attention,
+        "rounds": settings.rounds,
+        "threads": torch.get_num_threads(),
+        "versions": versions,
+        "loadavg_start": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| arch | res | variant | ratio | median s | IQR s | speedup | GFLOP/step | ideal | efficiency "
+        "| own work | peak mem GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        if row["error"] is not None:
+            lines.append(
+                f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
+                f"| does not run: {row['error'][:60]} |||||||| "
+            )
+            continue
+        overhead = row.get("overhead_frac")
+        memory = row.get("peak_mem_bytes")
+        gflop = row["flops"] / 1e9 if row["flops"] else None
+        lines.append(
+            f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
+            f"| {_fmt(row['median_s'], 3)} | {_fmt(row.get('iqr_s'), 3)} | {_fmt(row['speedup'], 2, 'x')} "
+            f"| {_fmt(gflop, 1)} | {_fmt(row['ideal_speedup'], 2, 'x')} "
+            f"| {_fmt(row['efficiency'])} | {_fmt(None if overhead is None else 100 * overhead, 1, '%')} "
+            f"| {_fmt(None if memory is None else memory / 2**30, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def _write(path: Path, markdown: Path, meta: dict[str, Any], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "loadavg_now": list(os.getloadavg())}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    header = (
+        f"Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}, attention {meta['attention']}, "
+        f"{meta['rounds']} rounds, load average {meta['loadavg_start'][0]:.2f} at start and "
+        f"{meta['loadavg_now'][0]:.2f} at the end.\n\n`{meta['command']}`\n\n"
+    )
+    markdown.write_text(header + markdown_table(rows) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _parse(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    markdown = args.markdown or args.json.with_suffix(".md")
+    meta = _meta(settings, _command(args, settings))
+    total_cases = sum(len(values) for values in settings.resolutions.values())
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    say(
+        f"imptome bench speed: {total_cases} case(s) x {len(settings.variants)} variant(s) "
+        f"on {meta['device_name']}"
+    )
+    rows: list[dict] = []
+    for name in settings.archs:
+        spec = ARCHS[name]
+        say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
+        model = build_denoiser(name, dtype=DTYPES[settings.dtype], device=settings.device)
+        _set_attention(model, settings.attention)
+        for res in settings.resolutions[name]:
+            records = _measure_case(model, spec, res, settings, say)
+            rows += _rows(records, spec, res, settings, model)
+            _write(args.json, markdown, meta, rows)
+        del model
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(markdown_table(rows))
+    say(f"wrote {args.json} and {markdown}")
+    return 0

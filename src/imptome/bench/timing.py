@@ -1,0 +1,128 @@
+"""Timing helpers for the speed benchmark: device sync, peak memory, and the time a merging method spends
+in its own work (importance map, planning, merge / unmerge) inside a denoiser call.
+
+Own work is timed by wrapping the method's functions while a call runs. Every wrapped function is bracketed
+by device synchronisations, so on a GPU its kernels are counted in full (launch and execution) but the call
+around it is slowed by the syncs: time instrumented calls separately from the calls whose speed you report.
+On the CPU the wrappers cost about a microsecond each and the step can be timed with them in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imptome.merge.plan import MergePlan
+from imptome.patch.state import PatchState
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA `max_memory_allocated`, or on the CPU the process's peak resident set
+    (Linux VmHWM after resetting it through /proc/self/clear_refs; it includes the weights and everything
+    else the process holds). `read()` is None where neither is available.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                _CLEAR_REFS.write_text("5")
+
+    def read(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            for line in _STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+
+class WorkTimer:
+    """Seconds spent in a merging method's own functions, by kind: "importance", "planning", "merge"."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds = defaultdict(float)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(self.device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                self.seconds[kind] += time.perf_counter() - start
+
+        return timed
+
+    @contextlib.contextmanager
+    def _patched(self, owner: object, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+        original = getattr(owner, name)
+        setattr(owner, name, replacement)
+        try:
+            yield
+        finally:
+            setattr(owner, name, original)
+
+    @contextlib.contextmanager
+    def imptome(self) -> Iterator[WorkTimer]:
+        """Time imptome's work: begin_call + end_call (CFG check, importance map) as "importance",
+        plan_for (partition, matching, plan; a dictionary look-up once the grid's plan exists) as "planning",
+        MergePlan.merge / unmerge as "merge"."""
+        with contextlib.ExitStack() as stack:
+            for owner, name, kind in (
+                (PatchState, "begin_call", "importance"),
+                (PatchState, "end_call", "importance"),
+                (PatchState, "plan_for", "planning"),
+                (MergePlan, "merge", "merge"),
+                (MergePlan, "unmerge", "merge"),
+            ):
+                stack.enter_context(self._patched(owner, name, self.wrap(kind, getattr(owner, name))))
+            yield self
+
+    @contextlib.contextmanager
+    def tomesd(self) -> Iterator[WorkTimer]:
+        """Time the tomesd package's work: `compute_merge` (matching) as "planning", the merge / unmerge
+        functions it returns as "merge"."""
+        import tomesd.merge
+        import tomesd.patch
+
+        compute_merge = self.wrap("planning", tomesd.patch.compute_merge)
+
+        def timed_compute_merge(*args: Any, **kwargs: Any) -> tuple[Callable[..., Any], ...]:
+            functions = compute_merge(*args, **kwargs)
+            return tuple(fn if fn is tomesd.merge.do_nothing else self.wrap("merge", fn) for fn in functions)
+
+        with self._patched(tomesd.patch, "compute_merge", timed_compute_merge):
+            yield self

@@ -1,0 +1,228 @@
+"""`imptome bench speed`: exact FLOP counts of merged steps (regressions show here, not in timings), the
+variants' mid-generation state, and the command end to end on tiny architectures."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+import imptome
+from imptome.bench import archs
+from imptome.bench.flops import count_flops
+from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
+from imptome.cli import main
+from imptome.merge import cfg_importance
+
+# The tiny UNet of tests/factories.py: top level 16 x 16 = 256 tokens, 32 channels, 2 heads; five
+# self-attentions there (2 down, 3 up).
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    norm_num_groups=16,
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+)
+# PixArt-shaped with PixArt-alpha's 28 blocks (the preset merges blocks 7-20), 32 wide.
+TINY_PIXART = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    cross_attention_dim=32,
+    caption_channels=32,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    num_embeds_ada_norm=1000,
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+)
+TINY_ARCHS = {
+    "tiny-sd": archs.ArchSpec(
+        name="tiny-sd",
+        family="sd",
+        model_class=UNet2DConditionModel,
+        config=TINY_UNET,
+        resolutions=(128,),
+        text_seq_len=77,
+        text_embed_dim=32,
+        published_params=0,
+    ),
+    "tiny-pixart": archs.ArchSpec(
+        name="tiny-pixart",
+        family="pixart",
+        model_class=PixArtTransformer2DModel,
+        config=TINY_PIXART,
+        resolutions=(128,),
+        text_seq_len=16,
+        text_embed_dim=32,
+        published_params=0,
+    ),
+}
+N, CHANNELS, LAYERS, ROWS = 256, 32, 5, 2
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """The tiny architectures in `archs.ARCHS` for the duration."""
+    archs.ARCHS.update(TINY_ARCHS)
+    try:
+        yield
+    finally:
+        for name in TINY_ARCHS:
+            archs.ARCHS.pop(name, None)
+
+
+@pytest.fixture
+def tiny_archs():
+    with registered():
+        yield
+
+
+@pytest.fixture(scope="module")
+def unet():
+    with registered():
+        return archs.build_denoiser("tiny-sd")
+
+
+def tiny_sd_inputs() -> dict:
+    with registered():
+        return archs.example_inputs("tiny-sd", 128)
+
+
+def self_attention_flops(tokens: int) -> int:
+    """q, k, v and output projections (32 -> 32) plus attention over `tokens` tokens, both CFG rows."""
+    projections = 4 * 2 * ROWS * tokens * CHANNELS * CHANNELS
+    attention = 4 * ROWS * tokens * tokens * CHANNELS  # QK^T and AV, summed over heads
+    return projections + attention
+
+
+def similarity_flops(rows: int) -> int:
+    """One plan's cosine-similarity product: (N - D) sources x D destinations x C channels per row."""
+    dst = N // 4
+    return 2 * rows * (N - dst) * dst * CHANNELS
+
+
+def step_flops(model: torch.nn.Module, inputs: dict, variant: Variant) -> int:
+    call = _denoiser_call(model, inputs)
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], 4, cond_first=False)
+        with variant.applied(model, importance, timestep=500.0):
+            return count_flops(call)
+
+
+def saved_flops(ratio: float) -> int:
+    """What merging the five top-level self-attentions at `ratio` saves (merge overhead excluded)."""
+    kept = N - math.floor(N * ratio)
+    return LAYERS * (self_attention_flops(N) - self_attention_flops(kept))
+
+
+def test_merged_step_flops_follow_the_attention_formula(unet):
+    unet.set_attn_processor(AttnProcessor2_0())
+    inputs = tiny_sd_inputs()
+    flops = {name: step_flops(unet, inputs, Variant(name, 0.7)) for name in VARIANTS}
+    saved = saved_flops(0.7)
+    # imptome plans once per step on the conditional half (U = 1 row); per layer with plan_scope="layer";
+    # tomesd plans in every layer on both CFG rows.
+    assert flops["tome"] == flops["none"] - saved + similarity_flops(1)
+    assert flops["importance"] == flops["none"] - saved + similarity_flops(1)
+    assert flops["importance-per-layer"] == flops["none"] - saved + LAYERS * similarity_flops(1)
+    assert flops["tomesd"] == flops["none"] - saved + LAYERS * similarity_flops(2)
+    assert flops["importance"] < flops["none"] - 0.95 * saved  # planning costs under 5% of the saving
+
+
+def test_math_attention_counts_the_same(unet):
+    """diffusers' explicit baddbmm + softmax + bmm attention gives the same counts as SDPA."""
+    unet.set_attn_processor(AttnProcessor())
+    inputs = tiny_sd_inputs()
+    none, merged = (step_flops(unet, inputs, Variant(name, 0.5)) for name in ("none", "importance"))
+    assert merged == none - saved_flops(0.5) + similarity_flops(1)
+
+
+def test_flop_counter_counts_cpu_attention():
+    q = torch.randn(2, 3, 10, 8)
+    assert (
+        count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+        == 4 * 2 * 3 * 10 * 10 * 8
+    )
+
+
+def test_variants_run_as_in_mid_generation(unet):
+    unet.set_attn_processor(AttnProcessor2_0())
+    call = _denoiser_call(unet, tiny_sd_inputs())
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], 4, cond_first=False)
+        for name, scope_plans in (("importance", 1), ("importance-per-layer", LAYERS), ("tome", 1)):
+            with Variant(name, 0.7).applied(unet, importance, timestep=500.0):
+                for _ in range(2):  # a second call at the same timestep stays in the same state
+                    call()
+                    records = imptome.merge_plan(unet)
+                    assert len(records) == scope_plans
+                    assert not any(record.pruned for record in records)
+                    uses_map = [record.importance is not None for record in records]
+                    assert uses_map == [name != "tome"] * scope_plans
+            assert not imptome.is_patched(unet)
+
+
+def test_example_inputs_are_a_cfg_batch():
+    for name in ("sd2", "pixart-alpha"):
+        kwargs = archs.example_inputs(name, 64)
+        latent = kwargs["hidden_states"] if name == "pixart-alpha" else kwargs["sample"]
+        text = kwargs["encoder_hidden_states"]
+        assert torch.equal(latent[0], latent[1]) and not torch.equal(text[0], text[1])
+
+
+def test_command_end_to_end(tiny_archs, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    code = main(
+        ["bench", "speed", "--arch", "tiny-sd", "tiny-pixart", "--ratios", "0.5", "--rounds", "1"]
+        + ["--threads", "1", "--json", str(out)]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["arch"], row["variant"]) for row in rows] == [
+        (arch, variant) for arch in ("tiny-sd", "tiny-pixart") for variant in VARIANTS
+    ]
+    fields = ("res", "ratio", "median_s", "speedup", "flops", "ideal_speedup", "efficiency", "overhead_frac")
+    for row in rows:
+        assert row["device"] == "cpu" and row["res"] == 128
+        assert all(key in row for key in (*fields, "peak_mem_bytes"))
+        runs = not (row["arch"] == "tiny-pixart" and row["variant"] == "tomesd")
+        assert (row["error"] is None) == runs, row["error"]
+        if runs:
+            assert row["median_s"] > 0 and row["flops"] > 0 and row["speedup"] > 0
+            assert row["ideal_speedup"] > 1 or row["variant"] == "none"
+            assert 0 <= row["overhead_frac"] < 1
+    table = out.with_suffix(".md").read_text()
+    assert "| tiny-sd | 128 | importance | 0.5 |" in table and "does not run" in table
+    assert "round 1/1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--arch", "sd3"], "unknown --arch sd3"),
+        (["--ratios", "0.8"], "allowed 0 < ratio <= 0.75"),
+        (["--variants", "fast"], "unknown --variants fast"),
+        (["--res", "500"], "multiples of 8"),
+        (["--rounds", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_is_a_clear_error(option, message, capsys):
+    assert main(["bench", "speed", *option]) == 2
+    assert message in capsys.readouterr().err

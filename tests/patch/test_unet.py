@@ -263,3 +263,26 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
     assert not imptome.is_patched(sd)
+
+
+def test_cfg_cut_off_switches_to_cells_for_the_unguided_steps(sd):
+    imptome.apply_patch(sd, ratio=0.7, importance_start_step=1)
+    records = []
+
+    def cut_cfg_after_step_2(pipe, i, t, kwargs):
+        records.append(imptome.merge_plan(pipe)[0])
+        if i == 2:  # diffusers' documented CFG cut-off: drop the unconditional half from here on
+            pipe._guidance_scale = 0.0
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        return kwargs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generate(
+            sd,
+            steps=5,
+            callback_on_step_end=cut_cfg_after_step_2,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
+    assert [r.roles.shape[0] for r in records] == [2, 2, 2, 1, 1]
+    assert [r.importance is not None for r in records] == [False, True, True, False, False]

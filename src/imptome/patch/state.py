@@ -73,7 +73,8 @@ class PatchState:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
         Calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
-        main pass). A call without CFG neither produces nor clears the importance map.
+        main pass). A call without CFG merges with random cells and neither produces nor clears the map,
+        so a later guided call of the same generation can still use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self.last_timestep is None or t > self.last_timestep:
@@ -88,9 +89,8 @@ class PatchState:
         if not self.cfg and self.config.method == "importance" and not self.warned_no_cfg:
             warnings.warn(
                 "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
-                "a distilled model, or an auxiliary pass such as Zero123++'s reference image), so it "
-                "yields no importance map; until a guided call on its latent grid does, merging falls "
-                "back to the random 2x2-cell partition.",
+                "a CFG cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference "
+                "image); such calls merge with the random 2x2-cell partition instead of importance.",
                 stacklevel=2,
             )
             self.warned_no_cfg = True
@@ -157,6 +157,7 @@ class PatchState:
         importance = None
         if (
             config.method == "importance"
+            and self.cfg
             and self._map_fits(units)
             and self.step >= config.importance_start_step
         ):

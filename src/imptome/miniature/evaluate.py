@@ -1,0 +1,161 @@
+"""Evaluate the shipped miniature model on held-out prompts and write the figures to a JSON model card.
+
+Figures (no token merging): with and without classifier-free guidance, the fraction of prompted objects
+drawn with the right colour and shape (anywhere / at the prompted cell), read by the attribute classifier;
+and the ratio of mean CFG importance |eps_cond - eps_uncond| (channel mean) inside prompted objects vs
+background, captured with a forward hook on the UNet while the real pipeline runs.
+
+    python -m imptome.miniature.evaluate [--steps 20] [--seeds 3] [--guidance 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import classifier, data
+
+CARD = Path(__file__).parent / "model_card.json"
+
+
+def load_pipeline(path: str | Path | None = None) -> Any:
+    """The shipped StableDiffusionPipeline (offline, safety checker off)."""
+    from diffusers import StableDiffusionPipeline
+
+    from . import miniature_path
+
+    return StableDiffusionPipeline.from_pretrained(
+        str(path or miniature_path()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+class ImportanceRecorder:
+    """Forward hook on the UNet that accumulates |eps_cond - eps_uncond| (channel mean) under CFG."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+        self.handle = unet.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        eps = output.sample if hasattr(output, "sample") else output[0]
+        e_u, e_c = eps.float().chunk(2)  # diffusers pipelines batch [uncond, cond]
+        m = (e_c - e_u).abs().mean(1)
+        self.total = m if self.total is None else self.total + m
+        self.steps += 1
+
+    def mean_map(self) -> torch.Tensor:
+        assert self.total is not None
+        return self.total / self.steps
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def generate(
+    pipe: Any, obj_lists: list[list[data.Obj]], seeds: list[int], guidance: float, steps: int, batch: int = 36
+) -> tuple[np.ndarray, list[str], list[list[data.Obj]], torch.Tensor | None]:
+    """Images [n, H, W, 3] in [0, 1] for every (object list, seed); also the mean importance maps if CFG."""
+    jobs = [(objs, s) for s in seeds for objs in obj_lists]
+    images, maps = [], []
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i : i + batch]
+        rec = ImportanceRecorder(pipe.unet) if guidance > 1 else None
+        gens = [torch.Generator().manual_seed(s * 100_003 + j) for j, (_, s) in enumerate(chunk, start=i)]
+        out = pipe(
+            [data.prompt_for(o) for o, _ in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="np",
+        ).images
+        images.append(out)
+        if rec is not None:
+            maps.append(rec.mean_map())
+            rec.remove()
+    prompts = [data.prompt_for(o) for o, _ in jobs]
+    return np.concatenate(images), prompts, [o for o, _ in jobs], torch.cat(maps) if maps else None
+
+
+def importance_ratio(maps: torch.Tensor, obj_lists: list[list[data.Obj]]) -> dict[str, float]:
+    """Mean importance inside prompted objects / mean importance on background (latent grid)."""
+    masks = torch.from_numpy(np.stack([data.object_mask(o) for o in obj_lists]))[:, None]
+    pooled = F.adaptive_avg_pool2d(masks, maps.shape[-2:])[:, 0]
+    inside, outside = pooled > 0.5, pooled < 0.05
+    mi, mo = maps[inside].mean().item(), maps[outside].mean().item()
+    per_image = [(m[i].mean() / m[o].mean()).item() for m, i, o in zip(maps, inside, outside, strict=True)]
+    return {
+        "inside": mi,
+        "outside": mo,
+        "ratio": mi / mo,
+        "median_per_image_ratio": float(np.median(per_image)),
+    }
+
+
+def evaluate(
+    model: str | Path | None = None, steps: int = 20, seeds: int = 3, guidance: float = 5.0, threads: int = 2
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    clf = classifier.load_classifier()
+    obj_lists = data.held_out_prompts()
+    seed_list = list(range(seeds))
+    result: dict[str, Any] = {
+        "prompts": "held-out: each of the 18 held-out (colour, shape, cell) triples alone and with a random "
+        "second object (36 prompts)",
+        "images_per_setting": len(obj_lists) * seeds,
+        "steps": steps,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+    for g in (1.0, guidance):
+        t0 = time.time()
+        imgs, prompts, objs, maps = generate(pipe, obj_lists, seed_list, g, steps)
+        s = classifier.score(imgs, prompts, clf)
+        key = "no_cfg" if g == 1.0 else "cfg"
+        r = {k: v for k, v in s.items() if k != "per_image"}
+        r["guidance_scale"] = g
+        r["single_object_colour_shape_acc"] = float(
+            np.mean([h[0][0] for h, o in zip(s["per_image"], objs, strict=True) if len(o) == 1])
+        )
+        if maps is not None:
+            r["cfg_importance"] = importance_ratio(maps, objs)
+        r["seconds"] = round(time.time() - t0, 1)
+        result[key] = r
+        print(key, json.dumps(r), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--training-log", type=Path, default=None, help="timing.json of the training run to include"
+    )
+    ap.add_argument("--out", type=Path, default=CARD)
+    a = ap.parse_args(argv)
+    res = evaluate(a.model, a.steps, a.seeds, a.guidance, a.threads)
+    if a.training_log and a.training_log.exists():
+        res["training_wall_seconds"] = json.loads(a.training_log.read_text())
+    card = json.loads(a.out.read_text()) if a.out.exists() else {}
+    card["evaluation"] = res
+    a.out.write_text(json.dumps(card, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

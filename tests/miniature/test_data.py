@@ -1,0 +1,52 @@
+import numpy as np
+
+from imptome.miniature import data
+
+
+def test_training_pairs_deterministic():
+    p1, im1, o1 = data.training_pairs(16, seed=3)
+    p2, im2, o2 = data.training_pairs(16, seed=3)
+    p3, im3, _ = data.training_pairs(16, seed=4)
+    assert p1 == p2 and o1 == o2
+    np.testing.assert_array_equal(im1, im2)
+    assert not np.array_equal(im1, im3)
+    assert im1.shape == (16, data.IMAGE_SIZE, data.IMAGE_SIZE, 3) and im1.dtype == np.uint8
+
+
+def test_held_out_never_sampled():
+    held = set(data.held_out_triples())
+    assert len(held) == 18
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(5000):
+        for o in data.sample_objects(rng):
+            seen.add((o.colour, o.shape, o.pos))
+    assert not (seen & held)
+    # every other triple does occur, so held-out prompts test composition, not unseen words
+    assert len(seen) == len(data.COLOURS) * len(data.SHAPES) * data.N_POS - len(held)
+    _, _, objs = data.training_pairs(500, seed=0)
+    assert not any(data.is_held_out(o) for os in objs for o in os)
+
+
+def test_held_out_prompts_contain_held_out_triples():
+    lists = data.held_out_prompts()
+    assert len(lists) == 36
+    assert all(any(data.is_held_out(o) for o in os) for os in lists)
+    assert all(len({o.pos for o in os}) == len(os) for os in lists)
+
+
+def test_prompt_roundtrip_and_position_first():
+    objs = [data.Obj(0, 1, 0), data.Obj(2, 3, 8)]
+    p = data.prompt_for(objs)
+    assert p == "top left: red square and bottom right: blue cross"
+    assert data.parse_prompt(p) == objs
+
+
+def test_objects_drawn_where_prompted():
+    rng = np.random.default_rng(1)
+    objs = [data.Obj(0, 0, 4)]
+    img = data.render(objs, rng)
+    m = data.object_mask(objs) > 0.99
+    red = np.asarray(data.COLOURS["red"]) / 255
+    assert np.abs(img[m] - red).max() < 0.15
+    assert m[32, 32] and not m[5, 5]

@@ -191,10 +191,11 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
     out = tmp_path / "speed.json"
     code = main(
         ["bench", "speed", "--arch", "tiny-sd", "tiny-pixart", "--ratios", "0.5", "--rounds", "1"]
-        + ["--threads", "1", "--json", str(out)]
+        + ["--generation-steps", "4", "--threads", "1", "--json", str(out)]
     )
     assert code == 0
-    rows = json.loads(out.read_text())["rows"]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
     assert [(row["arch"], row["variant"]) for row in rows] == [
         (arch, variant) for arch in ("tiny-sd", "tiny-pixart") for variant in VARIANTS
     ]
@@ -208,6 +209,14 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
             assert row["median_s"] > 0 and row["flops"] > 0 and row["speedup"] > 0
             assert row["ideal_speedup"] > 1 or row["variant"] == "none"
             assert 0 <= row["overhead_frac"] < 1
+    generations = results["generation_rows"]  # SD UNets only
+    assert [(row["arch"], row["variant"], row["ratio"]) for row in generations] == [
+        ("tiny-sd", "none", 0),
+        ("tiny-sd", "deepcache", 0),
+        ("tiny-sd", "importance", 0.5),
+        ("tiny-sd", "deepcache+importance", 0.5),
+    ]
+    assert all(row["steps"] == 4 and row["median_s"] > 0 for row in generations)
     table = out.with_suffix(".md").read_text()
     assert "| tiny-sd | 128 | importance | 0.5 |" in table and "does not run" in table
     assert "round 1/1" in capsys.readouterr().err
@@ -221,6 +230,7 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
         (["--variants", "fast"], "unknown --variants fast"),
         (["--res", "500"], "multiples of 8"),
         (["--rounds", "0"], "at least 1"),
+        (["--generation-steps", "2"], "at least 4"),
     ],
 )
 def test_bad_input_is_a_clear_error(option, message, capsys):

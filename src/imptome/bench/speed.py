@@ -46,7 +46,8 @@ import torch
 import imptome
 from imptome.bench.archs import ARCHS, ArchSpec, build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
-from imptome.bench.timing import PeakMemory, WorkTimer, synchronize
+from imptome.bench.generation import CACHE_INTERVAL, measure_generations
+from imptome.bench.timing import PeakMemory, WorkTimer, quartiles, synchronize
 from imptome.cli import CliError
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES
@@ -83,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--frames", type=int, help="video frames for animatediff (default: 16)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
+    parser.add_argument(
+        "--generation-steps",
+        type=int,
+        default=0,
+        help="also time whole generations of this many steps with imptome, DeepCache and both "
+        "(sd15 / sd2 only; default 0: off)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument(
         "--json", type=Path, default=Path("speed.json"), help="results JSON (default speed.json)"
@@ -167,6 +175,7 @@ class Settings:
     attention: str
     frames: int | None
     batch: int
+    generation_steps: int
 
 
 def _parse(args: argparse.Namespace) -> Settings:
@@ -195,6 +204,11 @@ def _parse(args: argparse.Namespace) -> Settings:
         raise CliError(f"--rounds {args.rounds}: need at least 1")
     if args.batch < 1 or (args.frames is not None and args.frames < 1):
         raise CliError("--batch and --frames must be at least 1")
+    if args.generation_steps < 0 or 0 < args.generation_steps < CACHE_INTERVAL + 1:
+        raise CliError(
+            f"--generation-steps {args.generation_steps}: 0 (off) or at least {CACHE_INTERVAL + 1}, so that "
+            "DeepCache reuses its cache at least once"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA device is available here (use --device cpu)")
@@ -208,6 +222,7 @@ def _parse(args: argparse.Namespace) -> Settings:
         attention=args.attention,
         frames=args.frames,
         batch=args.batch,
+        generation_steps=args.generation_steps,
     )
 
 
@@ -237,18 +252,22 @@ def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[
     return lambda: model(latent, **inputs)
 
 
-def _measure_case(
-    model: torch.nn.Module, spec: ArchSpec, res: int, settings: Settings, say: Callable[[str], None]
-) -> list[_Record]:
-    device = settings.device
-    inputs = example_inputs(
+def _inputs(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
+    return example_inputs(
         spec.name,
         res,
         batch=settings.batch,
         num_frames=settings.frames,
         dtype=DTYPES[settings.dtype],
-        device=device,
+        device=settings.device,
     )
+
+
+def _measure_case(
+    model: torch.nn.Module, spec: ArchSpec, res: int, settings: Settings, say: Callable[[str], None]
+) -> list[_Record]:
+    device = settings.device
+    inputs = _inputs(spec, res, settings)
     timestep = float(inputs["timestep"].flatten()[0])
     call = _denoiser_call(model, inputs)
     info = denoiser_info(model)
@@ -310,11 +329,17 @@ def _measure_case(
     return records
 
 
-def _quantiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
+def _case_fields(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
+    return {
+        "arch": spec.name,
+        "res": res,
+        "frames": (settings.frames or spec.num_frames) if spec.num_frames else None,
+        "batch": 2 * settings.batch,
+        "device": settings.device.type,
+        "device_name": _device_name(settings.device),
+        "dtype": settings.dtype,
+        "attention": settings.attention,
+    }
 
 
 def _rows(
@@ -327,24 +352,17 @@ def _rows(
     for record in records:
         variant = record.variant
         row: dict[str, Any] = {
-            "arch": spec.name,
-            "res": res,
+            **_case_fields(spec, res, settings),
             "variant": variant.name,
             "ratio": variant.ratio,
             "tokens": tokens,
             "kept_tokens": tokens - math.floor(tokens * variant.ratio),
-            "frames": (settings.frames or spec.num_frames) if spec.num_frames else None,
-            "batch": 2 * settings.batch,
-            "device": settings.device.type,
-            "device_name": _device_name(settings.device),
-            "dtype": settings.dtype,
-            "attention": settings.attention,
             "rounds": len(record.seconds),
             "error": record.error,
         }
         if record.error is None and record.seconds:
             median = statistics.median(record.seconds)
-            q1, q3 = _quantiles(record.seconds)
+            q1, q3 = quartiles(record.seconds)
             own = [sum(parts.values()) for parts in record.own_work]
             own_median = statistics.median(own) if own else 0.0
             kinds = sorted({kind for parts in record.own_work for kind in parts})
@@ -416,6 +434,8 @@ def _command(args: argparse.Namespace, settings: Settings) -> str:
         parts += ["--frames", str(settings.frames)]
     if settings.batch != 1:
         parts += ["--batch", str(settings.batch)]
+    if settings.generation_steps:
+        parts += ["--generation-steps", str(settings.generation_steps)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     return shlex.join(parts)
@@ -477,16 +497,36 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, markdown: Path, meta: dict[str, Any], rows: list[dict]) -> None:
+def generation_table(rows: list[dict]) -> str:
+    lines = [
+        "| arch | res | variant | ratio | steps | median s | IQR s | speedup |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} | {row['steps']} "
+            f"| {row['median_s']:.3f} | {row['iqr_s']:.3f} | {row['speedup']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def _write(
+    path: Path, markdown: Path, meta: dict[str, Any], rows: list[dict], generation_rows: list[dict]
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "loadavg_now": list(os.getloadavg())}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    results = {"meta": meta, "rows": rows, "generation_rows": generation_rows}
+    path.write_text(json.dumps(results, indent=1) + "\n")
     header = (
         f"Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}, attention {meta['attention']}, "
         f"{meta['rounds']} rounds, load average {meta['loadavg_start'][0]:.2f} at start and "
         f"{meta['loadavg_now'][0]:.2f} at the end.\n\n`{meta['command']}`\n\n"
     )
-    markdown.write_text(header + markdown_table(rows) + "\n")
+    text = header + markdown_table(rows) + "\n"
+    if generation_rows:
+        text += "\nWhole generations (denoising loop, CFG 7.5, DeepCache interval 3):\n\n"
+        text += generation_table(generation_rows) + "\n"
+    markdown.write_text(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -505,6 +545,8 @@ def run(args: argparse.Namespace) -> int:
         f"on {meta['device_name']}"
     )
     rows: list[dict] = []
+    generation_rows: list[dict] = []
+    ratios = sorted({variant.ratio for variant in settings.variants if variant.name != "none"})
     for name in settings.archs:
         spec = ARCHS[name]
         say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
@@ -513,11 +555,25 @@ def run(args: argparse.Namespace) -> int:
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)
             rows += _rows(records, spec, res, settings, model)
-            _write(args.json, markdown, meta, rows)
+            if settings.generation_steps and spec.family == "sd":
+                measured = measure_generations(
+                    model,
+                    _inputs(spec, res, settings),
+                    res,
+                    ratios,
+                    settings.generation_steps,
+                    settings.rounds,
+                    say,
+                    f"[{name} {res}px]",
+                )
+                generation_rows += [{**_case_fields(spec, res, settings), **row} for row in measured]
+            _write(args.json, markdown, meta, rows, generation_rows)
         del model
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
     print(markdown_table(rows))
+    if generation_rows:
+        print("\n" + generation_table(generation_rows))
     say(f"wrote {args.json} and {markdown}")
     return 0

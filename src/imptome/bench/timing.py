@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -24,6 +25,14 @@ from imptome.patch.state import PatchState
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself for a single sample)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
 
 def synchronize(device: torch.device) -> None:

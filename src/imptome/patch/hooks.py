@@ -28,8 +28,12 @@ def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any,
 
 
 def _timestep_position(denoiser: nn.Module) -> int:
-    """Positional index of `timestep` in the denoiser's forward: 1 for UNets and DiT, 2 for PixArt."""
-    return list(inspect.signature(denoiser.forward).parameters).index("timestep")
+    """Positional index of `timestep` in the denoiser's forward: 1 for UNets and DiT, 2 for PixArt.
+
+    Read from the class: tools such as DeepCache replace the instance's `forward` with a (*args, **kwargs)
+    wrapper that still passes the original arguments through.
+    """
+    return list(inspect.signature(type(denoiser).forward).parameters).index("timestep") - 1  # minus self
 
 
 def _denoiser_pre_hook(state: PatchState, timestep_position: int):

@@ -69,6 +69,11 @@ class PatchState:
     warned_no_cfg: bool = False
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
+    # begin_call, end_call and plan_for hold the host-side logic (timestep and CFG checks, generator draws,
+    # the schedule and the plan cache). Under torch.compile they run eagerly: Dynamo would break its graph
+    # at them anyway and, tracing them, would guard on the step counter and recompile as it changes. The
+    # traced graph keeps merge / unmerge, whose shapes are static for a given ratio and grid.
+    @torch.compiler.disable
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
@@ -96,6 +101,7 @@ class PatchState:
             self.warned_no_cfg = True
         self.plans = {}
 
+    @torch.compiler.disable
     def end_call(self, noise_pred: torch.Tensor) -> None:
         """End of a denoiser call: keep this step's importance map for the next step."""
         if self.cfg:
@@ -125,6 +131,7 @@ class PatchState:
             factor *= 2
         return None
 
+    @torch.compiler.disable
     def plan_for(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> MergePlan | None:
         """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per layer."""
         key = grid if self.config.plan_scope == "step" else (layer, grid)

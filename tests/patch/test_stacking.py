@@ -1,0 +1,167 @@
+"""imptome together with other speed-ups: torch.compile, DeepCache, model CPU offload, half precision."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import imptome
+from tests.factories import tiny_sd_pipeline, tiny_sd_unet
+
+PROMPT = "a red circle on the left"
+TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+LAST_SELF_ATTENTION = (
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn1"  # runs on DeepCache's cached steps
+)
+N = 256  # top-level tokens of the tiny UNet (16 x 16 latent)
+
+
+def generate(pipe, steps: int = 4, **kwargs) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs).images
+
+
+def top_level_token_counts(unet, run, attention: str = TOP_SELF_ATTENTION) -> list[int]:
+    """Tokens seen by a top-level self-attention's query projection, one entry per call."""
+    seen: list[int] = []
+    module = unet.get_submodule(attention).to_q
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(autouse=True)
+def unpatched(sd):
+    imptome.remove_patch(sd)
+    yield
+    imptome.remove_patch(sd)
+
+
+def test_torch_compile_matches_eager_and_does_not_recompile_every_step():
+    """Dynamo traces through the hooks: compiled graphs are made for the schedule's phases (step 0, pruning
+    steps, merging steps), then reused; a second generation compiles nothing. The "eager" backend keeps
+    the test fast: recompilation is decided by Dynamo's guards, whatever the backend."""
+    pipe = tiny_sd_pipeline()
+    pipe.unet = tiny_sd_unet(layers_per_block=1)  # fewer modules to trace
+    steps = 6
+    unmerged = generate(pipe, steps=steps)
+    imptome.apply_patch(pipe, ratio=0.7)
+    eager = generate(pipe, steps=steps)
+    assert not torch.equal(eager, unmerged)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    graphs_after_step: list[int] = []
+
+    def count(pipe, step, timestep, kwargs):
+        graphs_after_step.append(counters["stats"]["unique_graphs"])
+        return kwargs
+
+    try:
+        first = generate(pipe, steps=steps, callback_on_step_end=count)
+        # step 0 (random cells), pruning steps, merging steps: new graphs only when the phase changes
+        steady = graphs_after_step[imptome.PRESETS["unet"].merge_start_step]
+        assert graphs_after_step[-1] == steady > 0
+        second = generate(pipe, steps=steps, callback_on_step_end=count)
+        assert graphs_after_step[-1] == steady  # the next generation reuses every graph
+        torch.testing.assert_close(first, eager)
+        torch.testing.assert_close(second, eager)
+        (record,) = imptome.merge_plan(pipe)  # planning ran (eagerly) in the compiled model
+        assert not record.pruned and record.importance is not None
+    finally:
+        torch._dynamo.reset()
+
+
+def test_deepcache_and_imptome_stack_and_undo(sd):
+    from DeepCache import DeepCacheSDHelper
+
+    base = generate(sd, steps=6)
+    imptome.apply_patch(sd, ratio=0.7)
+    merged = generate(sd, steps=6)
+    imptome.remove_patch(sd)
+    helper = DeepCacheSDHelper(pipe=sd)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    try:
+        cached = generate(sd, steps=6)
+        imptome.apply_patch(sd, ratio=0.7)
+        first = top_level_token_counts(sd.unet, lambda: generate(sd, steps=6))
+        last = top_level_token_counts(sd.unet, lambda: generate(sd, steps=6), LAST_SELF_ATTENTION)
+        both = generate(sd, steps=6)
+    finally:
+        helper.disable()
+    # DeepCache skips all but the last top-level layer on two of every three steps; imptome merges whatever
+    # runs at the top level.
+    kept = N - math.floor(N * 0.7)
+    assert (first, last) == ([kept] * 2, [kept] * 6)
+    for other in (base, merged, cached):
+        assert not torch.equal(both, other)
+    assert torch.isfinite(both).all()
+    assert torch.equal(generate(sd, steps=6), merged)  # DeepCache off: imptome alone
+    imptome.remove_patch(sd)
+    assert torch.equal(generate(sd, steps=6), base)
+
+
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch-then-offload", "offload-then-patch"])
+def test_model_cpu_offload(patch_first):
+    """accelerate's offload hooks wrap the denoiser's forward; imptome's module hooks keep working.
+    This machine has no GPU, so the offload device is the CPU: the hooks run, no weights move."""
+    pipe = tiny_sd_pipeline()
+    base = generate(pipe)
+    imptome.apply_patch(pipe, ratio=0.7)
+    merged = generate(pipe)
+    imptome.remove_patch(pipe)
+    if patch_first:
+        imptome.apply_patch(pipe, ratio=0.7)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.unet, "_hf_hook")
+    if not patch_first:
+        imptome.apply_patch(pipe, ratio=0.7)
+    assert torch.equal(generate(pipe), merged)
+    imptome.remove_patch(pipe)
+    assert torch.equal(generate(pipe), base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_pipeline(sd, dtype):
+    pipe = tiny_sd_pipeline().to(dtype)
+    base = generate(pipe)
+    imptome.apply_patch(pipe, ratio=0.7)
+    calls = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=3))
+    merged = generate(pipe)
+    assert calls == [N - math.floor(N * 0.7)] * 3
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    assert not torch.equal(merged, base)
+    imptome.apply_patch(sd, ratio=0.7)
+    full = generate(sd)
+    # Same plans up to rounding: the half-precision result follows the float32 one.
+    cosine = torch.nn.functional.cosine_similarity(merged.float().flatten(), full.flatten(), dim=0)
+    assert cosine > 0.99
+    imptome.remove_patch(pipe)
+    assert torch.equal(generate(pipe), base)
+
+
+def test_patch_survives_moving_the_pipeline_between_dtypes(sd):
+    """The plan cache and importance map are per call, so a patched model cast mid-life keeps working."""
+    pipe = tiny_sd_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    generate(pipe, steps=3)
+    pipe.to(torch.bfloat16)
+    assert torch.isfinite(generate(pipe, steps=3)).all()
+    assert imptome.importance_map(pipe).dtype == torch.float32
+    plans = defaultdict(int)
+    for record in imptome.merge_plan(pipe):
+        plans[record.grid] += 1
+    assert dict(plans) == {(16, 16): 1}

@@ -26,6 +26,11 @@ class MergePlan:
             tokens are pruned (dropped before attention, not averaged).
         roles: [U, N] MERGED (0), DESTINATION (1) or INDEPENDENT (2).
         grid: (h, w) token grid, N = h * w.
+        flat_slot: [B * N] `slot` as rows of the flattened [B * K, C] kept tokens (b * K + slot[b, n]).
+        flat_kept: [B * K] the kept tokens as rows of the flattened [B * N, C] input (b * N + kept token).
+
+    merge / unmerge move whole C-channel rows with index_add / index_select on the flattened batch,
+    several times faster than scatter / gather with a channel-expanded index.
     """
 
     kept_idx: torch.Tensor
@@ -33,6 +38,8 @@ class MergePlan:
     counts: torch.Tensor | None
     roles: torch.Tensor
     grid: tuple[int, int]
+    flat_slot: torch.Tensor
+    flat_kept: torch.Tensor
 
     @property
     def num_kept(self) -> int:
@@ -40,17 +47,19 @@ class MergePlan:
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning)."""
-        rows, _, channels = x.shape
+        rows, num_tokens, channels = x.shape
+        if rows * num_tokens != self.flat_slot.numel():
+            raise ValueError(f"this plan is for {tuple(self.slot.shape)} tokens, got {tuple(x.shape[:2])}")
+        tokens = x.reshape(rows * num_tokens, channels)
         if self.counts is None:
-            kept = self.kept_idx.repeat(rows // self.kept_idx.shape[0], 1)
-            return x.gather(1, kept.unsqueeze(-1).expand(-1, -1, channels))
-        index = self.slot.unsqueeze(-1).expand(-1, -1, channels)
-        summed = x.new_zeros(rows, self.num_kept, channels).scatter_add_(1, index, x)
-        return summed / self.counts.to(x.dtype)
+            return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
+        summed = x.new_zeros(rows * self.num_kept, channels).index_add_(0, self.flat_slot, tokens)
+        return summed.view(rows, self.num_kept, channels) / self.counts.to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        """[B, K, C] -> [B, N, C]: every token receives the output of its slot (one gather)."""
-        return y.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        """[B, K, C] -> [B, N, C]: every token receives the output of its slot (one row gather)."""
+        rows, num_kept, channels = y.shape
+        return y.reshape(rows * num_kept, channels).index_select(0, self.flat_slot).view(rows, -1, channels)
 
     def source(self) -> torch.Tensor:
         """[B, N] token index of the kept token whose output each token receives."""
@@ -151,4 +160,7 @@ def build_plan(
     if average:
         ones = torch.ones(rows, num_tokens, device=device)
         counts = torch.zeros(rows, num_kept, device=device).scatter_add_(1, slot, ones).unsqueeze(-1)
-    return MergePlan(kept_idx=kept_idx, slot=slot, counts=counts, roles=roles, grid=grid)
+    row = torch.arange(rows, device=device).unsqueeze(1)
+    flat_slot = (slot + row * num_kept).flatten()
+    flat_kept = (kept_idx.repeat(rows // units, 1) + row * num_tokens).flatten()
+    return MergePlan(kept_idx, slot, counts, roles, grid, flat_slot, flat_kept)

@@ -141,7 +141,7 @@ class Variant:
                 imptome.remove_patch(model)
 
 
-def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor | None, timestep: float) -> None:
+def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, timestep: float) -> None:
     """Make a fresh patch behave as in the middle of a generation: past the warm-up schedule (merging, and
     with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
     state = _state(model)

@@ -40,18 +40,6 @@ def generate(pipe, steps: int = 3, **kwargs) -> torch.Tensor:
     return out.images
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return tiny_sd_pipeline()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(sd):
-    imptome.remove_patch(sd)
-    yield
-    imptome.remove_patch(sd)
-
-
 def test_tiled_views_merge_on_the_whole_non_square_grid(sd):
     base = generate(sd)
     imptome.apply_patch(sd, ratio=0.7)

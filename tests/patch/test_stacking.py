@@ -37,18 +37,6 @@ def top_level_token_counts(unet, run, attention: str = TOP_SELF_ATTENTION) -> li
     return seen
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return tiny_sd_pipeline()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(sd):
-    imptome.remove_patch(sd)
-    yield
-    imptome.remove_patch(sd)
-
-
 def test_torch_compile_matches_eager_and_does_not_recompile_every_step():
     """Dynamo traces through the hooks: compiled graphs are made for the schedule's phases (step 0, pruning
     steps, merging steps), then reused; a second generation compiles nothing. The "eager" backend keeps

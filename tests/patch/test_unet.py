@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from tests.factories import tiny_sd_pipeline, tiny_sdxl_pipeline
+from tests.patch.probes import token_shapes
 
 PROMPT = "a red circle on the left"
 
@@ -24,32 +24,10 @@ def generate(pipe, steps: int = 4, seed: int = 0, **kwargs) -> np.ndarray:
     return out.images.numpy()
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return tiny_sd_pipeline()
-
-
-@pytest.fixture(autouse=True)
-def unpatched(sd):
-    imptome.remove_patch(sd)
-    yield
-    imptome.remove_patch(sd)
-
-
 def query_token_counts(unet, run) -> dict[str, list[int]]:
     """Tokens seen by every attention's query projection during `run()`, by attention module name."""
-    counts: dict[str, list[int]] = defaultdict(list)
-    handles = [
-        module.to_q.register_forward_hook(lambda m, a, o, name=name: counts[name].append(a[0].shape[1]))
-        for name, module in unet.named_modules()
-        if hasattr(module, "to_q")
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+    shapes = token_shapes(unet, run)
+    return {name: [tokens for _, tokens in seen] for name, seen in shapes.items() if not name.endswith(".ff")}
 
 
 def test_ratio_zero_and_remove_patch_are_bit_identical(sd):

@@ -8,12 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-
-def _sync(device: torch.device | None = None) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize(device)
+from imptome.bench.flops import flop_counter
 
 
 class DenoiserTimer:
@@ -26,11 +22,13 @@ class DenoiserTimer:
     @contextmanager
     def attach(self, module: torch.nn.Module) -> Iterator[DenoiserTimer]:
         def pre(*_: object) -> None:
-            _sync()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self._start = time.perf_counter()
 
         def post(*_: object) -> None:
-            _sync()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self._start)
 
         handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -46,9 +44,10 @@ class DenoiserTimer:
 
 
 def denoiser_flops(module: torch.nn.Module, run: Callable[[], object]) -> float:
-    """Mean FLOPs per call of `module` while `run()` executes (everything the call does, hooks included)."""
+    """Mean FLOPs per call of `module` while `run()` executes (everything the call does, hooks included;
+    CPU attention counted, see `imptome.bench.flops`)."""
     per_call: list[int] = []
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         start = [0]
 
         def pre(*_: object) -> None:

@@ -3,7 +3,9 @@
 A small CNN trained on procedural images (with blur/noise augmentation so it also reads VAE-decoded
 generations). Its penultimate features serve for a Frechet distance between image sets.
 
-    python -m imptome.miniature.classifier --steps 1500   # trains and writes classifier/ weights
+    python -m imptome.miniature.classifier --steps 600                       # procedural images
+    python -m imptome.miniature.classifier --steps 400 --init src/imptome/miniature/classifier \
+        --vae src/imptome/miniature/model --lr 1e-3                           # + VAE reconstructions
 """
 
 from __future__ import annotations
@@ -186,16 +188,53 @@ def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor
     return x.clamp(0, 1), torch.from_numpy(labels)
 
 
-def train(steps: int = 800, batch: int = 64, seed: int = 0, out: Path = CLASSIFIER_DIR) -> dict[str, float]:
-    """Train the classifier and write model.safetensors + config.json to `out`."""
+def load_vae(path: str | Path) -> torch.nn.Module:
+    """A trained miniature VAE: a pipeline folder (its vae/ subfolder) or a safetensors state dict."""
+    from diffusers import AutoencoderKL
+
+    from . import build
+
+    p = Path(path)
+    if p.is_dir():
+        return AutoencoderKL.from_pretrained(p, subfolder="vae").eval()
+    vae = build.build_vae()
+    vae.load_state_dict(load_file(p))
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruct(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] through the VAE (posterior mean) and back."""
+    return (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+
+
+def train(
+    steps: int = 800,
+    batch: int = 64,
+    seed: int = 0,
+    out: Path = CLASSIFIER_DIR,
+    vae_path: str | Path | None = None,
+    init: str | Path | None = None,
+    lr: float = 2e-3,
+) -> dict[str, Any]:
+    """Train the classifier and write model.safetensors + config.json to `out`.
+
+    With `vae_path`, half of every batch is passed through that VAE first, so the classifier also reads the
+    (slightly blurred) images the miniature model's decoder produces. `init` continues from saved weights.
+    """
     torch.manual_seed(seed)
-    model = AttributeClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    model = load_classifier(init).train() if init else AttributeClassifier()
+    vae = load_vae(vae_path) if vae_path else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 20), pct_start=0.1)
     t0 = time.time()
     bar = tqdm(range(steps), desc="classifier", mininterval=10)
     for step in bar:
         x, y = _batch(np.random.default_rng([seed, 3, step]), batch)
+        if vae is not None:
+            xr, yr = _batch(np.random.default_rng([seed, 5, step]), batch // 2)
+            x = torch.cat([x[: batch - batch // 2], reconstruct(vae, xr)])
+            y = torch.cat([y[: batch - batch // 2], yr])
         loss = F.cross_entropy(model(x).reshape(-1, data.N_CLASSES + 1), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,20 +243,19 @@ def train(steps: int = 800, batch: int = 64, seed: int = 0, out: Path = CLASSIFI
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.eval()
-    x, y = _batch(np.random.default_rng([seed, 4]), 1000)
+    x, y = _batch(np.random.default_rng([seed, 4]), 500)
+    info: dict[str, Any] = {"width": 32, "feat_dim": 256, "steps": steps, "batch": batch, "seed": seed}
     with torch.no_grad():
-        acc = float((model(x).argmax(-1) == y).float().mean())
+        info["cell_accuracy_procedural"] = float((model(x).argmax(-1) == y).float().mean())
+        if vae is not None:
+            info["cell_accuracy_vae_reconstructed"] = float(
+                (model(reconstruct(vae, x)).argmax(-1) == y).float().mean()
+            )
+    prev = json.loads((Path(init) / "config.json").read_text()) if init else {}
+    info["train_seconds"] = round(time.time() - t0) + prev.get("train_seconds", 0)
+    info["history"] = [*prev.get("history", []), {"steps": steps, "vae": str(vae_path) if vae_path else None}]
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    info = {
-        "width": 32,
-        "feat_dim": 256,
-        "steps": steps,
-        "batch": batch,
-        "seed": seed,
-        "cell_accuracy_procedural": acc,
-        "train_seconds": round(time.time() - t0),
-    }
     (out / "config.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -229,9 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=CLASSIFIER_DIR)
+    ap.add_argument(
+        "--vae", default=None, help="VAE (pipeline folder or safetensors) for reconstructed inputs"
+    )
+    ap.add_argument("--init", default=None, help="classifier folder to continue from")
+    ap.add_argument("--lr", type=float, default=2e-3)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(train(a.steps, a.batch, a.seed, a.out))
+    print(train(a.steps, a.batch, a.seed, a.out, a.vae, a.init, a.lr))
 
 
 if __name__ == "__main__":

@@ -102,8 +102,25 @@ def importance_ratio(maps: torch.Tensor, obj_lists: list[list[data.Obj]]) -> dic
     }
 
 
+def save_grid(images: np.ndarray, path: Path, cols: int = 12) -> None:
+    """Save images [n, H, W, 3] in [0, 1] as one PNG grid."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = (n + cols - 1) // cols
+    grid = np.ones((rows * h, cols * w, 3), np.float32)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = im
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(path)
+
+
 def evaluate(
-    model: str | Path | None = None, steps: int = 20, seeds: int = 3, guidance: float = 5.0, threads: int = 2
+    model: str | Path | None = None,
+    steps: int = 20,
+    seeds: int = 3,
+    guidance: float = 5.0,
+    threads: int = 2,
+    grid_dir: Path | None = None,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     pipe = load_pipeline(model)
@@ -123,6 +140,9 @@ def evaluate(
         imgs, prompts, objs, maps = generate(pipe, obj_lists, seed_list, g, steps)
         s = classifier.score(imgs, prompts, clf)
         key = "no_cfg" if g == 1.0 else "cfg"
+        if grid_dir is not None:
+            grid_dir.mkdir(parents=True, exist_ok=True)
+            save_grid(imgs[: len(obj_lists)], grid_dir / f"samples_{key}.png")
         r = {k: v for k, v in s.items() if k != "per_image"}
         r["guidance_scale"] = g
         r["single_object_colour_shape_acc"] = float(
@@ -136,6 +156,26 @@ def evaluate(
     return result
 
 
+def training_summary(run_dir: Path) -> dict[str, Any]:
+    """Wall times, arguments, final step counts and position probes of a training run folder."""
+    out: dict[str, Any] = {}
+    if (run_dir / "timing.json").exists():
+        t = json.loads((run_dir / "timing.json").read_text())
+        out["wall_seconds"] = {**t, "total": round(sum(t.values()))}
+    if (run_dir / "args.json").exists():
+        out["args"] = json.loads((run_dir / "args.json").read_text())
+    for name in ("vae", "unet"):
+        f = run_dir / f"ckpt_{name}" / "state.json"
+        if f.exists():
+            out[f"{name}_steps"] = json.loads(f.read_text())["step"]
+    log = run_dir / "train_log.txt"
+    if log.exists():
+        lines = [line.split("] ", 1)[1] for line in log.read_text().splitlines() if "] " in line]
+        out["probes"] = [x for x in lines if x.startswith("probe")]
+        out["stage_ends"] = [x for x in lines if "budget reached" in x or "finished at" in x]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
@@ -144,14 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--training-log", type=Path, default=None, help="timing.json of the training run to include"
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="training run folder whose timing, args and probes to include",
     )
     ap.add_argument("--out", type=Path, default=CARD)
+    ap.add_argument("--grid-dir", type=Path, default=None, help="write sample grids (first seed) here")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.steps, a.seeds, a.guidance, a.threads)
-    if a.training_log and a.training_log.exists():
-        res["training_wall_seconds"] = json.loads(a.training_log.read_text())
+    res = evaluate(a.model, a.steps, a.seeds, a.guidance, a.threads, a.grid_dir)
     card = json.loads(a.out.read_text()) if a.out.exists() else {}
+    if a.run_dir is not None:
+        card["training"] = training_summary(a.run_dir)
     card["evaluation"] = res
     a.out.write_text(json.dumps(card, indent=1))
     print(f"wrote {a.out}")

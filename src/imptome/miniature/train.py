@@ -160,16 +160,16 @@ def train_vae(args: argparse.Namespace, out: Path) -> torch.nn.Module:
         if (step + 1) % args.ckpt_every == 0:
             _save_ckpt(ck, {"vae": vae}, opt, {"step": step + 1, "elapsed": before + time.time() - t0})
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, final)
-    _timing(out, "vae_s", time.time() - t0)
+    _timing(out, "vae_s", before + time.time() - t0)
     return vae
 
 
 def _timing(out: Path, key: str, seconds: float) -> None:
     f = out / "timing.json"
     t = json.loads(f.read_text()) if f.exists() else {}
-    t[key] = t.get(key, 0.0) + seconds
+    t[key] = seconds  # callers pass the stage's total, resumed invocations included
     f.write_text(json.dumps(t, indent=1))
-    _log(out, f"timing {key}: {seconds:.0f}s (total this stage {t[key]:.0f}s)")
+    _log(out, f"timing {key}: {seconds:.0f}s")
 
 
 @torch.no_grad()
@@ -306,7 +306,7 @@ def train_unet(
             _save_ckpt(ck, modules, opt, {"step": step + 1, "elapsed": before + time.time() - t0})
     else:
         step = args.unet_steps
-    _timing(out, "unet_s", time.time() - t0)
+    _timing(out, "unet_s", before + time.time() - t0)
     _save_ckpt(ck, modules, opt, {"step": step, "elapsed": before + time.time() - t0, "finished": True})
     _log(out, f"unet: finished at step {step}")
     return ema_te, ema_unet, scale
@@ -332,6 +332,19 @@ def export(
     pipe.save_pretrained(path, safe_serialization=True)
 
 
+def export_checkpoint(out: Path, path: Path) -> int:
+    """Export the EMA weights of the latest UNet checkpoint in run folder `out`; returns its step."""
+    vae = build.build_vae()
+    vae.load_state_dict(load_file(out / "vae_final.safetensors"))
+    lat = load_file(out / "latents.safetensors")["latents"]
+    te, unet = build.build_text_encoder(len(build.build_tokenizer())), build.build_unet()
+    weights = load_file(out / "ckpt_unet" / "weights.safetensors")
+    for name, m in (("ema_te", te), ("ema_unet", unet)):
+        m.load_state_dict({k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")})
+    export(path, vae, te, unet, float(1.0 / lat.std()))
+    return json.loads((out / "ckpt_unet" / "state.json").read_text())["step"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/miniature"))
@@ -355,8 +368,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--probe-every", type=int, default=250)
     ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA and exit")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.export_only:
+        step = export_checkpoint(args.out, args.export)
+        print(f"exported step {step} to {args.export}")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     t0 = time.time()

@@ -43,11 +43,11 @@ UNET_CONFIG: dict[str, Any] = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
-    block_out_channels=(32, 64, 128),  # 16x16 (256 tokens), 8x8, 4x4
+    block_out_channels=(16, 32, 96),  # 16x16 (256 tokens), 8x8, 4x4; narrow top level: CPU budget
     layers_per_block=1,
-    attention_head_dim=32,
+    attention_head_dim=16,
     cross_attention_dim=128,
-    norm_num_groups=16,
+    norm_num_groups=8,
 )
 
 SCHEDULER_CONFIG: dict[str, Any] = dict(

@@ -5,7 +5,7 @@ drawn with the right colour and shape (anywhere / at the prompted cell), read by
 and the ratio of mean CFG importance |eps_cond - eps_uncond| (channel mean) inside prompted objects vs
 background, captured with a forward hook on the UNet while the real pipeline runs.
 
-    python -m imptome.miniature.evaluate [--steps 20] [--seeds 3] [--guidance 5]
+    python -m imptome.miniature.evaluate [--steps 20] [--seeds 3] [--guidance 5 7.5]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def evaluate(
     model: str | Path | None = None,
     steps: int = 20,
     seeds: int = 3,
-    guidance: float = 5.0,
+    guidance: tuple[float, ...] = (5.0, 7.5),
     threads: int = 2,
     grid_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -135,11 +135,11 @@ def evaluate(
         "steps": steps,
         "scheduler": type(pipe.scheduler).__name__,
     }
-    for g in (1.0, guidance):
+    for g in (1.0, *guidance):
         t0 = time.time()
         imgs, prompts, objs, maps = generate(pipe, obj_lists, seed_list, g, steps)
         s = classifier.score(imgs, prompts, clf)
-        key = "no_cfg" if g == 1.0 else "cfg"
+        key = "no_cfg" if g == 1.0 else f"cfg_{g:g}"
         if grid_dir is not None:
             grid_dir.mkdir(parents=True, exist_ok=True)
             save_grid(imgs[: len(obj_lists)], grid_dir / f"samples_{key}.png")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[5.0, 7.5], help="CFG scales besides 1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--run-dir",
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=CARD)
     ap.add_argument("--grid-dir", type=Path, default=None, help="write sample grids (first seed) here")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.steps, a.seeds, a.guidance, a.threads, a.grid_dir)
+    res = evaluate(a.model, a.steps, a.seeds, tuple(a.guidance), a.threads, a.grid_dir)
     card = json.loads(a.out.read_text()) if a.out.exists() else {}
     if a.run_dir is not None:
         card["training"] = training_summary(a.run_dir)

@@ -58,7 +58,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     beta_start=0.0001,
     beta_end=0.02,
     beta_schedule="linear",
-    prediction_type="epsilon",
+    prediction_type="v_prediction",  # as SD 2.x; epsilon gives layout at high noise almost no loss weight
     clip_sample=False,
     steps_offset=1,
 )

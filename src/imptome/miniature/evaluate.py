@@ -156,6 +156,33 @@ def evaluate(
     return result
 
 
+def describe_model(path: str | Path | None = None) -> dict[str, Any]:
+    """Sizes and shapes of the pipeline's components."""
+    pipe = load_pipeline(path)
+
+    def n(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    return {
+        "unet_params": n(pipe.unet),
+        "text_encoder_params": n(pipe.text_encoder),
+        "vae_params": n(pipe.vae),
+        "image_size": data.IMAGE_SIZE,
+        "latent_grid": pipe.unet.config.sample_size,
+        "unet_blocks": list(pipe.unet.config.down_block_types),
+        "unet_channels": list(pipe.unet.config.block_out_channels),
+        "vocab_size": len(pipe.tokenizer),
+        "vae_scaling_factor": pipe.vae.config.scaling_factor,
+        "scheduler": type(pipe.scheduler).__name__,
+        "beta_schedule": pipe.scheduler.config.beta_schedule,
+        "grammar": "'<row> <col>: <colour> <shape>' joined by ' and ' (1-2 objects, reading order)",
+        "words": {"rows": data.ROWS, "cols": data.COLS, "colours": data.COLOUR_NAMES, "shapes": data.SHAPES},
+        "held_out_triples": [
+            [data.COLOUR_NAMES[c], data.SHAPES[s], data.POSITIONS[p]] for c, s, p in data.held_out_triples()
+        ],
+    }
+
+
 def training_summary(run_dir: Path) -> dict[str, Any]:
     """Wall times, arguments, final step counts and position probes of a training run folder."""
     out: dict[str, Any] = {}
@@ -194,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     res = evaluate(a.model, a.steps, a.seeds, tuple(a.guidance), a.threads, a.grid_dir)
     card = json.loads(a.out.read_text()) if a.out.exists() else {}
+    card["model"] = describe_model(a.model)
     if a.run_dir is not None:
         card["training"] = training_summary(a.run_dir)
     card["evaluation"] = res

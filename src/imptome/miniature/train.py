@@ -283,8 +283,13 @@ def train_unet(
         xt = sched.add_noise(x0, noise, t)
         emb = te(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=emb).sample
-        w = torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]
-        loss = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(x0, noise, t)
+            w = torch.clamp(snr[t], max=args.min_snr_gamma) / (snr[t] + 1)  # min-SNR-gamma for v
+        else:
+            target = noise
+            w = torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]
+        loss = (w * (pred - target).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

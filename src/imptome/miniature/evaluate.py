@@ -88,12 +88,18 @@ def generate(
 
 
 def importance_ratio(maps: torch.Tensor, obj_lists: list[list[data.Obj]]) -> dict[str, float]:
-    """Mean importance inside prompted objects / mean importance on background (latent grid)."""
-    masks = torch.from_numpy(np.stack([data.object_mask(o) for o in obj_lists]))[:, None]
+    """Mean importance inside the given objects' masks / mean importance on background (latent grid).
+
+    Images without any object in `obj_lists` are left out."""
+    keep = [i for i, o in enumerate(obj_lists) if o]
+    maps = maps[keep]
+    masks = torch.from_numpy(np.stack([data.object_mask(obj_lists[i]) for i in keep]))[:, None]
     pooled = F.adaptive_avg_pool2d(masks, maps.shape[-2:])[:, 0]
     inside, outside = pooled > 0.5, pooled < 0.05
     mi, mo = maps[inside].mean().item(), maps[outside].mean().item()
-    per_image = [(m[i].mean() / m[o].mean()).item() for m, i, o in zip(maps, inside, outside, strict=True)]
+    per_image = [
+        (m[i].mean() / m[o].mean()).item() for m, i, o in zip(maps, inside, outside, strict=True) if i.any()
+    ]
     return {
         "inside": mi,
         "outside": mo,
@@ -148,8 +154,10 @@ def evaluate(
         r["single_object_colour_shape_acc"] = float(
             np.mean([h[0][0] for h, o in zip(s["per_image"], objs, strict=True) if len(o) == 1])
         )
-        if maps is not None:
-            r["cfg_importance"] = importance_ratio(maps, objs)
+        if maps is not None:  # objects the classifier finds in the image, and the prompted ones
+            drawn = classifier.describe(classifier.classify(imgs, clf))
+            r["cfg_importance_drawn_objects"] = importance_ratio(maps, drawn)
+            r["cfg_importance_prompted_cells"] = importance_ratio(maps, objs)
         r["seconds"] = round(time.time() - t0, 1)
         result[key] = r
         print(key, json.dumps(r), flush=True)
@@ -200,6 +208,7 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
         lines = [line.split("] ", 1)[1] for line in log.read_text().splitlines() if "] " in line]
         out["probes"] = [x for x in lines if x.startswith("probe")]
         out["stage_ends"] = [x for x in lines if "budget reached" in x or "finished at" in x]
+        out["notes"] = [x for x in lines if x.startswith("NOTE")]
     return out
 
 

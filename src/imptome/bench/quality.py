@@ -84,7 +84,9 @@ class Row:
     position_accuracy_ci95: tuple[float, float] | None
     frechet: float | None
     psnr: float | None
+    psnr_ci95: tuple[float, float] | None
     ssim: float | None
+    ssim_ci95: tuple[float, float] | None
     step_seconds: float | None
     flops_per_step: float
     extra: dict[str, Any] = field(default_factory=dict)
@@ -281,11 +283,6 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
     return anywhere, placed, counts
 
 
-def _finite_mean(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if len(finite) else None
-
-
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired importance-vs-tome accuracy differences per ratio."""
     classifier = None
@@ -307,7 +304,17 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
             placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
             frechet = frechet_distance(features(images, classifier).numpy(), real_features)
-        merged = variant.method != "none"
+        fidelity: dict[str, Any] = {"psnr": None, "psnr_ci95": None, "ssim": None, "ssim_ci95": None}
+        if variant.method != "none":
+            db = psnr(images, baseline)
+            db = db[np.isfinite(db)]  # identical images have no finite PSNR
+            similarity = ssim(images, baseline)
+            fidelity = {
+                "psnr": float(db.mean()) if len(db) else None,
+                "psnr_ci95": bootstrap_ci(db) if len(db) else None,
+                "ssim": float(similarity.mean()),
+                "ssim_ci95": bootstrap_ci(similarity),
+            }
         rows.append(
             Row(
                 method=variant.method,
@@ -318,8 +325,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 position_accuracy=None if placed_acc is None else float(placed_acc),
                 position_accuracy_ci95=placed_ci,
                 frechet=frechet,
-                psnr=_finite_mean(psnr(images, baseline)) if merged else None,
-                ssim=float(ssim(images, baseline).mean()) if merged else None,
+                **fidelity,
                 step_seconds=float(np.median(stats["step_seconds"])) if stats["step_seconds"] else None,
                 flops_per_step=float(stats["flops_per_step"]),
             )
@@ -348,21 +354,22 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _fmt_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3) -> str:
     if value is None or ci is None:
         return "-"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
     header = (
-        "| method | ratio | images | accuracy [95% CI] | position acc. [95% CI] | Frechet | PSNR dB | SSIM "
-        "| s/step | GFLOPs/step |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | ratio | images | accuracy [95% CI] | position acc. [95% CI] | Frechet "
+        "| PSNR dB [95% CI] | SSIM | s/step | GFLOPs/step |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r.method} | {r.ratio:g} | {r.n_images} | {_fmt_ci(r.accuracy, r.accuracy_ci95)} "
         f"| {_fmt_ci(r.position_accuracy, r.position_accuracy_ci95)} | {_fmt(r.frechet, 2)} "
-        f"| {_fmt(r.psnr, 2)} | {_fmt(r.ssim)} | {_fmt(r.step_seconds, 4)} | {r.flops_per_step / 1e9:.3f} |"
+        f"| {_fmt_ci(r.psnr, r.psnr_ci95, 2)} | {_fmt(r.ssim)} | {_fmt(r.step_seconds, 4)} "
+        f"| {r.flops_per_step / 1e9:.3f} |"
         for r in rows
     ]
     text = header + "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
     parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio for both merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
     parser.add_argument("--out", default="imptome-demo.png", help="PNG file to write")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")

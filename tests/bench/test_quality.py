@@ -72,3 +72,16 @@ def test_empty_prompt_file_is_an_error(tmp_path, capsys):
     empty.write_text("\n\n")
     assert main(["bench", "quality", "--prompts", str(empty)]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+
+
+def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
+    out = tmp_path / "bundled.json"
+    argv = ["bench", "quality", "--seeds", "1", "--methods", "importance", "--ratios", "0.7", "--steps", "4"]
+    assert main([*argv, "--batch-size", "36", "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["none"]["n_images"] == 36  # the built-in held-out prompt set
+    for row in rows.values():
+        assert 0.0 <= row["position_accuracy"] <= row["accuracy"] <= 1.0
+        low, high = row["accuracy_ci95"]
+        assert low <= row["accuracy"] <= high
+        assert row["frechet"] > 0

@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
     parser.add_argument("--batch-size", type=int, default=36, help="prompts per pipeline call")
     parser.add_argument("--json", type=Path, default=Path("quality.json"), help="results JSON")
     parser.add_argument("--markdown", type=Path, help="results table (default: next to --json)")

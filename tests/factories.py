@@ -326,26 +326,29 @@ def tiny_sdxl_pipeline(
     return _finish(pipe)
 
 
+#: The tiny PixArt transformer's config (4 blocks, 32 wide, patch 2, 8 output channels = noise + variance).
+PIXART_CONFIG: dict = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    cross_attention_dim=32,
+    caption_channels=TEXT_HIDDEN,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    num_embeds_ada_norm=1000,
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+)
+
+
 def _tiny_pixart_parts(sample_size: int, seed: int, **transformer_overrides) -> dict:
     tokenizer, text_encoder = tiny_t5(seed=seed + 1)
-    config = dict(
-        sample_size=sample_size,
-        patch_size=2,
-        in_channels=4,
-        out_channels=8,
-        num_layers=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        cross_attention_dim=32,
-        caption_channels=TEXT_HIDDEN,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        num_embeds_ada_norm=1000,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-    )
-    config.update(transformer_overrides)
+    config = {**PIXART_CONFIG, "sample_size": sample_size, **transformer_overrides}
     with _seeded(seed + 2):
         transformer = PixArtTransformer2DModel(**config)
     return dict(

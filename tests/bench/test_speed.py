@@ -19,6 +19,7 @@ from imptome.bench.flops import count_flops
 from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
 from imptome.cli import main
 from imptome.merge import cfg_importance
+from tests.factories import PIXART_CONFIG
 
 # The tiny UNet of tests/factories.py: top level 16 x 16 = 256 tokens, 32 channels, 2 heads; five
 # self-attentions there (2 down, 3 up).
@@ -35,23 +36,7 @@ TINY_UNET = dict(
     cross_attention_dim=32,
 )
 # PixArt-shaped with PixArt-alpha's 28 blocks (the preset merges blocks 7-20), 32 wide.
-TINY_PIXART = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    out_channels=8,
-    num_layers=28,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    cross_attention_dim=32,
-    caption_channels=32,
-    norm_type="ada_norm_single",
-    norm_elementwise_affine=False,
-    norm_eps=1e-6,
-    num_embeds_ada_norm=1000,
-    activation_fn="gelu-approximate",
-    attention_bias=True,
-)
+TINY_PIXART = {**PIXART_CONFIG, "num_layers": 28}
 TINY_ARCHS = {
     "tiny-sd": archs.ArchSpec(
         name="tiny-sd",

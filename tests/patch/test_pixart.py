@@ -12,7 +12,7 @@ from diffusers import PixArtTransformer2DModel
 
 import imptome
 from imptome.merge import DESTINATION, MERGED
-from tests.factories import tiny_pixart_pipeline, tiny_pixart_sigma_pipeline, tiny_sd_unet
+from tests.factories import PIXART_CONFIG, tiny_pixart_pipeline, tiny_pixart_sigma_pipeline, tiny_sd_unet
 from tests.patch.probes import token_shapes
 
 PROMPT = "a red circle on the left"
@@ -121,23 +121,8 @@ def test_grid_matching_merges_into_the_nearest_destination(alpha):
 def _pixart_transformer(num_layers: int) -> PixArtTransformer2DModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = PixArtTransformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            out_channels=8,
-            num_layers=num_layers,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            cross_attention_dim=16,
-            caption_channels=16,
-            norm_type="ada_norm_single",
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-            num_embeds_ada_norm=1000,
-            activation_fn="gelu-approximate",
-            attention_bias=True,
-        )
+        narrow = dict(attention_head_dim=8, cross_attention_dim=16, caption_channels=16)
+        model = PixArtTransformer2DModel(**{**PIXART_CONFIG, **narrow, "num_layers": num_layers})
     return model.eval()
 
 

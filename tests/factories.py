@@ -32,7 +32,6 @@ import torch
 from diffusers import (
     AnimateDiffPipeline,
     AutoencoderKL,
-    DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
@@ -55,6 +54,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from imptome.bench.generation import sd_ddim_scheduler
 
 __all__ = [
     "WORDS",
@@ -247,17 +248,6 @@ def tiny_sd_unet(
     return unet.eval()
 
 
-def _tiny_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
@@ -274,7 +264,7 @@ def tiny_sd_pipeline(sample_size: int = 16, seed: int = 0) -> StableDiffusionPip
         text_encoder=tiny_clip_text_encoder(tokenizer, seed=seed + 1),
         tokenizer=tokenizer,
         unet=tiny_sd_unet(sample_size, seed=seed + 2),
-        scheduler=_tiny_scheduler(),
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
@@ -317,7 +307,7 @@ def tiny_sdxl_pipeline(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_tiny_scheduler(),
+        scheduler=sd_ddim_scheduler(),
         image_encoder=None,
         feature_extractor=None,
         force_zeros_for_empty_prompt=True,
@@ -407,7 +397,7 @@ def tiny_dit_pipeline(sample_size: int = 16, seed: int = 0) -> DiTPipeline:
             dropout=0.0,
         )
     pipe = DiTPipeline(
-        transformer=transformer.eval(), vae=tiny_vae(seed), scheduler=_tiny_scheduler(), id2label=DIT_LABELS
+        transformer=transformer.eval(), vae=tiny_vae(seed), scheduler=sd_ddim_scheduler(), id2label=DIT_LABELS
     )
     return _finish(pipe)
 
@@ -440,7 +430,7 @@ def tiny_animatediff_pipeline(
         tokenizer=tokenizer,
         unet=motion_unet.eval(),
         motion_adapter=adapter.eval(),
-        scheduler=_tiny_scheduler(),
+        scheduler=sd_ddim_scheduler(),
         feature_extractor=None,
         image_encoder=None,
     )

@@ -26,9 +26,9 @@ GENERATION_VARIANTS = ("none", "importance", "deepcache", "deepcache+importance"
 CACHE_INTERVAL, CACHE_BRANCH = 3, 0  # DeepCache's own example setting
 
 
-def sd_pipeline(unet: torch.nn.Module) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline around `unet` with an SD-style DDIM scheduler and nothing else."""
-    scheduler = DDIMScheduler(
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion's released noise schedule."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -36,6 +36,11 @@ def sd_pipeline(unet: torch.nn.Module) -> StableDiffusionPipeline:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def sd_pipeline(unet: torch.nn.Module) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around `unet` with an SD-style DDIM scheduler and nothing else."""
+    scheduler = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=None,
         text_encoder=None,

@@ -2,30 +2,38 @@
 # The prepared GPU run of `imptome bench speed`, for a lent GPU machine (see docs/RESULTS.md, "Speed").
 #
 # Here, once:   bash scripts/gpu_wheels.sh                      (wheels into the git-ignored .whl/)
-# There:        device run, carry [".whl"], timeout_s 590:   bash scripts/gpu_bench.sh
+# There:        device run, carry [".whl"], timeout_s 600:   bash scripts/gpu_bench.sh
 #
 # Installs diffusers, tomesd, DeepCache and imptome from .whl/ (the machine has PyTorch but no package
-# index), then times every architecture in fp16 with SDPA. Results go to $OUT (the device tool's folder
-# that comes back) or ./out/gpu. Estimated (not yet run): 1 min of tests + about 5 min of benchmarks on an
-# H100; results are written after every case, so a run cut short still returns what it measured.
-set -euo pipefail
+# index), then times the architectures in fp16 with SDPA, most important first: the issue's efficiency
+# targets (SD2 and PixArt-alpha at 1024 px), then DeepCache stacking, the CUDA-only tests, the other
+# architectures. Each stage has its own time limit and every case is written as soon as it is measured, so
+# a run cut short still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
 export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, diffusers, imptome; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'imptome', imptome.__version__)" | tee -a "$OUT/gpu.txt"
+exec > >(tee "$OUT/run.log") 2>&1   # at most 8 files come back: one log, one JSON per stage
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch, diffusers, imptome; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'imptome', imptome.__version__)" \
+    || exit 1
 
-# CUDA-only checks first (no host sync per layer, offload to the GPU, fp16, Inductor): about a minute.
-python3 -m pytest -q -p no:cacheprovider tests/patch/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log" || true
-
+# Markdown tables go to /tmp/md (rebuilt from the JSON here); progress goes to the log.
 bench() { python3 -m imptome bench speed --device cuda --dtype float16 --attention sdpa "$@"; }
-# Step time: every architecture, ratios 0.5 and 0.7, 10 alternating rounds.
-bench --arch sd15 sd2 sdxl pixart-alpha animatediff --ratios 0.5 0.7 --rounds 10 --json "$OUT/speed_gpu.json" \
-    2> "$OUT/speed_gpu.log"
-# Stacking: whole 20-step generations with imptome, DeepCache and both (SD2 at 1024 px).
-bench --arch sd2 --res 1024 --ratios 0.7 --variants none --rounds 5 --generation-steps 20 \
-    --json "$OUT/generation_gpu.json" 2> "$OUT/generation_gpu.log"
-cat "$OUT/speed_gpu.md" "$OUT/generation_gpu.md"
+md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
+mkdir -p /tmp/md
+# 1. The targets: SD2 and PixArt-alpha at 1024 px, ratios 0.5 and 0.7, 10 alternating rounds.
+timeout 240 bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --rounds 10 $(md speed_gpu_1024)
+# 2. Stacking: whole 20-step SD2 generations at 1024 px with imptome, DeepCache and both.
+timeout 100 bench --arch sd2 --res 1024 --ratios 0.7 --variants none --rounds 3 --generation-steps 20 \
+    $(md generation_gpu)
+# 3. CUDA-only checks (no host sync per layer, offload to the GPU, fp16, Inductor).
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/patch/test_cuda.py
+# 4. The other architectures, ratio 0.7, 5 rounds, for as long as the run has left.
+timeout 60 bench --arch sdxl --res 1024 --ratios 0.7 --rounds 5 $(md speed_gpu_sdxl)
+timeout 90 bench --arch sd15 animatediff pixart-alpha --res 512 --ratios 0.7 --rounds 5 $(md speed_gpu_512)
+cat /tmp/md/*.md

@@ -23,17 +23,19 @@ python3 -c "import torch, diffusers, imptome; print('torch', torch.__version__, 
     || exit 1
 
 # Markdown tables go to /tmp/md (rebuilt from the JSON here); progress goes to the log.
-bench() { python3 -m imptome bench speed --device cuda --dtype float16 --attention sdpa "$@"; }
+bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention sdpa"  # a variable: timeout runs no functions
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
 # 1. The targets: SD2 and PixArt-alpha at 1024 px, ratios 0.5 and 0.7, 10 alternating rounds.
-timeout 240 bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --rounds 10 $(md speed_gpu_1024)
+timeout 240 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --rounds 10 $(md speed_gpu_1024)
 # 2. Stacking: whole 20-step SD2 generations at 1024 px with imptome, DeepCache and both.
-timeout 100 bench --arch sd2 --res 1024 --ratios 0.7 --variants none --rounds 3 --generation-steps 20 \
+timeout 100 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none importance --rounds 3 --generation-steps 20 \
     $(md generation_gpu)
 # 3. CUDA-only checks (no host sync per layer, offload to the GPU, fp16, Inductor).
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/patch/test_cuda.py
+[ -n "${SKIP_TESTS:-}" ] || timeout 170 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
 # 4. The other architectures, ratio 0.7, 5 rounds, for as long as the run has left.
-timeout 60 bench --arch sdxl --res 1024 --ratios 0.7 --rounds 5 $(md speed_gpu_sdxl)
-timeout 90 bench --arch sd15 animatediff pixart-alpha --res 512 --ratios 0.7 --rounds 5 $(md speed_gpu_512)
+timeout 60 $bench --arch sdxl --res 1024 --ratios 0.7 --rounds 5 $(md speed_gpu_sdxl)
+timeout 90 $bench --arch sd15 animatediff pixart-alpha --res 512 --ratios 0.7 --rounds 5 $(md speed_gpu_512)
+# 5. Where the time goes in a merged SD2 step (torch.profiler).
+timeout 90 python3 scripts/profile_step.py --arch sd2 --res 1024 --out "$OUT/profile_sd2_1024.txt" > /dev/null
 cat /tmp/md/*.md

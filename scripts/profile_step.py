@@ -1,0 +1,139 @@
+"""Where a denoiser step's time goes, unmerged vs merged: a torch.profiler summary per variant.
+
+    python scripts/profile_step.py --arch sd2 --res 1024 --device cuda --dtype float16 --out profile.txt
+
+For each variant (unmerged, imptome importance at --ratio, tomesd where it runs) it reports the synchronised
+step time, the host time to enqueue one call (close to the step time: the step is bound by the CPU), the
+summed kernel time per call, the kernel time spent inside imptome's own functions (importance map, planning,
+merge / unmerge; each wrapped in a profiler range, no synchronisation added) and the operators with the
+most kernel time. Used to explain the GPU efficiency numbers in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from imptome.bench.archs import build_denoiser, example_inputs
+from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
+from imptome.bench.timing import synchronize
+from imptome.merge import cfg_importance
+from imptome.merge.plan import MergePlan
+from imptome.patch.families import denoiser_info
+from imptome.patch.state import PatchState
+
+OWN = (
+    (PatchState, "begin_call", "importance"),
+    (PatchState, "end_call", "importance"),
+    (PatchState, "plan_for", "planning"),
+    (MergePlan, "merge", "merge"),
+    (MergePlan, "unmerge", "merge"),
+)
+
+
+@contextlib.contextmanager
+def own_work_ranges():
+    """Wrap imptome's own functions in profiler ranges named imptome.<kind>."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in OWN]
+    for (owner, name, kind), (_, _, fn) in zip(OWN, originals, strict=True):
+
+        def ranged(*args, _fn=fn, _kind=kind, **kwargs):
+            with record_function(f"imptome.{_kind}"):
+                return _fn(*args, **kwargs)
+
+        setattr(owner, name, functools.wraps(fn)(ranged))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def device_time(event) -> float:
+    """Microseconds of device time of a profiler event (the attribute's name changed across versions)."""
+    return float(getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0))
+
+
+def self_device_time(event) -> float:
+    return float(
+        getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd2")
+    parser.add_argument("--res", type=int, default=1024)
+    parser.add_argument("--ratio", type=float, default=0.7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = build_denoiser(args.arch, dtype=DTYPES[args.dtype], device=device)
+    _set_attention(model, "sdpa")
+    inputs = example_inputs(args.arch, args.res, dtype=DTYPES[args.dtype], device=device)
+    timestep = float(inputs["timestep"].flatten()[0])
+    call = _denoiser_call(model, inputs)
+    info = denoiser_info(model)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"{args.arch} {args.res}px, {args.dtype}, {device} ({name})"]
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], info.noise_channels, info.cond_first)
+    for variant in (Variant("none", 0.0), Variant("importance", args.ratio), Variant("tomesd", args.ratio)):
+        try:
+            with variant.applied(model, importance, timestep), torch.inference_mode():
+                for _ in range(3):
+                    call()
+                synchronize(device)
+                step, enqueue = [], []
+                for _ in range(args.calls):
+                    start = time.perf_counter()
+                    call()
+                    enqueue.append(time.perf_counter() - start)
+                    synchronize(device)
+                    step.append(time.perf_counter() - start)
+                with own_work_ranges(), profile(activities=activities) as prof:
+                    for _ in range(args.calls):
+                        call()
+                    synchronize(device)
+        except Exception as error:  # tomesd does not run on transformers
+            lines.append(f"\n{variant.label}: does not run ({type(error).__name__}: {error})")
+            continue
+        events = prof.key_averages()
+        own: dict[str, float] = defaultdict(float)
+        own_cpu: dict[str, float] = defaultdict(float)
+        for event in events:
+            if event.key.startswith("imptome."):
+                own[event.key] = max(own[event.key], device_time(event))
+                own_cpu[event.key] = max(own_cpu[event.key], float(event.cpu_time_total))
+        kernel_us = sum(self_device_time(event) for event in events if not event.key.startswith("imptome."))
+        median = sorted(step)[len(step) // 2]
+        lines.append(
+            f"\n{variant.label}: step {median * 1e3:.2f} ms, "
+            f"enqueue {sorted(enqueue)[len(enqueue) // 2] * 1e3:.2f} ms, "
+            f"kernels {kernel_us / args.calls / 1e3:.2f} ms per call; own work (kernel time) "
+            + ", ".join(f"{key} {value / args.calls / 1e3:.3f} ms" for key, value in sorted(own.items()))
+            + "; own work (host time) "
+            + ", ".join(f"{key} {value / args.calls / 1e3:.3f} ms" for key, value in sorted(own_cpu.items()))
+        )
+        sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        lines.append(events.table(sort_by=sort_by, row_limit=args.top, max_name_column_width=60))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,24 +22,31 @@ class MergePlan:
         kept_idx: [U, K] token index of each kept slot; slots 0..D-1 are destinations, the rest
             independent tokens.
         slot: [B, N] kept slot whose attention output each token receives.
-        counts: [B, K, 1] how many tokens are averaged into each slot (float32), or None when removed
-            tokens are pruned (dropped before attention, not averaged).
         roles: [U, N] MERGED (0), DESTINATION (1) or INDEPENDENT (2).
         grid: (h, w) token grid, N = h * w.
         flat_slot: [B * N] `slot` as rows of the flattened [B * K, C] kept tokens (b * K + slot[b, n]).
         flat_kept: [B * K] the kept tokens as rows of the flattened [B * N, C] input (b * N + kept token).
+        bag_order: [B * N] rows of the flattened input sorted by slot, or None when removed tokens are
+            pruned (dropped before attention, not averaged).
+        bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
 
-    merge / unmerge move whole C-channel rows with index_add / index_select on the flattened batch,
-    several times faster than scatter / gather with a channel-expanded index.
+    merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel, no atomics, so
+    deterministic; accumulates in float32 for half inputs) and unmerge one row `index_select`: few
+    launches matter on a GPU, where a step of a large model is often bound by the host issuing kernels.
     """
 
     kept_idx: torch.Tensor
     slot: torch.Tensor
-    counts: torch.Tensor | None
     roles: torch.Tensor
     grid: tuple[int, int]
     flat_slot: torch.Tensor
     flat_kept: torch.Tensor
+    bag_order: torch.Tensor | None
+    bag_offsets: torch.Tensor | None
+
+    @property
+    def pruned(self) -> bool:
+        return self.bag_order is None
 
     @property
     def num_kept(self) -> int:
@@ -51,10 +58,10 @@ class MergePlan:
         if rows * num_tokens != self.flat_slot.numel():
             raise ValueError(f"this plan is for {tuple(self.slot.shape)} tokens, got {tuple(x.shape[:2])}")
         tokens = x.reshape(rows * num_tokens, channels)
-        if self.counts is None:
+        if self.bag_order is None:
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
-        summed = x.new_zeros(rows * self.num_kept, channels).index_add_(0, self.flat_slot, tokens)
-        return summed.view(rows, self.num_kept, channels) / self.counts.to(x.dtype)
+        merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")
+        return merged.view(rows, self.num_kept, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """[B, K, C] -> [B, N, C]: every token receives the output of its slot (one row gather)."""
@@ -156,11 +163,13 @@ def build_plan(
     roles.scatter_(1, kept_idx[:, num_dst:], INDEPENDENT)
 
     slot = slot.repeat(rows // units, 1)
-    counts = None
-    if average:
-        ones = torch.ones(rows, num_tokens, device=device)
-        counts = torch.zeros(rows, num_kept, device=device).scatter_add_(1, slot, ones).unsqueeze(-1)
     row = torch.arange(rows, device=device).unsqueeze(1)
     flat_slot = (slot + row * num_kept).flatten()
     flat_kept = (kept_idx.repeat(rows // units, 1) + row * num_tokens).flatten()
-    return MergePlan(kept_idx, slot, counts, roles, grid, flat_slot, flat_kept)
+    bag_order = bag_offsets = None
+    if average:  # every slot holds at least its own kept token, so no bag is empty
+        bag_order = flat_slot.argsort(stable=True)
+        counts = torch.zeros(rows * num_kept, dtype=torch.long, device=device)
+        counts.scatter_add_(0, flat_slot, torch.ones_like(flat_slot))  # bincount would sync on a GPU
+        bag_offsets = counts.cumsum(0) - counts
+    return MergePlan(kept_idx, slot, roles, grid, flat_slot, flat_kept, bag_order, bag_offsets)

@@ -201,6 +201,6 @@ class PatchState:
             plan = built.plan
             rows = plan.slot.shape[0]
             roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
-            pruned = plan.counts is None
-            out.append(PlanRecord(plan.grid, built.layer, built.importance, roles, plan.source(), pruned))
+            source = plan.source()
+            out.append(PlanRecord(plan.grid, built.layer, built.importance, roles, source, plan.pruned))
         return out

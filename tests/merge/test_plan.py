@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from imptome.merge import (
     DESTINATION,
@@ -166,3 +167,34 @@ def test_grid_matching_picks_nearest_destination():
 def test_plan_rejects_too_many_removals():
     with pytest.raises(ValueError, match="num_remove"):
         build_plan(torch.tensor([[0, 1]]), 3, (2, 2), 1, torch.randn(1, 4, 2))
+
+
+class _ComputeOps(TorchDispatchMode):
+    """Records the aten operators that do work (views and metadata changes left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in ("view", "_unsafe_view", "reshape"):
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_merge_and_unmerge_are_one_operator_each(average):
+    """On a GPU every operator is a kernel launch issued by the host, often the bottleneck of a large step:
+    merge (averaging or pruning) and unmerge must stay a single operator each."""
+    gen = torch.Generator().manual_seed(0)
+    grid, rows = (8, 8), 2
+    dst = cell_partition(1, grid, 2, 2, gen, torch.device("cpu"))
+    plan = build_plan(dst, 30, grid, rows, metric=torch.randn(1, 64, 16, generator=gen), average=average)
+    x = torch.randn(rows, 64, 16, generator=gen)
+    with _ComputeOps() as merge_ops:
+        merged = plan.merge(x)
+    with _ComputeOps() as unmerge_ops:
+        plan.unmerge(merged)
+    (merge_op,) = merge_ops.ops
+    assert merge_op.startswith("_embedding_bag") if average else merge_op == "index_select"
+    assert unmerge_ops.ops == ["index_select"]

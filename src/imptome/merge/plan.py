@@ -30,9 +30,10 @@ class MergePlan:
             pruned (dropped before attention, not averaged).
         bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
 
-    merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel, no atomics, so
-    deterministic; accumulates in float32 for half inputs) and unmerge one row `index_select`: few
-    launches matter on a GPU, where a step of a large model is often bound by the host issuing kernels.
+    merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel with no atomics, so
+    deterministic; it sums in the input's dtype, as the index_add_ it replaced did) and unmerge one row
+    `index_select`: few launches matter on a GPU, where a large model's step is often bound by the host
+    issuing kernels.
     """
 
     kept_idx: torch.Tensor

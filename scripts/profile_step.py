@@ -24,26 +24,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from imptome.bench.archs import build_denoiser, example_inputs
 from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
-from imptome.bench.timing import synchronize
+from imptome.bench.timing import IMPTOME_WORK, synchronize
 from imptome.merge import cfg_importance
-from imptome.merge.plan import MergePlan
 from imptome.patch.families import denoiser_info
-from imptome.patch.state import PatchState
-
-OWN = (
-    (PatchState, "begin_call", "importance"),
-    (PatchState, "end_call", "importance"),
-    (PatchState, "plan_for", "planning"),
-    (MergePlan, "merge", "merge"),
-    (MergePlan, "unmerge", "merge"),
-)
 
 
 @contextlib.contextmanager
 def own_work_ranges():
     """Wrap imptome's own functions in profiler ranges named imptome.<kind>."""
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in OWN]
-    for (owner, name, kind), (_, _, fn) in zip(OWN, originals, strict=True):
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in IMPTOME_WORK]
+    for (owner, name, kind), (_, _, fn) in zip(IMPTOME_WORK, originals, strict=True):
 
         def ranged(*args, _fn=fn, _kind=kind, **kwargs):
             with record_function(f"imptome.{_kind}"):

@@ -23,6 +23,17 @@ import torch
 from imptome.merge.plan import MergePlan
 from imptome.patch.state import PatchState
 
+#: imptome's own work as (owner, function name, kind): begin_call + end_call (CFG check, importance map) as
+#: "importance", plan_for (partition, matching, plan; a dictionary look-up once the grid's plan exists) as
+#: "planning", MergePlan.merge / unmerge as "merge".
+IMPTOME_WORK: tuple[tuple[type, str, str], ...] = (
+    (PatchState, "begin_call", "importance"),
+    (PatchState, "end_call", "importance"),
+    (PatchState, "plan_for", "planning"),
+    (MergePlan, "merge", "merge"),
+    (MergePlan, "unmerge", "merge"),
+)
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -106,17 +117,9 @@ class WorkTimer:
 
     @contextlib.contextmanager
     def imptome(self) -> Iterator[WorkTimer]:
-        """Time imptome's work: begin_call + end_call (CFG check, importance map) as "importance",
-        plan_for (partition, matching, plan; a dictionary look-up once the grid's plan exists) as "planning",
-        MergePlan.merge / unmerge as "merge"."""
+        """Time imptome's work, the functions of `IMPTOME_WORK`."""
         with contextlib.ExitStack() as stack:
-            for owner, name, kind in (
-                (PatchState, "begin_call", "importance"),
-                (PatchState, "end_call", "importance"),
-                (PatchState, "plan_for", "planning"),
-                (MergePlan, "merge", "merge"),
-                (MergePlan, "unmerge", "merge"),
-            ):
+            for owner, name, kind in IMPTOME_WORK:
                 stack.enter_context(self._patched(owner, name, self.wrap(kind, getattr(owner, name))))
             yield self
 

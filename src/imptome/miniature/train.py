@@ -251,6 +251,7 @@ def train_unet(
     sched = build.build_train_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
+    loss_weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1)  # min-SNR-gamma, for v-prediction
     ids_all = build.tokenize(tok, prompts)
     ids_empty = build.tokenize(tok, [""])[0]
     modules = {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet}
@@ -287,13 +288,8 @@ def train_unet(
         xt = sched.add_noise(x0, noise, t)
         emb = te(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=emb).sample
-        if sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(x0, noise, t)
-            w = torch.clamp(snr[t], max=args.min_snr_gamma) / (snr[t] + 1)  # min-SNR-gamma for v
-        else:
-            target = noise
-            w = torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]
-        loss = (w * (pred - target).pow(2).mean((1, 2, 3))).mean()
+        target = sched.get_velocity(x0, noise, t)  # build.SCHEDULER_CONFIG predicts v
+        loss = (loss_weight[t] * (pred - target).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

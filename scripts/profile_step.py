@@ -6,7 +6,8 @@ For each variant (unmerged, imptome importance at --ratio, tomesd where it runs)
 step time, the host time to enqueue one call (close to the step time: the step is bound by the CPU), the
 summed kernel time per call, imptome's own functions (importance map, planning, merge / unmerge; each
 wrapped in a profiler range, no synchronisation added) as kernel time, GPU span and host time, and the
-operators with the most kernel time. Used to explain the GPU efficiency numbers in docs/RESULTS.md.
+operators with the most kernel time, and for the importance variant the operators of planning alone.
+Used to explain the GPU efficiency numbers in docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
 from imptome.bench.timing import IMPTOME_WORK, synchronize
 from imptome.merge import cfg_importance
 from imptome.patch.families import denoiser_info
+from imptome.patch.state import PatchState
 
 
 @contextlib.contextmanager
@@ -45,6 +47,33 @@ def own_work_ranges():
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
+
+
+def planning_table(call, device: torch.device, calls: int, top: int) -> str:
+    """The operators inside planning alone: capture the arguments of the first plan_for of each grid in one
+    call, then profile only the plan builds (partition, matching, plan) `calls` times."""
+    first: dict[tuple[int, int], tuple] = {}
+    original = PatchState.plan_for
+
+    def capture(state, layer, grid, tokens):
+        first.setdefault(grid, (state, layer, grid, tokens))
+        return original(state, layer, grid, tokens)
+
+    PatchState.plan_for = capture
+    try:
+        call()
+    finally:
+        PatchState.plan_for = original
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            for state, layer, grid, tokens in first.values():
+                state._build(layer, grid, tokens)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    grids = ", ".join(f"{h}x{w} ({tuple(args[3].shape)})" for (h, w), args in first.items())
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=60)
+    return f"\nplanning alone, {calls} builds of each grid: {grids}\n{table}"
 
 
 def device_time(event) -> float:
@@ -134,6 +163,9 @@ def main() -> None:
                 lines.append(f"  own work, {label} per call: {per_call}")
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         lines.append(events.table(sort_by=sort_by, row_limit=args.top, max_name_column_width=60))
+        if variant.name == "importance":
+            with variant.applied(model, importance, timestep), torch.inference_mode():
+                lines.append(planning_table(call, device, args.calls, 2 * args.top))
     text = "\n".join(lines)
     print(text)
     if args.out:

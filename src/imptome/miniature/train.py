@@ -251,7 +251,10 @@ def train_unet(
     sched = build.build_train_scheduler()
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    loss_weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1)  # min-SNR-gamma, for v-prediction
+    if args.min_snr_gamma > 0:  # min-SNR-gamma for v-prediction: x0-error weight min(snr, gamma)
+        loss_weight = torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1)
+    else:  # plain v-loss: x0-error weight snr + 1, so high-noise steps (where layout is set) still count
+        loss_weight = torch.ones_like(snr)
     ids_all = build.tokenize(tok, prompts)
     ids_empty = build.tokenize(tok, [""])[0]
     modules = {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet}
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
-    ap.add_argument("--min-snr-gamma", type=float, default=5.0)
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0, help="0: plain (unweighted) v-loss")
     ap.add_argument("--probe-every", type=int, default=200)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA and exit")

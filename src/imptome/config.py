@@ -68,8 +68,9 @@ class MergeConfig:
             [cond, uncond] for DiT, [uncond, cond] otherwise. The importance magnitude does not depend on
             it; it selects the conditional half whose features drive matching.
         seed: seeds imptome's own generator at the start of every generation (never the global RNG).
-        similarity_chunk: upper bound on similarity-matrix entries held at once per plan
-            (bounds memory at large token counts).
+        similarity_chunk: upper bound on similarity-matrix entries held at once per plan (bounds memory
+            at large token counts). The default, 2**26 (128 MB in half precision), computes SD2's 1024 px
+            top level (12288 sources x 4096 destinations) in one piece: fewer launches on a GPU.
     """
 
     ratio: float = 0.5
@@ -90,7 +91,7 @@ class MergeConfig:
     plan_scope: PlanScope = "step"
     cfg_order: CfgOrder = "auto"
     seed: int = 0
-    similarity_chunk: int = 1 << 24
+    similarity_chunk: int = 1 << 26
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():

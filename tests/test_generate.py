@@ -148,8 +148,8 @@ def test_a_partly_done_batch_is_regenerated_whole_and_only_its_missing_image_wri
 
 def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):
     items = work_items(["a red cat", "a blue dog", "a green tree"], range(7, 8))
-    settings = {"model": "/m", "method": "importance", "ratio": 0.5, "steps": 2, "guidance": 7.5}
-    settings |= {"height": 64, "width": 64, "dtype": "float32"}
+    settings = {"model": "/m", "weights": "sha256:aa", "method": "importance", "ratio": 0.5, "steps": 2}
+    settings |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32"}
 
     def metadata(item: WorkItem) -> dict:
         return {**settings, "prompt": item.prompt, "seed": item.seed}
@@ -165,6 +165,8 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
     assert "1 image(s)" in str(refused.value) and "00000_7.png: steps 2 (now 3)" in str(refused.value)
     with pytest.raises(CliError, match=r"00000_7.png: prompt 'a red cat' \(now 'a black cat'\)"):
         pending_items([WorkItem(0, "a black cat", 7), *items[1:]], tmp_path, settings)
+    with pytest.raises(CliError, match=r"weights 'sha256:aa' \(now 'sha256:bb'\)"):  # retrained in place
+        pending_items(items, tmp_path, {**settings, "weights": "sha256:bb"})
 
 
 def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str, tuple[list[str], str]]:

@@ -38,14 +38,14 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.cli import CliError
 from imptome.config import MergeConfig
-from imptome.loading import DTYPES, check_model, load_pipeline
+from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
 
 METHODS = ("none", "tome", "importance")
 METADATA_KEY = "imptome"
 MANIFEST = "manifest.jsonl"
 #: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
 MATCHED_FIELDS = (
-    "prompt", "seed", "model", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
+    "prompt", "seed", "model", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
 )  # fmt: skip
 
 
@@ -229,6 +229,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
     prepare_output(out)
     settings = {
         "model": source,
+        "weights": model_fingerprint(source),
         "method": args.method,
         "ratio": 0.0 if args.method == "none" else args.ratio,
         "steps": args.steps,

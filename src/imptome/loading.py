@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -34,6 +35,21 @@ def check_model(model: str | None) -> str:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise CliError(f"model folder {model} does not exist (give a local pipeline folder or a hub id)")
     return model
+
+
+def model_fingerprint(source: str) -> str:
+    """What identifies a model's weights in saved results: for a local folder a SHA-256 of its files
+    (names and bytes; a retrained model in the same folder gets a new one), for a hub id the id itself."""
+    path = Path(source)
+    if not path.is_dir():
+        return source
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def load_pipeline(model: str | None = None, device: str | None = None, dtype: str = "float32"):

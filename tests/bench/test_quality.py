@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from imptome.bench import quality
 from imptome.cli import main
@@ -30,9 +32,11 @@ def prompt_file(tmp_path):
     return path
 
 
-def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path, monkeypatch):
+def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q.json"
-    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    argv = ["bench", "quality", "--model", str(model), "--prompts", str(prompt_file), "--seeds", "1"]
     argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
@@ -52,6 +56,15 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
 
     monkeypatch.setattr(quality.ImageCache, "save", fail)
     assert main(argv) == 0
+
+    # the same folder with other weights (a model retrained in place) is refused, not mixed with the cache
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1.0}, weights)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "holds images made with other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.cli import CliError
 from imptome.config import MergeConfig
-from imptome.loading import DTYPES, check_model, load_pipeline
+from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
 from imptome.patch.api import find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
@@ -425,7 +425,13 @@ def run(args: argparse.Namespace) -> int:
     model = check_model(args.model)
     objects = _parse_all(prompts)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
-    settings = {"model": model, "steps": args.steps, "guidance": args.guidance, "dtype": args.dtype}
+    settings = {
+        "model": model,
+        "weights": model_fingerprint(model),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "dtype": args.dtype,
+    }
     cache = ImageCache(cache_root, settings)
     items = [(p, seed) for seed in seeds for p in range(len(prompts))]
 

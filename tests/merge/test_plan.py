@@ -19,6 +19,7 @@ from imptome.merge import (
     cell_partition,
     importance_partition,
     pool_size,
+    pool_to_grid,
 )
 
 from .reference import reference_plan
@@ -198,3 +199,26 @@ def test_merge_and_unmerge_are_one_operator_each(average):
     (merge_op,) = merge_ops.ops
     assert merge_op.startswith("_embedding_bag") if average else merge_op == "index_select"
     assert unmerge_ops.ops == ["index_select"]
+
+
+_VIEWS = {
+    "view", "_unsafe_view", "reshape", "alias", "slice", "expand", "unsqueeze", "transpose", "select", "t",
+}  # fmt: skip
+
+
+def test_one_importance_plan_stays_within_its_operator_budget():
+    """Planning runs once per step and grid; on a GPU its operators are launches on a host-bound step. 41
+    tensor operators (views not counted) for partition + matching + plan with one similarity chunk; a
+    change that needs more should say why."""
+    gen = torch.Generator().manual_seed(0)
+    grid, rows, num_tokens = (32, 32), 2, 1024
+    num_remove = math.floor(num_tokens * 0.7)
+    importance = pool_to_grid(torch.rand(1, *grid, generator=gen), grid)
+    features = torch.randn(1, num_tokens, 16, generator=gen)
+    with _ComputeOps() as ops:
+        dst, pool = importance_partition(
+            importance, num_tokens // 4, pool_size(num_tokens, num_remove, 1.4), gen
+        )
+        build_plan(dst, num_remove, grid, rows, metric=features, in_pool=pool, chunk_entries=1 << 26)
+    launched = [op for op in ops.ops if op not in _VIEWS]
+    assert len(launched) <= 41, " ".join(launched)

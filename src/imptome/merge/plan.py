@@ -109,6 +109,8 @@ def _best_destination(
         value, position = sim.max(dim=-1)
         scores.append(value.float())
         best.append(position)
+    if len(scores) == 1:  # one chunk (the usual case): no copies
+        return scores[0], best[0]
     return torch.cat(scores, dim=1), torch.cat(best, dim=1)
 
 
@@ -149,7 +151,7 @@ def build_plan(
 
     score, best = _best_destination(metric, grid, src_idx, dst_idx, chunk_entries)
     if in_pool is not None:
-        score = score.masked_fill(~in_pool.gather(1, src_idx), float("inf"))
+        score = torch.where(in_pool.gather(1, src_idx), score, float("inf"))
     order = score.argsort(dim=1, descending=True, stable=True)
     removed_pos, independent_pos = order[:, :num_remove], order[:, num_remove:]
     removed_idx = src_idx.gather(1, removed_pos)
@@ -163,14 +165,14 @@ def build_plan(
     roles.scatter_(1, dst_idx, DESTINATION)
     roles.scatter_(1, kept_idx[:, num_dst:], INDEPENDENT)
 
+    # Few operators from here on: on a GPU each is a launch, and a merged step is bound by the host.
     slot = slot.repeat(rows // units, 1)
-    row = torch.arange(rows, device=device).unsqueeze(1)
-    flat_slot = (slot + row * num_kept).flatten()
-    flat_kept = (kept_idx.repeat(rows // units, 1) + row * num_tokens).flatten()
+    first_slot = torch.arange(0, rows * num_kept, num_kept, device=device).unsqueeze(1)
+    flat_slot = (slot + first_slot).flatten()
+    first_token = torch.arange(0, rows * num_tokens, num_tokens, device=device).unsqueeze(1)
+    flat_kept = (kept_idx.repeat(rows // units, 1) + first_token).flatten()
     bag_order = bag_offsets = None
     if average:  # every slot holds at least its own kept token, so no bag is empty
-        bag_order = flat_slot.argsort(stable=True)
-        counts = torch.zeros(rows * num_kept, dtype=torch.long, device=device)
-        counts.scatter_add_(0, flat_slot, torch.ones_like(flat_slot))  # bincount would sync on a GPU
-        bag_offsets = counts.cumsum(0) - counts
+        sorted_slot, bag_order = flat_slot.sort(stable=True)
+        bag_offsets = torch.searchsorted(sorted_slot, torch.arange(rows * num_kept, device=device))
     return MergePlan(kept_idx, slot, roles, grid, flat_slot, flat_kept, bag_order, bag_offsets)

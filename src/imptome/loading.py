@@ -37,15 +37,24 @@ def check_model(model: str | None) -> str:
     return model
 
 
+_HASHED_BYTES = 256 << 20  # larger files are identified by size and modification time instead of content
+
+
 def model_fingerprint(source: str) -> str:
-    """What identifies a model's weights in saved results: for a local folder a SHA-256 of its files
-    (names and bytes; a retrained model in the same folder gets a new one), for a hub id the id itself."""
+    """What identifies a model's weights in saved results, so that a model retrained in the same folder is
+    not mixed with results of the old one: for a local folder a SHA-256 over its files' names and contents
+    (size and modification time for files over 256 MB, which hashing would take seconds to read), for a
+    hub id the id itself."""
     path = Path(source)
     if not path.is_dir():
         return source
     digest = hashlib.sha256()
     for file in sorted(f for f in path.rglob("*") if f.is_file()):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        stat = file.stat()
+        if stat.st_size > _HASHED_BYTES:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            continue
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

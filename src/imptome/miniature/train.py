@@ -5,7 +5,7 @@ training set and set the VAE scaling factor to 1/std of those latents, (3) text 
 caption dropout, v-prediction with the plain (unweighted) v-loss and an EMA copy, (4) export the EMA weights
 as a StableDiffusionPipeline folder.
 
-    python -m imptome.miniature.train --out runs/miniature --export src/imptome/miniature/model
+    python -m imptome.miniature.train --out runs/miniature --export runs/miniature_model
 
 Every stage checkpoints (safetensors + json) under --out and a rerun resumes where it stopped. The defaults
 are fixed step counts, so a run is reproducible (seeded; float sums may differ with the thread count);

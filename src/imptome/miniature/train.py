@@ -13,8 +13,8 @@ optional wall-time budgets (--vae-minutes, --unet-minutes) shorten training on a
 
 The loss matters for positions: with min-SNR-5 weights (--min-snr-gamma 5) the high-noise steps, where the
 layout is decided, get almost no weight, and two such runs of 5600 and 8500 steps drew objects at random
-cells. The plain v-loss learns positions within 1500 steps, but its model draws as well without guidance as
-with it (README, "The bundled model"), so the shipped weights still come from the earlier run.
+cells. The plain v-loss learns positions within about 1500 steps. The shipped weights are this script's
+output with its defaults (model_card.json, training).
 """
 
 from __future__ import annotations

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from imptome.bench.archs import build_denoiser, example_inputs
-from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
+from imptome.bench.speed import Variant, _denoiser_call
 from imptome.bench.timing import synchronize
-from imptome.merge import cfg_importance
-from imptome.patch.families import denoiser_info
+
+from denoiser_case import add_case_arguments, build_case
 
 
 def timed_calls(call, device: torch.device, calls: int) -> list[float]:
@@ -41,12 +40,7 @@ def timed_calls(call, device: torch.device, calls: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd2")
-    parser.add_argument("--res", type=int, default=1024)
-    parser.add_argument("--ratio", type=float, default=0.7)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    parser.add_argument("--calls", type=int, default=20)
+    add_case_arguments(parser, calls=20)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager': a dry run)")
     parser.add_argument(
         "--recompile-limit",
@@ -57,27 +51,20 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device(args.device)
     if args.recompile_limit is not None:
         torch._dynamo.config.recompile_limit = args.recompile_limit
         torch._dynamo.config.accumulated_recompile_limit = max(256, 8 * args.recompile_limit)
-    dtype = DTYPES[args.dtype]
-    model = build_denoiser(args.arch, dtype=dtype, device=device)
-    _set_attention(model, "sdpa")
-    inputs = example_inputs(args.arch, args.res, dtype=dtype, device=device)
-    timestep = float(inputs["timestep"].flatten()[0])
-    info = denoiser_info(model)
-    with torch.inference_mode():
-        importance = cfg_importance(_denoiser_call(model, inputs)()[0], info.noise_channels, info.cond_first)
+    case = build_case(args)
+    device = case.device
     rows = []
     for variant in (Variant("none", 0.0), Variant("tome", args.ratio), Variant("importance", args.ratio)):
         torch._dynamo.reset()
         counters.clear()
-        with variant.applied(model, importance, timestep), torch.inference_mode():
-            eager = _denoiser_call(model, inputs)
+        with case.patched(variant), torch.inference_mode():
+            eager = case.call
             timed_calls(eager, device, 3)
             eager_s = statistics.median(timed_calls(eager, device, args.calls))
-            compiled = _denoiser_call(torch.compile(model, backend=args.backend), inputs)
+            compiled = _denoiser_call(torch.compile(case.model, backend=args.backend), case.inputs)
             compile_s = timed_calls(compiled, device, 1)[0]
             timed_calls(compiled, device, 3)
             graphs = counters["stats"]["unique_graphs"]

@@ -23,12 +23,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from imptome.bench.archs import build_denoiser, example_inputs
-from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
+from imptome.bench.speed import Variant
 from imptome.bench.timing import IMPTOME_WORK, synchronize
-from imptome.merge import cfg_importance
-from imptome.patch.families import denoiser_info
 from imptome.patch.state import PatchState
+
+from denoiser_case import add_case_arguments, build_case
 
 
 @contextlib.contextmanager
@@ -89,30 +88,18 @@ def self_device_time(event) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd2")
-    parser.add_argument("--res", type=int, default=1024)
-    parser.add_argument("--ratio", type=float, default=0.7)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    parser.add_argument("--calls", type=int, default=5)
+    add_case_arguments(parser, calls=5)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    model = build_denoiser(args.arch, dtype=DTYPES[args.dtype], device=device)
-    _set_attention(model, "sdpa")
-    inputs = example_inputs(args.arch, args.res, dtype=DTYPES[args.dtype], device=device)
-    timestep = float(inputs["timestep"].flatten()[0])
-    call = _denoiser_call(model, inputs)
-    info = denoiser_info(model)
+    case = build_case(args)
+    device, call = case.device, case.call
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"{args.arch} {args.res}px, {args.dtype}, {device} ({name})"]
-    with torch.inference_mode():
-        importance = cfg_importance(call()[0], info.noise_channels, info.cond_first)
     for variant in (Variant("none", 0.0), Variant("importance", args.ratio), Variant("tomesd", args.ratio)):
         try:
-            with variant.applied(model, importance, timestep), torch.inference_mode():
+            with case.patched(variant), torch.inference_mode():
                 for _ in range(3):
                     call()
                 synchronize(device)
@@ -164,7 +151,7 @@ def main() -> None:
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         lines.append(events.table(sort_by=sort_by, row_limit=args.top, max_name_column_width=60))
         if variant.name == "importance":
-            with variant.applied(model, importance, timestep), torch.inference_mode():
+            with case.patched(variant), torch.inference_mode():
                 lines.append(planning_table(call, device, args.calls, 2 * args.top))
     text = "\n".join(lines)
     print(text)

@@ -11,7 +11,8 @@ from imptome.config import PRESETS, MergeConfig
 from imptome.patch.api import apply_patch, importance_map, is_patched, merge_plan, remove_patch
 from imptome.patch.state import PlanRecord
 
-__version__ = "0.1.0"
+# 0.2.0: counter-based random draws (plans traced by torch.compile); plans differ from 0.1.0's.
+__version__ = "0.2.0"
 
 __all__ = [
     "PRESETS",

@@ -67,7 +67,10 @@ class MergeConfig:
         cfg_order: which half of the CFG batch is conditional. "auto" takes it from the denoiser:
             [cond, uncond] for DiT, [uncond, cond] otherwise. The importance magnitude does not depend on
             it; it selects the conditional half whose features drive matching.
-        seed: seeds imptome's own generator at the start of every generation (never the global RNG).
+        seed: keys imptome's own random draws (never the global RNG), a non-negative int. Draws are
+            counter-based: a plan's draws depend on the seed, the denoiser call within the generation, the
+            grid (or layer with plan_scope="layer") and the image's row in the batch, and are the same on
+            every device.
         similarity_chunk: upper bound on similarity-matrix entries held at once per plan (bounds memory
             at large token counts). The default, 2**26 (128 MB in half precision), computes SD2's 1024 px
             top level (12288 sources x 4096 destinations) in one piece: fewer launches on a GPU.
@@ -114,6 +117,8 @@ class MergeConfig:
                 raise ValueError(f"block_range={self.block_range} must be (first, stop), 0 <= first < stop")
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be True")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative int")
         if self.similarity_chunk < 1:
             raise ValueError("similarity_chunk must be >= 1")
         if not 0.0 <= self.ratio <= self.max_ratio:

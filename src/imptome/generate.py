@@ -46,6 +46,7 @@ MANIFEST = "manifest.jsonl"
 #: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
 MATCHED_FIELDS = (
     "prompt", "seed", "model", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
+    "imptome",
 )  # fmt: skip
 
 
@@ -228,6 +229,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
     out = Path(args.out).expanduser().resolve()
     prepare_output(out)
     settings = {
+        "imptome": imptome.__version__,  # plans (and so merged images) may differ between versions
         "model": source,
         "weights": model_fingerprint(source),
         "method": args.method,

@@ -240,6 +240,8 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
         imptome.apply_patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
+    with pytest.raises(ValueError, match=r"seed=-1 must be a non-negative int"):
+        imptome.apply_patch(sd, seed=-1)
     assert not imptome.is_patched(sd)
 
 

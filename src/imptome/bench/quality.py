@@ -426,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
     objects = _parse_all(prompts)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
     settings = {
+        "imptome": imptome.__version__,  # plans (and so merged images) may differ between versions
         "model": model,
         "weights": model_fingerprint(model),
         "steps": args.steps,

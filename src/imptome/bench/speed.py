@@ -146,8 +146,7 @@ def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, time
     with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
     state = _state(model)
     config = state.config
-    state.generator = torch.Generator(device=importance.device).manual_seed(config.seed)
-    state.step = max(config.importance_start_step, config.merge_start_step)
+    state.enter_step(max(config.importance_start_step, config.merge_start_step))
     state.importance = importance
     state.last_timestep = timestep
 

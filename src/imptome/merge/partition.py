@@ -1,6 +1,7 @@
 """Partitions: which tokens become destinations, and which are protected as important.
 
-All draws use the caller's device generator; nothing here synchronises with the host.
+Random choices come from `random_bits` under the caller's key (see `imptome.merge.noise`): traceable by
+torch.compile, identical on every device, and without host synchronisation.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from imptome.merge.noise import random_bits
 
 
 def pool_size(num_tokens: int, num_remove: int, pool_factor: float) -> int:
@@ -19,7 +22,7 @@ def importance_partition(
     importance: torch.Tensor,
     num_dst: int,
     num_pool: int,
-    generator: torch.Generator | None,
+    key: torch.Tensor | None,
     topk_dst: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Destinations drawn from the pool of the most important tokens.
@@ -28,7 +31,7 @@ def importance_partition(
         importance: [U, N] per-token importance.
         num_dst: D, destinations per row.
         num_pool: M >= D, the size of the pool of most important tokens.
-        generator: device generator for the uniform draw.
+        key: 0-d int64 tensor on the map's device keying the uniform draw (unused with topk_dst).
         topk_dst: take the D most important tokens instead of a random draw (ablation).
 
     Returns:
@@ -39,8 +42,10 @@ def importance_partition(
     if topk_dst:
         dst_idx = pool[:, :num_dst]
     else:
-        noise = torch.rand(units, num_pool, generator=generator, device=importance.device)
-        dst_idx = pool.gather(1, noise.topk(num_dst, dim=-1).indices)
+        if key is None:
+            raise ValueError("a random destination draw needs a key")
+        draw = random_bits(key, (units, num_pool))  # distinct values: D of M uniformly, no ties
+        dst_idx = pool.gather(1, draw.topk(num_dst, dim=-1).indices)
     in_pool = torch.zeros(units, num_tokens, dtype=torch.bool, device=importance.device)
     in_pool.scatter_(1, pool, True)
     return dst_idx, in_pool
@@ -51,19 +56,20 @@ def cell_partition(
     grid: tuple[int, int],
     sy: int,
     sx: int,
-    generator: torch.Generator | None,
-    device: torch.device,
+    key: torch.Tensor,
 ) -> torch.Tensor:
     """ToMeSD's partition: one destination at a random position in every full sy x sx cell.
 
-    Tokens in incomplete cells at the bottom and right edges are always sources.
+    Tokens in incomplete cells at the bottom and right edges are always sources. `key` is a 0-d int64
+    tensor on the device the indices are made on.
 
     Returns:
         dst_idx [U, (h // sy) * (w // sx)] token indices (row-major on the h x w grid).
     """
     h, w = grid
     cells_y, cells_x = h // sy, w // sx
-    offset = torch.randint(sy * sx, (units, cells_y, cells_x), generator=generator, device=device)
+    device = key.device
+    offset = random_bits(key, (units, cells_y, cells_x)) % (sy * sx)
     row = torch.arange(cells_y, device=device).view(1, -1, 1) * sy + offset // sx
     col = torch.arange(cells_x, device=device).view(1, 1, -1) * sx + offset % sx
     return (row * w + col).flatten(1)

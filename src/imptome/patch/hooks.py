@@ -56,9 +56,10 @@ def _denoiser_post_hook(state: PatchState):
 class _LayerHooks:
     """Merges the token input of one attention / MLP module and unmerges its output."""
 
-    def __init__(self, state: PatchState, block_name: str, self_attention: bool) -> None:
+    def __init__(self, state: PatchState, block_name: str, layer_index: int, self_attention: bool) -> None:
         self.state = state
         self.block_name = block_name
+        self.layer_index = layer_index
         self.self_attention = self_attention
         self.pending: list[MergePlan] = []
 
@@ -70,7 +71,7 @@ class _LayerHooks:
         if self.self_attention and kwargs.get("attention_mask") is not None:
             return None
         grid = self.state.token_grid(tokens.shape[1])
-        plan = None if grid is None else self.state.plan_for(self.block_name, grid, tokens)
+        plan = None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
         if plan is None:
             return None
         self.pending.append(plan)
@@ -103,6 +104,7 @@ def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchSta
         ),
         denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
     ]
+    num_layers = 0
     for site in blocks:
         if site.in_transformer_denoiser and config.block_range is not None:
             first, stop = config.block_range
@@ -117,5 +119,6 @@ def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchSta
         if config.merge_mlp and getattr(block, "ff", None) is not None:
             targets.append((block.ff, False))
         for module, self_attention in targets:
-            handles += _LayerHooks(state, site.name, self_attention).register(module)
+            handles += _LayerHooks(state, site.name, num_layers, self_attention).register(module)
+            num_layers += 1
     return handles

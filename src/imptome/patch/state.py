@@ -17,6 +17,7 @@ from imptome.merge import (
     pool_size,
     pool_to_grid,
 )
+from imptome.merge.noise import stream_id
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import DenoiserInfo
 
@@ -63,16 +64,20 @@ class PatchState:
     latent_grid: tuple[int, int] | None = None
     cfg: bool = False
     importance: torch.Tensor | None = None
-    generator: torch.Generator | None = None
+    calls: int = 0
+    call_key: torch.Tensor | None = None
+    use_importance: bool = False
+    average: bool = False
     plans: dict[object, _Built] = field(default_factory=dict)
     last_plans: list[_Built] = field(default_factory=list)
     warned_no_cfg: bool = False
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
-    # begin_call, end_call and plan_for hold the host-side logic (timestep and CFG checks, generator draws,
-    # the schedule and the plan cache). Under torch.compile they run eagerly: Dynamo would break its graph
-    # at them anyway and, tracing them, would guard on the step counter and recompile as it changes. The
-    # traced graph keeps merge / unmerge, whose shapes are static for a given ratio and grid.
+    # begin_call and end_call hold the host-side logic (timestep and CFG checks, the schedule). Under
+    # torch.compile they run eagerly, once per denoiser call, outside the graph. What the traced layer hooks
+    # read changes rarely: Dynamo guards on the phase flags (use_importance, average: at most two changes
+    # per generation) and the grid, never on the step counter; the key of the call's random draws is a
+    # device tensor overwritten in place.
     @torch.compiler.disable
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
@@ -82,11 +87,16 @@ class PatchState:
         so a later guided call of the same generation can still use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self.last_timestep is None or t > self.last_timestep:
-            self._new_generation(sample.device)
+        new_generation = self.last_timestep is None or t > self.last_timestep
+        if new_generation:
+            self.step = 0
+            self.importance = None
+            self.last_plans = []
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
+        self.calls = 0 if new_generation else self.calls + 1
+        self._set_call_key(sample.device)
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         half = sample.shape[0] // 2
@@ -99,7 +109,21 @@ class PatchState:
                 stacklevel=2,
             )
             self.warned_no_cfg = True
+        self.enter_step(self.step)
         self.plans = {}
+
+    def enter_step(self, step: int) -> None:
+        """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""
+        config = self.config
+        self.step = step
+        self.use_importance = config.method == "importance" and step >= config.importance_start_step
+        self.average = config.method == "tome" or step >= config.merge_start_step
+
+    def _set_call_key(self, device: torch.device) -> None:
+        """Key this call's draws by (seed, call within the generation): a fill, no host-to-device copy."""
+        if self.call_key is None or self.call_key.device != device:
+            self.call_key = torch.empty((), dtype=torch.int64, device=device)
+        self.call_key.fill_(stream_id(self.config.seed, self.calls))
 
     @torch.compiler.disable
     def end_call(self, noise_pred: torch.Tensor) -> None:
@@ -108,14 +132,6 @@ class PatchState:
             self.importance = cfg_importance(noise_pred.detach(), self.info.noise_channels, self.cond_first)
         self.last_plans = list(self.plans.values())
         self.plans = {}
-
-    def _new_generation(self, device: torch.device) -> None:
-        self.step = 0
-        self.importance = None
-        self.last_plans = []
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.config.seed)
 
     # ---- called by the layer hooks ----------------------------------------------------------------
     def token_grid(self, num_tokens: int) -> tuple[int, int] | None:
@@ -131,13 +147,18 @@ class PatchState:
             factor *= 2
         return None
 
-    @torch.compiler.disable
-    def plan_for(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> MergePlan | None:
-        """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per layer."""
-        key = grid if self.config.plan_scope == "step" else (layer, grid)
+    def plan_for(
+        self, layer: str, layer_index: int, grid: tuple[int, int], tokens: torch.Tensor
+    ) -> MergePlan | None:
+        """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per layer.
+
+        `layer_index` (the layer's position among the patched layers) keys per-layer random draws."""
+        per_step = self.config.plan_scope == "step"
+        key = grid if per_step else (layer, grid)
         built = self.plans.get(key)
         if built is None:
-            built = self._build(layer, grid, tokens)
+            stream = stream_id(*grid) if per_step else stream_id(layer_index)
+            built = self._build(layer, grid, tokens, stream)
             if built is None:
                 return None
             self.plans[key] = built
@@ -151,7 +172,7 @@ class PatchState:
         patch = self.info.patch_size
         return tuple(side // patch for side in self.importance.shape[-2:]) == self.latent_grid
 
-    def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor) -> _Built | None:
+    def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor, stream: int) -> _Built | None:
         config = self.config
         rows, num_tokens = tokens.shape[:2]
         num_remove = math.floor(num_tokens * config.ratio)
@@ -162,25 +183,21 @@ class PatchState:
         if self.cfg:
             cond = tokens[:units] if self.cond_first else tokens[units:]
         importance = None
-        if (
-            config.method == "importance"
-            and self.cfg
-            and self._map_fits(units)
-            and self.step >= config.importance_start_step
-        ):
+        # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
+        draw_key = (self.call_key ^ stream).to(tokens.device)
+        if self.use_importance and self.cfg and self._map_fits(units):
             importance = pool_to_grid(self.importance, grid)
             num_dst = math.floor(num_tokens * config.dst_fraction)
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
             dst_idx, in_pool = importance_partition(
-                importance, num_dst, num_pool, self.generator, topk_dst=config.dst_selection == "topk"
+                importance, num_dst, num_pool, draw_key, topk_dst=config.dst_selection == "topk"
             )
         else:
-            dst_idx = cell_partition(units, grid, config.sy, config.sx, self.generator, tokens.device)
+            dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
             in_pool = None
         metric = None
         if config.matching == "feature":
             metric = cond.float() if cond.device.type == "cpu" else cond
-        average = config.method == "tome" or self.step >= config.merge_start_step
         plan = build_plan(
             dst_idx,
             num_remove,
@@ -188,7 +205,7 @@ class PatchState:
             rows,
             metric=metric,
             in_pool=in_pool,
-            average=average,
+            average=self.average,
             chunk_entries=config.similarity_chunk,
         )
         pooled = None if importance is None else importance.view(units, *grid)

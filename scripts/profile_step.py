@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from imptome.bench.speed import Variant
 from imptome.bench.timing import IMPTOME_WORK, synchronize
+from imptome.merge.noise import stream_id
 from imptome.patch.state import PatchState
 
 from denoiser_case import add_case_arguments, build_case
@@ -54,9 +55,9 @@ def planning_table(call, device: torch.device, calls: int, top: int) -> str:
     first: dict[tuple[int, int], tuple] = {}
     original = PatchState.plan_for
 
-    def capture(state, layer, grid, tokens):
+    def capture(state, layer, layer_index, grid, tokens):
         first.setdefault(grid, (state, layer, grid, tokens))
-        return original(state, layer, grid, tokens)
+        return original(state, layer, layer_index, grid, tokens)
 
     PatchState.plan_for = capture
     try:
@@ -67,7 +68,7 @@ def planning_table(call, device: torch.device, calls: int, top: int) -> str:
     with profile(activities=activities) as prof:
         for _ in range(calls):
             for state, layer, grid, tokens in first.values():
-                state._build(layer, grid, tokens)
+                state._build(layer, grid, tokens, stream_id(*grid))
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     grids = ", ".join(f"{h}x{w} ({tuple(args[3].shape)})" for (h, w), args in first.items())

@@ -22,7 +22,7 @@ class MergePlan:
         kept_idx: [U, K] token index of each kept slot; slots 0..D-1 are destinations, the rest
             independent tokens.
         slot: [B, N] kept slot whose attention output each token receives.
-        roles: [U, N] MERGED (0), DESTINATION (1) or INDEPENDENT (2).
+        num_dst: D, the number of destination slots.
         grid: (h, w) token grid, N = h * w.
         flat_slot: [B * N] `slot` as rows of the flattened [B * K, C] kept tokens (b * K + slot[b, n]).
         flat_kept: [B * K] the kept tokens as rows of the flattened [B * N, C] input (b * N + kept token).
@@ -38,7 +38,7 @@ class MergePlan:
 
     kept_idx: torch.Tensor
     slot: torch.Tensor
-    roles: torch.Tensor
+    num_dst: int
     grid: tuple[int, int]
     flat_slot: torch.Tensor
     flat_kept: torch.Tensor
@@ -52,6 +52,15 @@ class MergePlan:
     @property
     def num_kept(self) -> int:
         return self.kept_idx.shape[1]
+
+    @property
+    def roles(self) -> torch.Tensor:
+        """[U, N] int8: MERGED (0), DESTINATION (1) or INDEPENDENT (2). Made on request (for inspection and
+        pictures), not while planning."""
+        units, num_tokens = self.kept_idx.shape[0], self.slot.shape[1]
+        roles = torch.full((units, num_tokens), MERGED, dtype=torch.int8, device=self.kept_idx.device)
+        roles.scatter_(1, self.kept_idx[:, : self.num_dst], DESTINATION)
+        return roles.scatter_(1, self.kept_idx[:, self.num_dst :], INDEPENDENT)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning)."""
@@ -161,9 +170,6 @@ def build_plan(
     slot = torch.empty(units, num_tokens, dtype=torch.long, device=device)
     slot.scatter_(1, kept_idx, torch.arange(num_kept, device=device).expand(units, -1))
     slot.scatter_(1, removed_idx, best.gather(1, removed_pos))
-    roles = torch.full((units, num_tokens), MERGED, dtype=torch.int8, device=device)
-    roles.scatter_(1, dst_idx, DESTINATION)
-    roles.scatter_(1, kept_idx[:, num_dst:], INDEPENDENT)
 
     # Few operators from here on: on a GPU each is a launch, and a merged step is bound by the host.
     slot = slot.repeat(rows // units, 1)
@@ -175,4 +181,4 @@ def build_plan(
     if average:  # every slot holds at least its own kept token, so no bag is empty
         sorted_slot, bag_order = flat_slot.sort(stable=True)
         bag_offsets = torch.searchsorted(sorted_slot, torch.arange(rows * num_kept, device=device))
-    return MergePlan(kept_idx, slot, roles, grid, flat_slot, flat_kept, bag_order, bag_offsets)
+    return MergePlan(kept_idx, slot, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets)

@@ -3,9 +3,9 @@
     python scripts/compile_speed.py --arch sd2 --res 1024 --device cuda --dtype float16 --json out.json
 
 For each variant (unmerged, tome and importance at --ratio) the denoiser is patched, compiled with
-`torch.compile` (default mode: Inductor kernels, no CUDA graphs; imptome's planning runs eagerly between
-the compiled pieces), warmed up, and timed for --calls synchronised calls; the eager step is timed the same
-way for reference. Reports the compile time (first call), medians and speedups vs the unmerged step of the
+`torch.compile` (default mode: Inductor kernels, no CUDA graphs; since imptome 0.2.0 planning, merge and
+unmerge are traced into the denoiser's graph, and only the two denoiser hooks run outside it), warmed up,
+and timed for --calls synchronised calls; the eager step is timed the same way for reference. Reports the compile time (first call), medians and speedups vs the unmerged step of the
 same mode. On a GPU the eager step is bound by the host issuing kernels; compiling removes much of that
 work, which is what this measures.
 """
@@ -42,18 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, calls=20)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager': a dry run)")
-    parser.add_argument(
-        "--recompile-limit",
-        type=int,
-        default=None,
-        help="torch._dynamo.config.recompile_limit (PyTorch's default is 8: too few for a patched UNet, "
-        "where each merged layer breaks the graph and blocks are then compiled one frame at a time)",
-    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if args.recompile_limit is not None:
-        torch._dynamo.config.recompile_limit = args.recompile_limit
-        torch._dynamo.config.accumulated_recompile_limit = max(256, 8 * args.recompile_limit)
     case = build_case(args)
     device = case.device
     rows = []

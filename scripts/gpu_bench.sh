@@ -6,7 +6,8 @@
 #
 # Installs diffusers, tomesd, DeepCache and imptome from .whl/ (the machine has PyTorch but no package
 # index), then, most important first: the CUDA-only tests, the efficiency targets (SD2 and PixArt-alpha at
-# 1024 px, fp16, SDPA), profiles of the SD2 and PixArt steps, DeepCache stacking, SDXL and 512 px. Each
+# 1024 px, fp16, SDPA), profiles of the SD2 and PixArt steps, torch.compile (COMPILE=1), DeepCache stacking,
+# SDXL and 512 px. Each
 # stage has its own time limit (about 10 minutes in all; TARGETS_ONLY=1 stops after the profiles) and every case is
 # written as soon as it is measured, so a run cut short still returns what it got. Results go to $OUT (the
 # device tool's folder) or ./out/gpu.
@@ -36,6 +37,12 @@ timeout 200 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --variant
 for arch in sd2 pixart-alpha; do
     timeout 60 python3 scripts/profile_step.py --arch $arch --res 1024 --out "$OUT/profile_${arch}_1024.txt" > /dev/null
 done
+# 3b. With COMPILE=1: torch.compile, unmerged vs merged, eager for reference (about 3 + 1.5 minutes).
+if [ -n "${COMPILE:-}" ]; then
+    for arch in sd2 pixart-alpha; do
+        timeout 240 python3 scripts/compile_speed.py --arch $arch --res 1024 --calls 10 --json "$OUT/compile_${arch}_1024.json"
+    done
+fi
 [ -n "${TARGETS_ONLY:-}" ] && { cat /tmp/md/*.md; exit 0; }  # stages 1-3 only (about 8 minutes)
 # 4. Stacking: whole 20-step SD2 generations at 1024 px with imptome, DeepCache and both.
 timeout 90 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none importance --rounds 3 --generation-steps 20 \

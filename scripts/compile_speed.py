@@ -2,17 +2,21 @@
 
     python scripts/compile_speed.py --arch sd2 --res 1024 --device cuda --dtype float16 --json out.json
 
-For each variant (unmerged, tome and importance at --ratio) the denoiser is patched, compiled with
-`torch.compile` (default mode: Inductor kernels, no CUDA graphs; since imptome 0.2.0 planning, merge and
-unmerge are traced into the denoiser's graph, and only the two denoiser hooks run outside it), warmed up,
-and timed for --calls synchronised calls; the eager step is timed the same way for reference. Reports the compile time (first call), medians and speedups vs the unmerged step of the
-same mode. On a GPU the eager step is bound by the host issuing kernels; compiling removes much of that
-work, which is what this measures.
+For each variant (--variants: unmerged, tome and importance at --ratio) a copy of the denoiser is patched
+and compiled with `torch.compile` (--mode: the default mode makes Inductor kernels without CUDA graphs,
+reduce-overhead replays CUDA graphs) and warmed up; then --calls rounds time one synchronised call of every
+variant, eager and compiled, alternating, so that drift in the machine's speed hits all variants alike.
+Since imptome 0.2.0 planning, merge and unmerge are traced into the denoiser's graph and only the two
+denoiser hooks run outside it. Reports the compile time (first call), medians and speedups vs the unmerged
+step of the same mode. On a GPU the eager step is bound by the host issuing kernels; compiling removes
+much of that work, which is what this measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import statistics
 import time
@@ -20,9 +24,10 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from tqdm.auto import tqdm
 
 from imptome.bench.speed import Variant, _denoiser_call
-from imptome.bench.timing import synchronize
+from imptome.bench.timing import quartiles, synchronize
 
 from denoiser_case import add_case_arguments, build_case
 
@@ -42,52 +47,78 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, calls=20)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager': a dry run)")
+    parser.add_argument(
+        "--mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="Inductor mode; reduce-overhead replays CUDA graphs, which removes the launch cost that bounds "
+        "an eager merged step on a GPU",
+    )
+    names = ["none", "tome", "importance"]
+    parser.add_argument("--variants", nargs="+", default=names, choices=names)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     case = build_case(args)
     device = case.device
-    rows = []
-    for variant in (Variant("none", 0.0), Variant("tome", args.ratio), Variant("importance", args.ratio)):
-        torch._dynamo.reset()
-        counters.clear()
-        with case.patched(variant), torch.inference_mode():
-            eager = case.call
-            timed_calls(eager, device, 3)
-            eager_s = statistics.median(timed_calls(eager, device, args.calls))
-            compiled = _denoiser_call(torch.compile(case.model, backend=args.backend), case.inputs)
+    variants = [Variant(name, 0.0 if name == "none" else args.ratio) for name in args.variants]
+    # One copy of the model per variant, made before any is patched, so that the rounds can alternate. The
+    # copies share their classes' compiled code, and Dynamo by default does not guard on module hooks, so a
+    # graph traced for one copy could run for another: turn the hook guards on (for every variant alike).
+    models = [case.model] + [copy.deepcopy(case.model) for _ in variants[1:]]
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.reset()
+    counters.clear()
+    rows, steps = [], []
+    with contextlib.ExitStack() as patches, torch.inference_mode():
+        for variant, model in zip(variants, models, strict=True):
+            patches.enter_context(variant.applied(model, case.importance, case.timestep))
+        for variant, model in zip(variants, models, strict=True):
+            eager = _denoiser_call(model, case.inputs)
+            compiled = _denoiser_call(torch.compile(model, backend=args.backend, mode=args.mode), case.inputs)
+            before = counters["stats"]["unique_graphs"]
             compile_s = timed_calls(compiled, device, 1)[0]
-            timed_calls(compiled, device, 3)
-            graphs = counters["stats"]["unique_graphs"]
-            compiled_s = statistics.median(timed_calls(compiled, device, args.calls))
-            new_graphs = counters["stats"]["unique_graphs"] - graphs
-        rows.append(
-            dict(
-                variant=variant.label,
-                eager_s=eager_s,
-                compiled_s=compiled_s,
-                compile_s=compile_s,
-                graphs=graphs,
-                graphs_while_timed=new_graphs,
-            )
-        )
-        print(
-            f"{variant.label}: eager {eager_s * 1e3:.2f} ms, compiled {compiled_s * 1e3:.2f} ms "
-            f"(first call {compile_s:.0f} s, {graphs} graphs, {new_graphs} more while timed)",
-            flush=True,
-        )
+            timed_calls(compiled, device, 2)
+            timed_calls(eager, device, 2)
+            graphs = counters["stats"]["unique_graphs"] - before
+            print(f"{variant.label}: compiled in {compile_s:.0f} s, {graphs} graph(s)", flush=True)
+            row = dict(variant=variant.label, compile_s=compile_s, graphs=graphs, eager=[], compiled=[])
+            rows.append(row)
+            steps.append((eager, compiled))
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in tqdm(range(args.calls), desc="rounds (every variant, eager and compiled)"):
+            for row, (eager, compiled) in zip(rows, steps, strict=True):
+                row["eager"] += timed_calls(eager, device, 1)
+                row["compiled"] += timed_calls(compiled, device, 1)
+        graphs_while_timed = counters["stats"]["unique_graphs"] - graphs
+    for row in rows:
+        for kind in ("eager", "compiled"):
+            row[f"{kind}_s"] = statistics.median(row[kind])
+            row[f"{kind}_quartiles_s"] = quartiles(row[kind])
+        row["graphs_while_timed"] = graphs_while_timed
     base = rows[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{args.arch} {args.res}px, {args.dtype}, {name}, median of {args.calls} calls\n")
-    print("| variant | eager ms | speedup | compiled ms | speedup | vs eager unmerged | compile s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    mode = args.mode or "default"
+    print(f"\n{args.arch} {args.res}px, {args.dtype}, {name}, mode {mode}, medians of {args.calls} rounds\n")
+    columns = ["graphs", "eager ms (IQR)", "speedup", "compiled ms (IQR)", "speedup", "vs eager none"]
+    columns.append("compile s")
+    print("| variant | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+
+    def cell(row: dict, kind: str) -> str:
+        low, high = row[f"{kind}_quartiles_s"]
+        return f"{row[f'{kind}_s'] * 1e3:.1f} ({(high - low) * 1e3:.1f})"
+
     for row in rows:
         print(
-            f"| {row['variant']} | {row['eager_s'] * 1e3:.1f} | {base['eager_s'] / row['eager_s']:.2f}x "
-            f"| {row['compiled_s'] * 1e3:.1f} | {base['compiled_s'] / row['compiled_s']:.2f}x "
+            f"| {row['variant']} | {row['graphs']} "
+            f"| {cell(row, 'eager')} | {base['eager_s'] / row['eager_s']:.2f}x "
+            f"| {cell(row, 'compiled')} | {base['compiled_s'] / row['compiled_s']:.2f}x "
             f"| {base['eager_s'] / row['compiled_s']:.2f}x | {row['compile_s']:.0f} |"
         )
+    print(f"graphs compiled while timing: {graphs_while_timed}")
     if args.json:
         meta = dict(
+            mode=mode,
             arch=args.arch,
             res=args.res,
             dtype=args.dtype,

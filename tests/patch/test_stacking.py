@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -10,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import imptome
-from tests.factories import tiny_sd_pipeline, tiny_sd_unet
+from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet
 
 PROMPT = "a red circle on the left"
 TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -70,6 +71,46 @@ def test_torch_compile_matches_eager_with_one_graph_per_phase():
         torch.testing.assert_close(second, eager)
         (record,) = imptome.merge_plan(pipe)  # the plan was built inside the compiled graph
         assert not record.pruned and record.importance is not None
+    finally:
+        torch._dynamo.reset()
+
+
+def _unet_call(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    with torch.inference_mode():
+        return unet(latent, 900, encoder_hidden_states=text).sample
+
+
+def test_patching_and_unpatching_an_already_compiled_model_take_effect():
+    """Dynamo does not guard on module hooks, so a graph compiled before patching would keep running without
+    them; apply_patch and remove_patch drop the compiled code of the model's classes."""
+    unet = tiny_sd_unet(layers_per_block=1)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(unet, backend="eager")
+        base = _unet_call(compiled)
+        imptome.apply_patch(unet, ratio=0.7, method="tome")
+        merged = _unet_call(compiled)
+        assert not torch.equal(merged, base) and imptome.merge_plan(unet)
+        imptome.remove_patch(unet)
+        assert torch.equal(_unet_call(compiled), base)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_graph_without_the_patch_running_for_a_patched_copy_is_an_error():
+    """A graph traced for an unpatched copy of the same class passes Dynamo's guards for the patched copy
+    (no hook guards); instead of silently not merging, the first call after patching raises."""
+    unet = tiny_sd_unet(layers_per_block=1)
+    patched = copy.deepcopy(unet)
+    imptome.apply_patch(patched, ratio=0.7)
+    torch._dynamo.reset()
+    try:
+        _unet_call(torch.compile(unet, backend="eager"))
+        with pytest.raises(RuntimeError, match="none of the patched layers ran"):
+            _unet_call(torch.compile(patched, backend="eager"))
     finally:
         torch._dynamo.reset()
 

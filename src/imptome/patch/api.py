@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import reset_code
 from torch.utils.hooks import RemovableHandle
 
 from imptome.config import PRESETS, MergeConfig
@@ -76,6 +77,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     state = PatchState(config=config, info=info, cond_first=cond_first, max_downsample=max_downsample)
     handles = register_hooks(denoiser, spatial_blocks(denoiser), state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
+    _drop_compiled_code(denoiser)
     return target
 
 
@@ -105,7 +107,23 @@ def remove_patch(target: T) -> T:
     if patch is not None:
         for handle in patch.handles:
             handle.remove()
+        _drop_compiled_code(denoiser)
     return target
+
+
+def _drop_compiled_code(denoiser: nn.Module) -> None:
+    """Make torch.compile re-trace the denoiser and its sub-modules at their next call.
+
+    Dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): a graph
+    compiled before patching would go on running without imptome's hooks, and one compiled while patched
+    keeps them inlined. Dropping the compiled code of every class in the denoiser (for all of that class's
+    instances in the process; `torch.compile(unet)` and regional compilation of its blocks alike) makes the
+    patch take effect, or its removal, at the cost of one recompilation.
+    """
+    for cls in {type(module) for module in denoiser.modules()}:
+        code = getattr(cls.forward, "__code__", None)
+        if code is not None:
+            reset_code(code)
 
 
 def _state(target: Any) -> PatchState | None:

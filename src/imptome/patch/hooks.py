@@ -64,6 +64,7 @@ class _LayerHooks:
         self.pending: list[MergePlan] = []
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self.state.layers_ran = True
         tokens, where = _first_input(args, kwargs, ("hidden_states",))
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
             return None

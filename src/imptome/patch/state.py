@@ -71,6 +71,8 @@ class PatchState:
     plans: dict[object, _Built] = field(default_factory=dict)
     last_plans: list[_Built] = field(default_factory=list)
     warned_no_cfg: bool = False
+    layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
+    checked_layers: bool = False
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
     # begin_call and end_call hold the host-side logic (timestep and CFG checks, the schedule). Under
@@ -128,6 +130,16 @@ class PatchState:
     @torch.compiler.disable
     def end_call(self, noise_pred: torch.Tensor) -> None:
         """End of a denoiser call: keep this step's importance map for the next step."""
+        if not self.checked_layers:
+            self.checked_layers = True
+            if not self.layers_ran:
+                raise RuntimeError(
+                    "imptome: none of the patched layers ran in this denoiser call, so nothing was merged. "
+                    "If the model is compiled, a graph traced for an unpatched model of the same class is "
+                    "being reused (torch.compile does not guard on module hooks): patch before compiling, "
+                    "do not compile patched and unpatched copies of one model class in one process, or "
+                    "call torch._dynamo.reset() after patching."
+                )
         if self.cfg:
             self.importance = cfg_importance(noise_pred.detach(), self.info.noise_channels, self.cond_first)
         self.last_plans = list(self.plans.values())

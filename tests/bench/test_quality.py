@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from imptome.bench import quality
+from imptome.bench.quality import ablation_options
 from imptome.cli import main
 from tests.factories import tiny_sd_pipeline
 
@@ -72,12 +73,19 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     [
         (["--ratios", "0.8"], "allowed 0 <= ratio <= 0.75"),
         (["--methods", "random"], "unknown method"),
+        (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be >= 1"),
         (["--seeds", "0"], "--seeds 0"),
     ],
 )
 def test_quality_bench_rejects_bad_input(prompt_file, extra, message, capsys):
     assert main(["bench", "quality", "--prompts", str(prompt_file), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_any_pool_factor_is_an_ablation():
+    assert ablation_options("importance-pool2.33") == {"pool_factor": 2.33}
+    assert ablation_options("importance-pool1.0") == {"pool_factor": 1.0}
+    assert ablation_options("importance-pool") is None and ablation_options("tome") is None
 
 
 def test_empty_prompt_file_is_an_error(tmp_path, capsys):

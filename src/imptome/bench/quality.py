@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,20 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
 }
+_POOL = re.compile(r"importance-pool(\d+(?:\.\d+)?)")  # any pool factor, e.g. importance-pool2.5
+
+
+def ablation_options(method: str) -> dict[str, Any] | None:
+    """MergeConfig options of an importance ablation (an ABLATIONS name or importance-pool<factor>)."""
+    if method in ABLATIONS:
+        return ABLATIONS[method]
+    match = _POOL.fullmatch(method)
+    return None if match is None else {"pool_factor": float(match.group(1))}
 
 
 @dataclass(frozen=True)
 class Variant:
-    method: str  # a METHODS entry or an ABLATIONS key
+    method: str  # a METHODS entry or an ablation (see ablation_options)
     ratio: float
 
     @property
@@ -63,7 +73,8 @@ class Variant:
             tomesd.apply_patch(pipe, ratio=self.ratio)
         elif self.method != "none":
             method = "tome" if self.method == "tome" else "importance"
-            imptome.apply_patch(pipe, ratio=self.ratio, method=method, **ABLATIONS.get(self.method, {}))
+            options = ablation_options(self.method) or {}
+            imptome.apply_patch(pipe, ratio=self.ratio, method=method, **options)
 
     def remove(self, pipe: Any) -> None:
         if self.method == "tomesd":
@@ -138,9 +149,10 @@ def _seeds(values: list[int]) -> list[int]:
 
 def _variants(args: argparse.Namespace) -> list[Variant]:
     methods = args.methods or [m for m in METHODS if m != "tomesd" or _has_tomesd()]
-    unknown = [m for m in methods if m not in METHODS and m not in ABLATIONS]
+    unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
     if unknown:
-        raise CliError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + tuple(ABLATIONS))}")
+        choices = ", ".join(METHODS + tuple(ABLATIONS))
+        raise CliError(f"unknown method(s) {unknown}; choose from {choices}, or importance-pool<factor>")
     if "tomesd" in methods and not _has_tomesd():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")
     if args.ablations:
@@ -150,8 +162,9 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
         for method in methods:
             if method == "none":
                 continue
+            base = "tome" if method in ("tome", "tomesd") else "importance"
             try:
-                MergeConfig(ratio=ratio, method="tome" if method in ("tome", "tomesd") else "importance")
+                MergeConfig(ratio=ratio, method=base, **(ablation_options(method) or {}))
             except ValueError as error:
                 raise CliError(str(error)) from error
             variants.append(Variant(method, ratio))

@@ -149,7 +149,7 @@ def test_a_partly_done_batch_is_regenerated_whole_and_only_its_missing_image_wri
 def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):
     items = work_items(["a red cat", "a blue dog", "a green tree"], range(7, 8))
     settings = {"model": "/m", "weights": "sha256:aa", "method": "importance", "ratio": 0.5, "steps": 2}
-    settings |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32", "imptome": "0.2.0"}
+    settings |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32", "imptome_version": "0.2.0"}
 
     def metadata(item: WorkItem) -> dict:
         return {**settings, "prompt": item.prompt, "seed": item.seed}
@@ -167,8 +167,8 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
         pending_items([WorkItem(0, "a black cat", 7), *items[1:]], tmp_path, settings)
     with pytest.raises(CliError, match=r"weights 'sha256:aa' \(now 'sha256:bb'\)"):  # retrained in place
         pending_items(items, tmp_path, {**settings, "weights": "sha256:bb"})
-    with pytest.raises(CliError, match=r"imptome '0.2.0' \(now '0.3.0'\)"):  # plans may differ
-        pending_items(items, tmp_path, {**settings, "imptome": "0.3.0"})
+    with pytest.raises(CliError, match=r"imptome_version '0.2.0' \(now '0.3.0'\)"):  # plans may differ
+        pending_items(items, tmp_path, {**settings, "imptome_version": "0.3.0"})
 
 
 def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str, tuple[list[str], str]]:

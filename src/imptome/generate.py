@@ -46,7 +46,7 @@ MANIFEST = "manifest.jsonl"
 #: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
 MATCHED_FIELDS = (
     "prompt", "seed", "model", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
-    "imptome",
+    "imptome_version",
 )  # fmt: skip
 
 
@@ -229,7 +229,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
     out = Path(args.out).expanduser().resolve()
     prepare_output(out)
     settings = {
-        "imptome": imptome.__version__,  # plans (and so merged images) may differ between versions
+        "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
         "model": source,
         "weights": model_fingerprint(source),
         "method": args.method,
@@ -284,7 +284,7 @@ def _generate(
     pipe = load_pipeline(settings["model"], device, args.dtype)
     if args.method != "none":
         imptome.apply_patch(pipe, ratio=args.ratio, method=args.method)
-    recorded = {**settings, "batch_size": args.batch_size, "imptome_version": imptome.__version__}
+    recorded = {**settings, "batch_size": args.batch_size}
     total = sum(item in pending for batch in batches for item in batch)
     label = f"process {state.process_index}" if state.num_processes > 1 else "generate"
     written = 0

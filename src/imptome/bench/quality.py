@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
     objects = _parse_all(prompts)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
     settings = {
-        "imptome": imptome.__version__,  # plans (and so merged images) may differ between versions
+        "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
         "model": model,
         "weights": model_fingerprint(model),
         "steps": args.steps,

@@ -107,7 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
     parser.add_argument("--prompts", type=Path, help="one prompt per line (default: built-in held-out set)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[8], help="N (seeds 0..N-1) or a list")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"of {', '.join(METHODS)} (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"of {', '.join(METHODS)} (default: all), or ablations: {', '.join(ABLATIONS)}, "
+        "importance-pool<factor>",
+    )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
     parser.add_argument("--steps", type=int, default=20)

@@ -25,7 +25,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from imptome.bench.speed import Variant
 from imptome.bench.timing import IMPTOME_WORK, synchronize
-from imptome.merge.noise import stream_id
 from imptome.patch.state import PatchState
 
 from denoiser_case import add_case_arguments, build_case
@@ -51,13 +50,14 @@ def own_work_ranges():
 
 def planning_table(call, device: torch.device, calls: int, top: int) -> str:
     """The operators inside planning alone: capture the arguments of the first plan_for of each grid in one
-    call, then profile only the plan builds (partition, matching, plan) `calls` times."""
+    call, then profile only the plan builds (partition, matching, plan) `calls` times: plan_for with the
+    call's plan cache emptied, so it builds as in a real call."""
     first: dict[tuple[int, int], tuple] = {}
     original = PatchState.plan_for
 
-    def capture(state, layer, layer_index, grid, tokens):
-        first.setdefault(grid, (state, layer, grid, tokens))
-        return original(state, layer, layer_index, grid, tokens)
+    def capture(state, *args):
+        first.setdefault(args[2], (state, args))  # args: layer, layer_index, grid, tokens
+        return original(state, *args)
 
     PatchState.plan_for = capture
     try:
@@ -67,11 +67,12 @@ def planning_table(call, device: torch.device, calls: int, top: int) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
-            for state, layer, grid, tokens in first.values():
-                state._build(layer, grid, tokens, stream_id(*grid))
+            for state, args in first.values():
+                state.plans = {}
+                original(state, *args)
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    grids = ", ".join(f"{h}x{w} ({tuple(args[3].shape)})" for (h, w), args in first.items())
+    grids = ", ".join(f"{h}x{w} ({tuple(args[3].shape)})" for (h, w), (_, args) in first.items())
     table = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=60)
     return f"\nplanning alone, {calls} builds of each grid: {grids}\n{table}"
 

@@ -9,14 +9,14 @@ from typing import Literal
 Method = Literal["importance", "tome"]
 CfgOrder = Literal["auto", "uncond_first", "cond_first"]
 Matching = Literal["feature", "grid"]
-DstSelection = Literal["random", "topk"]
+DstSelection = Literal["random", "topk", "cells"]
 PlanScope = Literal["step", "layer"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("importance", "tome"),
     "cfg_order": ("auto", "uncond_first", "cond_first"),
     "matching": ("feature", "grid"),
-    "dst_selection": ("random", "topk"),
+    "dst_selection": ("random", "topk", "cells"),
     "plan_scope": ("step", "layer"),
 }
 
@@ -35,7 +35,10 @@ class MergeConfig:
         pool_factor: the pool holds the M = min(N, floor((N - R) * pool_factor)) most important tokens
             (paper: 1.4 for SD UNets, 1.0 for PixArt). Must be >= 1 so the pool can hold every kept token.
         dst_selection: "random" draws destinations uniformly from the pool (paper); "topk" takes the
-            D most important tokens (an ablation).
+            D most important tokens (an ablation); "cells" places one destination at a random position in
+            every sx x sy cell, as ToMeSD does, and keeps the pool's role: sources outside it are always
+            merged, so importance decides which other tokens stay independent (D is then the number of
+            cells; dst_fraction is not used).
 
     ToMeSD partition (method="tome", and every warm-up or no-CFG step)
         sx, sy: cell size; one destination per cell at a random position.
@@ -130,7 +133,7 @@ class MergeConfig:
     @property
     def max_ratio(self) -> float:
         """Largest allowed ratio: every destination must survive, so R <= N - D."""
-        if self.method == "tome":
+        if self.method == "tome" or self.dst_selection == "cells":
             return 1.0 - 1.0 / (self.sx * self.sy)
         return 1.0 - self.dst_fraction
 

@@ -18,6 +18,7 @@ from imptome.merge import (
     cell_count,
     cell_partition,
     importance_partition,
+    importance_pool,
     pool_size,
     pool_to_grid,
 )
@@ -147,6 +148,14 @@ def test_topk_destinations_are_the_most_important():
     dst_idx, _ = importance_partition(importance, 10, 20, None, topk_dst=True)
     expected = importance.topk(10, dim=1).indices
     assert torch.equal(dst_idx.sort(1).values, expected.sort(1).values)
+
+
+def test_importance_pool_marks_the_most_important_tokens():
+    importance = torch.rand(3, 40)
+    in_pool = importance_pool(importance, 12)
+    assert in_pool.shape == (3, 40) and torch.equal(in_pool.sum(1), torch.full((3,), 12))
+    pooled, others = importance[in_pool].view(3, 12), importance[~in_pool].view(3, 28)
+    assert bool((pooled.min(1).values > others.max(1).values).all())
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (5, 7), (9, 2), (3, 3)])

@@ -154,6 +154,25 @@ def test_tome_partition_has_one_destination_per_cell(sd):
     assert torch.equal(cells, torch.ones(8, 8, dtype=cells.dtype))
 
 
+def test_cell_destinations_with_importance_protection(sd):
+    imptome.apply_patch(sd, ratio=0.5, dst_selection="cells")
+    generate(sd, steps=4)
+    (record,) = imptome.merge_plan(sd)
+    roles = record.roles[0]
+    cells = (roles == DESTINATION).view(8, 2, 8, 2).sum(dim=(1, 3))
+    assert torch.equal(cells, torch.ones(8, 8, dtype=cells.dtype))  # destinations spread as in tome
+    n, r = 256, 128
+    assert int((roles == MERGED).sum()) == r
+    # the importance map decides which sources survive: only tokens of the pool stay independent, and
+    # every source outside it is merged
+    num_pool = math.floor((n - r) * 1.4)
+    in_pool = torch.zeros(n, dtype=torch.bool)
+    in_pool[record.importance[0].flatten().argsort(descending=True)[:num_pool]] = True
+    roles = roles.flatten()
+    assert bool(in_pool[roles == INDEPENDENT].all()) and int((roles == INDEPENDENT).sum()) == n - r - 64
+    assert bool((roles[~in_pool & (roles != DESTINATION)] == MERGED).all())
+
+
 def test_non_square_odd_grid_and_several_prompts(sd):
     imptome.apply_patch(sd, ratio=0.7)
     generator = torch.Generator().manual_seed(0)

@@ -40,20 +40,26 @@ METHODS = ("none", "tome", "importance", "tomesd")
 # Ablations of the importance method (DESIGN.md section 1 and the paper's discussion).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-topk": {"dst_selection": "topk"},
+    "importance-cells": {"dst_selection": "cells"},
     "importance-pool1.0": {"pool_factor": 1.0},
     "importance-pool2.0": {"pool_factor": 2.0},
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
 }
-_POOL = re.compile(r"importance-pool(\d+(?:\.\d+)?)")  # any pool factor, e.g. importance-pool2.5
+# Any of the above (or plain importance) with another pool factor, e.g. importance-cells-pool1.0
+_POOL = re.compile(r"(importance(?:-[a-z-]+)?)-pool(\d+(?:\.\d+)?)")
 
 
 def ablation_options(method: str) -> dict[str, Any] | None:
-    """MergeConfig options of an importance ablation (an ABLATIONS name or importance-pool<factor>)."""
+    """MergeConfig options of an importance ablation: an ABLATIONS name or `importance`, optionally
+    followed by -pool<factor>."""
     if method in ABLATIONS:
         return ABLATIONS[method]
     match = _POOL.fullmatch(method)
-    return None if match is None else {"pool_factor": float(match.group(1))}
+    if match is None:
+        return None
+    base = {} if match.group(1) == "importance" else ABLATIONS.get(match.group(1))
+    return None if base is None else {**base, "pool_factor": float(match.group(2))}
 
 
 @dataclass(frozen=True)
@@ -303,7 +309,8 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 
 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Metrics of every variant, and paired importance-vs-tome accuracy differences per ratio."""
+    """Metrics of every variant, and paired differences (accuracy, PSNR) of each importance variant from
+    `tome` at the same ratio, over the same prompts and seeds."""
     classifier = None
     real_features = None
     if objects is not None:
@@ -312,22 +319,23 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         classifier = load_classifier()
         real_features = features(_reference_images(objects, items), classifier).numpy()
     baseline = cache.load(Variant("none", 0.0), items)
-    rows, hits_by_key = [], {}
+    rows, paired = [], {}  # key -> per-image (hits, object counts, PSNR), for paired differences
     for variant in tqdm(variants, desc="metrics", unit="variant"):
         images = cache.load(variant, items)
         stats = cache.stats(variant)
         accuracy = accuracy_ci = placed_acc = placed_ci = frechet = None
         if classifier is not None:
             anywhere, placed, counts = _score(images, prompts, items, classifier)
-            hits_by_key[variant.key] = (anywhere, counts)
             accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
             placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
             frechet = frechet_distance(features(images, classifier).numpy(), real_features)
         fidelity: dict[str, Any] = {"psnr": None, "psnr_ci95": None, "ssim": None, "ssim_ci95": None}
         if variant.method != "none":
-            db = psnr(images, baseline)
-            db = db[np.isfinite(db)]  # identical images have no finite PSNR
+            all_db = psnr(images, baseline)
+            db = all_db[np.isfinite(all_db)]  # identical images have no finite PSNR
             similarity = ssim(images, baseline)
+            if classifier is not None:
+                paired[variant.key] = (anywhere, counts, all_db)
             fidelity = {
                 "psnr": float(db.mean()) if len(db) else None,
                 "psnr_ci95": bootstrap_ci(db) if len(db) else None,
@@ -351,16 +359,20 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         )
     comparisons = []
     for variant in variants:
-        tome_key = f"tome@{variant.ratio:g}"
-        if variant.method != "importance" or tome_key not in hits_by_key:
+        tome = Variant("tome", variant.ratio)
+        if not variant.method.startswith("importance") or tome.key not in paired:
             continue
-        (imp, counts), (tome, _) = hits_by_key[variant.key], hits_by_key[tome_key]
-        low, high = bootstrap_ci(imp - tome, counts)
+        (hits, counts, db), (tome_hits, _, tome_db) = paired[variant.key], paired[tome.key]
+        both = np.isfinite(db) & np.isfinite(tome_db)
+        db_diff = db[both] - tome_db[both]
         comparisons.append(
             {
+                "method": variant.method,
                 "ratio": variant.ratio,
-                "accuracy_importance_minus_tome": float((imp.sum() - tome.sum()) / counts.sum()),
-                "ci95": (low, high),
+                "accuracy_minus_tome": float((hits.sum() - tome_hits.sum()) / counts.sum()),
+                "accuracy_ci95": bootstrap_ci(hits - tome_hits, counts),
+                "psnr_minus_tome": float(db_diff.mean()),
+                "psnr_ci95": bootstrap_ci(db_diff),
             }
         )
     return rows, comparisons
@@ -373,10 +385,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3) -> str:
+def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3, sign: str = "") -> str:
     if value is None or ci is None:
         return "-"
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return f"{value:{sign}.{digits}f} [{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
 
 
 def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
@@ -393,10 +405,14 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
     ]
     text = header + "\n".join(lines) + "\n"
     if comparisons:
-        text += "\n| ratio | accuracy, importance minus tome (paired) | 95% CI |\n|---|---|---|\n"
+        text += (
+            "\n| method | ratio | accuracy minus tome (paired) [95% CI] "
+            "| PSNR minus tome, dB (paired) [95% CI] |\n|---|---|---|---|\n"
+        )
         text += "\n".join(
-            f"| {c['ratio']:g} | {c['accuracy_importance_minus_tome']:+.3f} "
-            f"| [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] |"
+            f"| {c['method']} | {c['ratio']:g} "
+            f"| {_fmt_ci(c['accuracy_minus_tome'], c['accuracy_ci95'], 3, '+')} "
+            f"| {_fmt_ci(c['psnr_minus_tome'], c['psnr_ci95'], 2, '+')} |"
             for c in comparisons
         )
         text += "\n"

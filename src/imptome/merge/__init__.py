@@ -1,7 +1,13 @@
 """The merge algorithm in pure torch: importance maps, partitions, matching, merge plans."""
 
 from imptome.merge.importance import cfg_importance, pool_to_grid
-from imptome.merge.partition import cell_count, cell_partition, importance_partition, pool_size
+from imptome.merge.partition import (
+    cell_count,
+    cell_partition,
+    importance_partition,
+    importance_pool,
+    pool_size,
+)
 from imptome.merge.plan import DESTINATION, INDEPENDENT, MERGED, MergePlan, build_plan
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "cell_partition",
     "cfg_importance",
     "importance_partition",
+    "importance_pool",
     "pool_size",
     "pool_to_grid",
 ]

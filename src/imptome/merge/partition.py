@@ -46,9 +46,17 @@ def importance_partition(
             raise ValueError("a random destination draw needs a key")
         draw = random_bits(key, (units, num_pool))  # distinct values: D of M uniformly, no ties
         dst_idx = pool.gather(1, draw.topk(num_dst, dim=-1).indices)
-    in_pool = torch.zeros(units, num_tokens, dtype=torch.bool, device=importance.device)
-    in_pool.scatter_(1, pool, True)
-    return dst_idx, in_pool
+    return dst_idx, _pool_mask(pool, num_tokens)
+
+
+def importance_pool(importance: torch.Tensor, num_pool: int) -> torch.Tensor:
+    """[U, N] bool: the M = num_pool most important tokens of each row of importance [U, N]."""
+    return _pool_mask(importance.topk(num_pool, dim=-1).indices, importance.shape[1])
+
+
+def _pool_mask(pool: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    in_pool = torch.zeros(pool.shape[0], num_tokens, dtype=torch.bool, device=pool.device)
+    return in_pool.scatter_(1, pool, True)
 
 
 def cell_partition(

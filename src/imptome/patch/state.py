@@ -14,6 +14,7 @@ from imptome.merge import (
     cell_partition,
     cfg_importance,
     importance_partition,
+    importance_pool,
     pool_size,
     pool_to_grid,
 )
@@ -199,11 +200,15 @@ class PatchState:
         draw_key = (self.call_key ^ stream).to(tokens.device)
         if self.use_importance and self.cfg and self._map_fits(units):
             importance = pool_to_grid(self.importance, grid)
-            num_dst = math.floor(num_tokens * config.dst_fraction)
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
-            dst_idx, in_pool = importance_partition(
-                importance, num_dst, num_pool, draw_key, topk_dst=config.dst_selection == "topk"
-            )
+            if config.dst_selection == "cells":
+                dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
+                in_pool = importance_pool(importance, num_pool)
+            else:
+                num_dst = math.floor(num_tokens * config.dst_fraction)
+                dst_idx, in_pool = importance_partition(
+                    importance, num_dst, num_pool, draw_key, topk_dst=config.dst_selection == "topk"
+                )
         else:
             dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
             in_pool = None

@@ -23,7 +23,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """How and where tokens are merged. Defaults follow the paper's Stable Diffusion setting.
+    """How and where tokens are merged. Defaults follow the paper's Stable Diffusion setting except where
+    the README's "Defaults that differ from the paper" says otherwise (ratio, destination placement and
+    pool size, planning scope); `MergeConfig(dst_selection="random", pool_factor=1.4, ratio=0.7)` is the
+    paper's SD partition.
 
     Merge amount
         ratio: fraction R/N of each merged layer's N tokens that are removed before attention.
@@ -33,12 +36,15 @@ class MergeConfig:
     Importance partition (method="importance")
         dst_fraction: destinations D = floor(N * dst_fraction) (paper: 0.25).
         pool_factor: the pool holds the M = min(N, floor((N - R) * pool_factor)) most important tokens
-            (paper: 1.4 for SD UNets, 1.0 for PixArt). Must be >= 1 so the pool can hold every kept token.
-        dst_selection: "random" draws destinations uniformly from the pool (paper); "topk" takes the
-            D most important tokens (an ablation); "cells" places one destination at a random position in
-            every sx x sy cell, as ToMeSD does, and keeps the pool's role: sources outside it are always
-            merged, so importance decides which other tokens stay independent (D is then the number of
-            cells; dst_fraction is not used).
+            (paper: 1.4 for SD UNets, 1.0 for PixArt; default 1.0: the pool is as large as the kept set).
+            Must be >= 1 so the pool can hold every kept token.
+        dst_selection: "cells" (default) places one destination at a random position in every sx x sy
+            cell, as ToMeSD does, and keeps the pool's role: sources outside it are always merged, so
+            importance decides which other tokens stay independent (D is then the number of cells;
+            dst_fraction is not used). "random" draws the destinations uniformly from the pool (paper);
+            "topk" takes the D most important tokens (an ablation). On the bundled model "cells" with
+            pool_factor 1.0 stayed closest to unmerged images at every ratio, while "random" packed the
+            destinations into the objects and lost to ToMeSD at ratio 0.7 (docs/RESULTS.md, Quality).
 
     ToMeSD partition (method="tome", and every warm-up or no-CFG step)
         sx, sy: cell size; one destination per cell at a random position.
@@ -82,8 +88,8 @@ class MergeConfig:
     ratio: float = 0.5
     method: Method = "importance"
     dst_fraction: float = 0.25
-    pool_factor: float = 1.4
-    dst_selection: DstSelection = "random"
+    pool_factor: float = 1.0
+    dst_selection: DstSelection = "cells"
     sx: int = 2
     sy: int = 2
     importance_start_step: int = 2
@@ -150,15 +156,15 @@ PRESETS: dict[str, MergeConfig] = {
     # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2).
     "unet": MergeConfig(),
     # PixArt-alpha/sigma (paper: 1024 px, 20 steps, ratio 0.5, blocks 7-20 of 28, self+cross attention,
-    # random pruning at step 0, importance pruning on steps 1-3, importance merging from step 4).
+    # random pruning at step 0, importance pruning on steps 1-3, importance merging from step 4; pool factor
+    # 1.0 as here, destinations drawn from the pool instead of cells).
     "pixart": MergeConfig(
         ratio=0.5,
-        pool_factor=1.0,
         importance_start_step=1,
         merge_start_step=4,
         block_range=(7, 21),
         merge_crossattn=True,
     ),
     # DiT: the same transformer machinery; no published schedule, so PixArt's warm-up on all blocks.
-    "dit": MergeConfig(ratio=0.5, pool_factor=1.0, importance_start_step=1, merge_start_step=4),
+    "dit": MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4),
 }

@@ -85,9 +85,10 @@ def test_quality_bench_rejects_bad_input(prompt_file, extra, message, capsys):
 def test_any_pool_factor_is_an_ablation():
     assert ablation_options("importance-pool2.33") == {"pool_factor": 2.33}
     assert ablation_options("importance-pool1.0") == {"pool_factor": 1.0}
-    assert ablation_options("importance-cells-pool1.0") == {"dst_selection": "cells", "pool_factor": 1.0}
+    assert ablation_options("importance-random-pool2") == {"dst_selection": "random", "pool_factor": 2.0}
+    assert ablation_options("importance-paper") == {"dst_selection": "random", "pool_factor": 1.4}
     assert ablation_options("importance-pool") is None and ablation_options("tome") is None
-    assert ablation_options("importance-cell-pool1.0") is None  # not an ablation name
+    assert ablation_options("importance-cells-pool1.0") is None  # not an ablation name
 
 
 def test_empty_prompt_file_is_an_error(tmp_path, capsys):
@@ -99,7 +100,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, capsys):
 
 def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
     out = tmp_path / "bundled.json"
-    argv = ["bench", "quality", "--seeds", "1", "--methods", "tome", "importance", "importance-cells-pool2"]
+    argv = ["bench", "quality", "--seeds", "1", "--methods", "tome", "importance", "importance-paper"]
     argv += ["--ratios", "0.7", "--steps", "4"]
     assert main([*argv, "--batch-size", "36", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -112,7 +113,7 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
         assert row["frechet"] > 0
     # paired differences from tome, one per importance variant
     comparisons = {c["method"]: c for c in report["comparisons"]}
-    assert set(comparisons) == {"importance", "importance-cells-pool2"}
+    assert set(comparisons) == {"importance", "importance-paper"}
     for method, comparison in comparisons.items():
         difference = rows[method]["accuracy"] - rows["tome"]["accuracy"]
         assert comparison["accuracy_minus_tome"] == pytest.approx(difference)

@@ -76,11 +76,13 @@ def test_preset_schedule_random_prune_then_importance_prune_then_merge(alpha):
     assert [r.importance is not None for r in records] == [False, True, True, True, True, True]
     assert [r.pruned for r in records] == [True, True, True, True, False, False]
     assert all(r.grid == (8, 8) for r in records)
-    # pool_factor 1.0: the pool is exactly the N - R kept tokens, so the kept tokens are the most important
+    # pool_factor 1.0: the pool is exactly the N - R kept tokens, so besides the cell destinations the kept
+    # tokens are the most important ones
     last = records[-1]
-    most_important = last.importance[0].flatten().argsort(descending=True)[: TOKENS // 2]
-    kept = (last.roles[0].flatten() != MERGED).nonzero().flatten()
-    assert set(most_important.tolist()) == set(kept.tolist())
+    roles = last.roles[0].flatten()
+    least_important = last.importance[0].flatten().argsort(descending=True)[TOKENS // 2 :]
+    assert bool(((roles[least_important] == MERGED) | (roles[least_important] == DESTINATION)).all())
+    assert int((roles[least_important] == MERGED).sum()) > 0
 
 
 def test_importance_comes_from_the_noise_channels_only(alpha):

@@ -118,16 +118,24 @@ def test_merge_plan_records_roles_and_sources(sd):
     assert int((record.roles[0] == MERGED).sum()) == r
     assert int((record.roles[0] == DESTINATION).sum()) == 64
     assert int((record.roles[0] == INDEPENDENT).sum()) == n - r - 64
-    # built from the map of the previous step: its most important tokens are never merged
-    importance = record.importance[0].flatten()
-    num_pool = min(n, math.floor((n - r) * 1.4))
-    unimportant = importance.argsort(descending=True)[num_pool:]
-    assert bool((record.roles[0].flatten()[unimportant] == MERGED).all())
+    assert record.importance is not None  # built from the map of the previous step
     # kept tokens receive their own output; merged ones a destination's
     source, roles = record.source[0], record.roles[0].flatten()
     kept = roles != MERGED
     assert torch.equal(source[kept], torch.arange(n)[kept])
     assert bool((roles[source[~kept]] == DESTINATION).all())
+
+
+def test_paper_partition_draws_destinations_from_the_pool(sd):
+    imptome.apply_patch(sd, ratio=0.7, dst_selection="random", pool_factor=1.4)
+    generate(sd, steps=4)
+    (record,) = imptome.merge_plan(sd)
+    n, r = 256, math.floor(256 * 0.7)
+    order = record.importance[0].flatten().argsort(descending=True)
+    num_pool = min(n, math.floor((n - r) * 1.4))
+    roles = record.roles[0].flatten()
+    assert bool((roles[order[num_pool:]] == MERGED).all())  # the least important tokens are always merged
+    assert int((roles[order[:num_pool]] == DESTINATION).sum()) == 64  # every destination is in the pool
 
 
 def test_warmup_prunes_then_merges(sd):
@@ -154,23 +162,28 @@ def test_tome_partition_has_one_destination_per_cell(sd):
     assert torch.equal(cells, torch.ones(8, 8, dtype=cells.dtype))
 
 
-def test_cell_destinations_with_importance_protection(sd):
-    imptome.apply_patch(sd, ratio=0.5, dst_selection="cells")
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_default_partition_cells_place_destinations_importance_picks_the_rest(sd, ratio):
+    imptome.apply_patch(sd, ratio=ratio)
     generate(sd, steps=4)
     (record,) = imptome.merge_plan(sd)
     roles = record.roles[0]
     cells = (roles == DESTINATION).view(8, 2, 8, 2).sum(dim=(1, 3))
     assert torch.equal(cells, torch.ones(8, 8, dtype=cells.dtype))  # destinations spread as in tome
-    n, r = 256, 128
+    n = 256
+    r = math.floor(n * ratio)
     assert int((roles == MERGED).sum()) == r
-    # the importance map decides which sources survive: only tokens of the pool stay independent, and
-    # every source outside it is merged
-    num_pool = math.floor((n - r) * 1.4)
+    # pool factor 1.0: the pool is the N - R most important tokens. Every source outside it is merged, so
+    # the independent tokens are pool tokens, and only pool sources displaced by destinations outside the
+    # pool are merged too.
+    order = record.importance[0].flatten().argsort(descending=True)
     in_pool = torch.zeros(n, dtype=torch.bool)
-    in_pool[record.importance[0].flatten().argsort(descending=True)[:num_pool]] = True
+    in_pool[order[: n - r]] = True
     roles = roles.flatten()
+    is_dst = roles == DESTINATION
     assert bool(in_pool[roles == INDEPENDENT].all()) and int((roles == INDEPENDENT).sum()) == n - r - 64
-    assert bool((roles[~in_pool & (roles != DESTINATION)] == MERGED).all())
+    assert bool((roles[~in_pool & ~is_dst] == MERGED).all())
+    assert int((in_pool & (roles == MERGED)).sum()) == int((~in_pool & is_dst).sum())
 
 
 def test_non_square_odd_grid_and_several_prompts(sd):

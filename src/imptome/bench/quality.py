@@ -37,12 +37,12 @@ from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprin
 from imptome.patch.api import find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
-# Ablations of the importance method (DESIGN.md section 1 and the paper's discussion).
+# Ablations of the importance method (DESIGN.md section 1 and the paper's discussion). "importance" itself is
+# the default MergeConfig: cell destinations, pool factor 1.0.
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "importance-paper": {"dst_selection": "random", "pool_factor": 1.4},  # the paper's SD partition
+    "importance-random": {"dst_selection": "random"},
     "importance-topk": {"dst_selection": "topk"},
-    "importance-cells": {"dst_selection": "cells"},
-    "importance-pool1.0": {"pool_factor": 1.0},
-    "importance-pool2.0": {"pool_factor": 2.0},
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
 }
@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help=f"of {', '.join(METHODS)} (default: all), or ablations: {', '.join(ABLATIONS)}, "
-        "importance-pool<factor>",
+        "any of these with -pool<factor> appended (e.g. importance-pool1.4, importance-paper-pool2.0)",
     )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")

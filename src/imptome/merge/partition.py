@@ -77,10 +77,12 @@ def cell_partition(
     h, w = grid
     cells_y, cells_x = h // sy, w // sx
     device = key.device
-    offset = random_bits(key, (units, cells_y, cells_x)) % (sy * sx)
-    row = torch.arange(cells_y, device=device).view(1, -1, 1) * sy + offset // sx
-    col = torch.arange(cells_x, device=device).view(1, 1, -1) * sx + offset % sx
-    return (row * w + col).flatten(1)
+    # token index of each cell's top-left corner, [cells_y, cells_x]
+    corner = torch.arange(0, cells_y * sy * w, sy * w, device=device).view(-1, 1)
+    corner = corner + torch.arange(0, cells_x * sx, sx, device=device)
+    offset = random_bits(key, (units, cells_y, cells_x)) % (sy * sx)  # row-major position inside the cell
+    # offset // sx rows down and offset % sx columns right: offset + (offset // sx) * (w - sx)
+    return (corner + offset + (offset // sx) * (w - sx)).flatten(1)
 
 
 def cell_count(grid: tuple[int, int], sy: int, sx: int) -> int:

@@ -164,7 +164,10 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
     unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
     if unknown:
         choices = ", ".join(METHODS + tuple(ABLATIONS))
-        raise CliError(f"unknown method(s) {unknown}; choose from {choices}, or importance-pool<factor>")
+        raise CliError(
+            f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
+            "-pool<factor> (e.g. importance-pool1.4)"
+        )
     if "tomesd" in methods and not _has_tomesd():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")
     if args.ablations:

@@ -6,8 +6,10 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+import imptome
 from imptome.bench import quality
 from imptome.bench.quality import ablation_options
 from imptome.cli import main
@@ -89,6 +91,10 @@ def test_any_pool_factor_is_an_ablation():
     assert ablation_options("importance-paper") == {"dst_selection": "random", "pool_factor": 1.4}
     assert ablation_options("importance-pool") is None and ablation_options("tome") is None
     assert ablation_options("importance-cells-pool1.0") is None  # not an ablation name
+    assert ablation_options("importance-shuffled") == {}  # the control
+    paper_pool2 = {"dst_selection": "random", "pool_factor": 2.0}
+    assert ablation_options("importance-paper-pool2-shuffled") == paper_pool2
+    assert ablation_options("tome-shuffled") is None and ablation_options("importance-shuffled-pool2") is None
 
 
 def test_empty_prompt_file_is_an_error(tmp_path, capsys):
@@ -100,7 +106,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, capsys):
 
 def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
     out = tmp_path / "bundled.json"
-    argv = ["bench", "quality", "--seeds", "1", "--methods", "tome", "importance", "importance-paper"]
+    argv = ["bench", "quality", "--seeds", "1", "--methods", "tome", "importance", "importance-shuffled"]
     argv += ["--ratios", "0.7", "--steps", "4"]
     assert main([*argv, "--batch-size", "36", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -111,11 +117,30 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
         low, high = row["accuracy_ci95"]
         assert low <= row["accuracy"] <= high
         assert row["frechet"] > 0
-    # paired differences from tome, one per importance variant
-    comparisons = {c["method"]: c for c in report["comparisons"]}
-    assert set(comparisons) == {"importance", "importance-paper"}
-    for method, comparison in comparisons.items():
-        difference = rows[method]["accuracy"] - rows["tome"]["accuracy"]
-        assert comparison["accuracy_minus_tome"] == pytest.approx(difference)
+    # paired differences: each importance variant minus tome, and importance minus its shuffled control
+    comparisons = {(c["method"], c["baseline"]): c for c in report["comparisons"]}
+    assert set(comparisons) == {
+        ("importance", "tome"), ("importance-shuffled", "tome"), ("importance", "importance-shuffled"),
+    }  # fmt: skip
+    for (method, baseline), comparison in comparisons.items():
+        difference = rows[method]["accuracy"] - rows[baseline]["accuracy"]
+        assert comparison["accuracy_diff"] == pytest.approx(difference)
         low, high = comparison["psnr_ci95"]
-        assert low <= comparison["psnr_minus_tome"] <= high
+        assert low <= comparison["psnr_diff_db"] <= high
+
+
+def test_shuffled_control_moves_the_map_and_keeps_its_values():
+    pipe = tiny_sd_pipeline()
+    outputs = []
+    record = pipe.unet.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    try:
+        with quality.Variant("importance-shuffled", 0.5).applied(pipe):
+            pipe("a red circle", num_inference_steps=3, output_type="latent")
+            shuffled = imptome.importance_map(pipe)
+        assert not imptome.is_patched(pipe) and not pipe.unet._forward_hooks.keys() - {record.id}
+    finally:
+        record.remove()
+    uncond, cond = outputs[-1].chunk(2)
+    true_map = (cond - uncond).abs().mean(dim=1)  # [1, 16, 16], what an unshuffled patch would hold
+    assert not torch.equal(shuffled, true_map)
+    assert torch.equal(shuffled.flatten().sort().values, true_map.flatten().sort().values)

@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 import imptome
@@ -34,7 +37,7 @@ from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.cli import CliError
 from imptome.config import MergeConfig
 from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
-from imptome.patch.api import find_denoiser
+from imptome.patch.api import _state, find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
 # Ablations of the importance method (DESIGN.md section 1 and the paper's discussion). "importance" itself is
@@ -46,20 +49,24 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
 }
-# Any of the above (or plain importance) with another pool factor, e.g. importance-cells-pool1.0
-_POOL = re.compile(r"(importance(?:-[a-z-]+)?)-pool(\d+(?:\.\d+)?)")
+# A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
+# before each step uses it (same values, random places). What it loses against the method is what the map's
+# content buys.
+SHUFFLED = "-shuffled"
+_POOL = re.compile(r"(.+)-pool(\d+(?:\.\d+)?)")
 
 
 def ablation_options(method: str) -> dict[str, Any] | None:
-    """MergeConfig options of an importance ablation: an ABLATIONS name or `importance`, optionally
-    followed by -pool<factor>."""
-    if method in ABLATIONS:
-        return ABLATIONS[method]
-    match = _POOL.fullmatch(method)
-    if match is None:
+    """MergeConfig options of an importance variant named `importance` or an ABLATIONS name, optionally
+    followed by -pool<factor> and then by the -shuffled control; None for any other name."""
+    method = method.removesuffix(SHUFFLED)
+    pool = _POOL.fullmatch(method)
+    if pool is not None:
+        method = pool.group(1)
+    options = {} if method == "importance" else ABLATIONS.get(method)
+    if options is None:
         return None
-    base = {} if match.group(1) == "importance" else ABLATIONS.get(match.group(1))
-    return None if base is None else {**base, "pool_factor": float(match.group(2))}
+    return options if pool is None else {**options, "pool_factor": float(pool.group(2))}
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,11 @@ class Variant:
     def key(self) -> str:
         return f"{self.method}@{self.ratio:g}"
 
-    def apply(self, pipe: Any) -> None:
+    @contextmanager
+    def applied(self, pipe: Any) -> Iterator[None]:
+        """The method patched into `pipe` for the duration (nothing for `none`)."""
         imptome.remove_patch(pipe)
+        handles = []
         if self.method == "tomesd":
             import tomesd
 
@@ -81,13 +91,33 @@ class Variant:
             method = "tome" if self.method == "tome" else "importance"
             options = ablation_options(self.method) or {}
             imptome.apply_patch(pipe, ratio=self.ratio, method=method, **options)
+            if self.method.endswith(SHUFFLED):
+                handles.append(_shuffle_importance(pipe))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            if self.method == "tomesd":
+                import tomesd
 
-    def remove(self, pipe: Any) -> None:
-        if self.method == "tomesd":
-            import tomesd
+                tomesd.remove_patch(pipe)
+            imptome.remove_patch(pipe)
 
-            tomesd.remove_patch(pipe)
-        imptome.remove_patch(pipe)
+
+def _shuffle_importance(pipe: Any) -> RemovableHandle:
+    """After each denoiser call (after imptome's own hook), permute the positions of the stored importance
+    map [U, H, W]: one permutation per step, seeded by the step, so reruns and resumed runs agree."""
+    state = _state(pipe)
+
+    def shuffle(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        importance = state.importance
+        if importance is not None:
+            generator = torch.Generator().manual_seed(state.step)
+            order = torch.randperm(importance[0].numel(), generator=generator).to(importance.device)
+            state.importance = importance.flatten(1)[:, order].view_as(importance)
+
+    return find_denoiser(pipe).register_forward_hook(shuffle)
 
 
 @dataclass
@@ -118,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help=f"of {', '.join(METHODS)} (default: all), or ablations: {', '.join(ABLATIONS)}, "
-        "any of these with -pool<factor> appended (e.g. importance-pool1.4, importance-paper-pool2.0)",
+        "any of these or importance with -pool<factor> appended (e.g. importance-pool1.4), and any "
+        "importance variant with -shuffled appended: a control whose importance map is shuffled every step",
     )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
@@ -166,7 +197,7 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
         choices = ", ".join(METHODS + tuple(ABLATIONS))
         raise CliError(
             f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
-            "-pool<factor> (e.g. importance-pool1.4)"
+            "-pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
         )
     if "tomesd" in methods and not _has_tomesd():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")
@@ -256,8 +287,7 @@ def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> N
     stats = cache.stats(variant)
     todo = [(p, s) for p, s in items if not cache.has(variant, p, s)]
     denoiser = find_denoiser(pipe)
-    variant.apply(pipe)
-    try:
+    with variant.applied(pipe):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
             generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in batch]
@@ -285,8 +315,6 @@ def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> N
                 ),
             )
             cache.save_stats(variant, stats)
-    finally:
-        variant.remove(pipe)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -312,8 +340,8 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 
 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Metrics of every variant, and paired differences (accuracy, PSNR) of each importance variant from
-    `tome` at the same ratio, over the same prompts and seeds."""
+    """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
+    each importance variant minus `tome` at the same ratio, and each method minus its -shuffled control."""
     classifier = None
     real_features = None
     if objects is not None:
@@ -360,21 +388,27 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 flops_per_step=float(stats["flops_per_step"]),
             )
         )
-    comparisons = []
+    pairs = []  # (variant, baseline): importance variants against tome, methods against their control
     for variant in variants:
-        tome = Variant("tome", variant.ratio)
-        if not variant.method.startswith("importance") or tome.key not in paired:
+        if variant.method.startswith("importance"):
+            pairs.append((variant, Variant("tome", variant.ratio)))
+        if variant.method.endswith(SHUFFLED):
+            pairs.append((Variant(variant.method.removesuffix(SHUFFLED), variant.ratio), variant))
+    comparisons = []
+    for variant, baseline in pairs:
+        if variant.key not in paired or baseline.key not in paired:
             continue
-        (hits, counts, db), (tome_hits, _, tome_db) = paired[variant.key], paired[tome.key]
-        both = np.isfinite(db) & np.isfinite(tome_db)
-        db_diff = db[both] - tome_db[both]
+        (hits, counts, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
+        both = np.isfinite(db) & np.isfinite(base_db)
+        db_diff = db[both] - base_db[both]
         comparisons.append(
             {
                 "method": variant.method,
+                "baseline": baseline.method,
                 "ratio": variant.ratio,
-                "accuracy_minus_tome": float((hits.sum() - tome_hits.sum()) / counts.sum()),
-                "accuracy_ci95": bootstrap_ci(hits - tome_hits, counts),
-                "psnr_minus_tome": float(db_diff.mean()),
+                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()),
+                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts),
+                "psnr_diff_db": float(db_diff.mean()),
                 "psnr_ci95": bootstrap_ci(db_diff),
             }
         )
@@ -409,13 +443,13 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
     text = header + "\n".join(lines) + "\n"
     if comparisons:
         text += (
-            "\n| method | ratio | accuracy minus tome (paired) [95% CI] "
-            "| PSNR minus tome, dB (paired) [95% CI] |\n|---|---|---|---|\n"
+            "\n| method | minus | ratio | accuracy difference (paired) [95% CI] "
+            "| PSNR difference, dB (paired) [95% CI] |\n|---|---|---|---|---|\n"
         )
         text += "\n".join(
-            f"| {c['method']} | {c['ratio']:g} "
-            f"| {_fmt_ci(c['accuracy_minus_tome'], c['accuracy_ci95'], 3, '+')} "
-            f"| {_fmt_ci(c['psnr_minus_tome'], c['psnr_ci95'], 2, '+')} |"
+            f"| {c['method']} | {c['baseline']} | {c['ratio']:g} "
+            f"| {_fmt_ci(c['accuracy_diff'], c['accuracy_ci95'], 3, '+')} "
+            f"| {_fmt_ci(c['psnr_diff_db'], c['psnr_ci95'], 2, '+')} |"
             for c in comparisons
         )
         text += "\n"

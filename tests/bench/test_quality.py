@@ -95,6 +95,9 @@ def test_any_pool_factor_is_an_ablation():
     paper_pool2 = {"dst_selection": "random", "pool_factor": 2.0}
     assert ablation_options("importance-paper-pool2-shuffled") == paper_pool2
     assert ablation_options("tome-shuffled") is None and ablation_options("importance-shuffled-pool2") is None
+    assert ablation_options("tome-per-layer") == {"plan_scope": "layer"}
+    assert ablation_options("tome-per-layer-pool2") is None  # tome has no pool
+    assert ablation_options("tome-per-layer-shuffled") is None  # nor an importance map to shuffle
 
 
 def test_empty_prompt_file_is_an_error(tmp_path, capsys):

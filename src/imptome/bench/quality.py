@@ -40,14 +40,17 @@ from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprin
 from imptome.patch.api import _state, find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
-# Ablations of the importance method (DESIGN.md section 1 and the paper's discussion). "importance" itself is
-# the default MergeConfig: cell destinations, pool factor 1.0.
+# Ablations (DESIGN.md section 1 and the paper's discussion): MergeConfig options on top of method
+# "importance" (the default MergeConfig: cell destinations, pool factor 1.0), or "tome" for tome-* names.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-paper": {"dst_selection": "random", "pool_factor": 1.4},  # the paper's SD partition
     "importance-random": {"dst_selection": "random"},
     "importance-topk": {"dst_selection": "topk"},
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
+    # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
+    # (imptome's `tome` plans once per step from the first merged layer's tokens).
+    "tome-per-layer": {"plan_scope": "layer"},
 }
 # A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
 # before each step uses it (same values, random places). What it loses against the method is what the map's
@@ -57,14 +60,15 @@ _POOL = re.compile(r"(.+)-pool(\d+(?:\.\d+)?)")
 
 
 def ablation_options(method: str) -> dict[str, Any] | None:
-    """MergeConfig options of an importance variant named `importance` or an ABLATIONS name, optionally
+    """MergeConfig options of an ablation: `importance` or an ABLATIONS name, importance variants optionally
     followed by -pool<factor> and then by the -shuffled control; None for any other name."""
+    shuffled = method.endswith(SHUFFLED)
     method = method.removesuffix(SHUFFLED)
     pool = _POOL.fullmatch(method)
     if pool is not None:
         method = pool.group(1)
     options = {} if method == "importance" else ABLATIONS.get(method)
-    if options is None:
+    if options is None or (_base_method(method) == "tome" and (pool is not None or shuffled)):
         return None
     return options if pool is None else {**options, "pool_factor": float(pool.group(2))}
 
@@ -88,9 +92,8 @@ class Variant:
 
             tomesd.apply_patch(pipe, ratio=self.ratio)
         elif self.method != "none":
-            method = "tome" if self.method == "tome" else "importance"
             options = ablation_options(self.method) or {}
-            imptome.apply_patch(pipe, ratio=self.ratio, method=method, **options)
+            imptome.apply_patch(pipe, ratio=self.ratio, method=_base_method(self.method), **options)
             if self.method.endswith(SHUFFLED):
                 handles.append(_shuffle_importance(pipe))
         try:
@@ -103,6 +106,11 @@ class Variant:
 
                 tomesd.remove_patch(pipe)
             imptome.remove_patch(pipe)
+
+
+def _base_method(method: str) -> str:
+    """imptome's MergeConfig.method behind a bench method name ("tome" also stands in for tomesd)."""
+    return "tome" if method.startswith("tome") else "importance"
 
 
 def _shuffle_importance(pipe: Any) -> RemovableHandle:
@@ -148,8 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help=f"of {', '.join(METHODS)} (default: all), or ablations: {', '.join(ABLATIONS)}, "
-        "any of these or importance with -pool<factor> appended (e.g. importance-pool1.4), and any "
-        "importance variant with -shuffled appended: a control whose importance map is shuffled every step",
+        "importance or an importance-* ablation with -pool<factor> appended (e.g. importance-pool1.4), "
+        "and any importance variant with -shuffled appended: a control whose importance map is shuffled "
+        "every step",
     )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
@@ -208,9 +217,8 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
         for method in methods:
             if method == "none":
                 continue
-            base = "tome" if method in ("tome", "tomesd") else "importance"
             try:
-                MergeConfig(ratio=ratio, method=base, **(ablation_options(method) or {}))
+                MergeConfig(ratio=ratio, method=_base_method(method), **(ablation_options(method) or {}))
             except ValueError as error:
                 raise CliError(str(error)) from error
             variants.append(Variant(method, ratio))
@@ -341,7 +349,8 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
-    each importance variant minus `tome` at the same ratio, and each method minus its -shuffled control."""
+    each importance variant minus `tome` (and `tome-per-layer` where it ran) at the same ratio, and each
+    method minus its -shuffled control."""
     classifier = None
     real_features = None
     if objects is not None:
@@ -388,10 +397,11 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 flops_per_step=float(stats["flops_per_step"]),
             )
         )
-    pairs = []  # (variant, baseline): importance variants against tome, methods against their control
+    # (variant, baseline): importance variants against imptome's tome variants, methods against their control
+    pairs = []
     for variant in variants:
         if variant.method.startswith("importance"):
-            pairs.append((variant, Variant("tome", variant.ratio)))
+            pairs += [(variant, Variant(tome, variant.ratio)) for tome in ("tome", "tome-per-layer")]
         if variant.method.endswith(SHUFFLED):
             pairs.append((Variant(variant.method.removesuffix(SHUFFLED), variant.ratio), variant))
     comparisons = []

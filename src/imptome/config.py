@@ -43,9 +43,9 @@ class MergeConfig:
             importance decides which other tokens stay independent (D is then the number of cells;
             dst_fraction is not used). "random" draws the destinations uniformly from the pool (paper);
             "topk" takes the D most important tokens (an ablation). On the bundled model "cells" with
-            pool_factor 1.0 stayed closest to unmerged images at every ratio (a shuffled map did as well
-            there), while "random" packed the destinations onto the objects and lost to ToMeSD at ratio 0.7
-            (docs/RESULTS.md, Quality).
+            pool_factor 1.0 beat ToMeSD's fidelity at ratios 0.3 and 0.5 and tied it at 0.7 (a shuffled map
+            did as well there), while "random" packed the destinations onto the objects and lost to ToMeSD
+            at 0.7 (docs/RESULTS.md, Quality).
 
     ToMeSD partition (method="tome", and every warm-up or no-CFG step)
         sx, sy: cell size; one destination per cell at a random position.

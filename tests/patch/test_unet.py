@@ -11,6 +11,7 @@ import torch
 
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
+from imptome.patch.api import _state
 from tests.factories import tiny_sd_pipeline, tiny_sdxl_pipeline
 from tests.patch.probes import token_shapes
 
@@ -184,6 +185,47 @@ def test_default_partition_cells_place_destinations_importance_picks_the_rest(sd
     assert bool(in_pool[roles == INDEPENDENT].all()) and int((roles == INDEPENDENT).sum()) == n - r - 64
     assert bool((roles[~in_pool & ~is_dst] == MERGED).all())
     assert int((in_pool & (roles == MERGED)).sum()) == int((~in_pool & is_dst).sum())
+
+
+def test_the_pool_is_where_the_map_is_high_in_the_tokens_attention_sees(sd):
+    """The map's (h, w) positions and the layer's token order line up: a map that is high on the top half
+    of the latent makes exactly the top-half tokens the pool, checked on the tokens the attention receives
+    (not on imptome's own records)."""
+    unet = sd.unet
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    seen = {}
+
+    def keep(name):  # a pre-hook that records its first call's tokens and returns None (arguments unchanged)
+        def hook(module, args):
+            seen.setdefault(name, args[0][0])
+
+        return hook
+
+    before = attn.register_forward_pre_hook(keep("raw"))
+    # pool factor 1.0 with destinations drawn from the pool: the N - R pool tokens are exactly the kept ones
+    imptome.apply_patch(sd, ratio=0.5, dst_selection="random", pool_factor=1.0)
+    after = attn.to_q.register_forward_pre_hook(keep("merged"))
+    state = _state(unet)
+    hot = torch.zeros(1, 16, 16)
+    hot[:, :8, :] = 1.0 + torch.rand(1, 8, 16)  # the top 8 of 16 rows: 128 = N - R tokens
+    state.enter_step(2)
+    state.importance, state.last_timestep = hot, 500.0
+    latent = torch.randn(1, 4, 16, 16).repeat(2, 1, 1, 1)  # a CFG batch: both halves equal
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    try:
+        with torch.no_grad():
+            unet(latent, 500, encoder_hidden_states=text)
+    finally:
+        before.remove()
+        after.remove()
+    raw, merged = seen["raw"], seen["merged"]  # [256, C] unmerged, [128, C] kept (destinations averaged)
+    assert merged.shape[0] == 128
+    # independent tokens (and destinations nothing merged into) reach attention unchanged: find them among
+    # the raw tokens
+    same = (merged[:, None, :] == raw[None, :, :]).all(-1)  # [128, 256]
+    rows_matched, positions = same.nonzero(as_tuple=True)
+    assert len(rows_matched) >= 128 - 64 and len(set(positions.tolist())) == len(positions)
+    assert bool((positions < 128).all())  # all in the top half of the grid, where the map is high
 
 
 def test_non_square_odd_grid_and_several_prompts(sd):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,7 +40,7 @@ def layer_cases(draw):
     return h, w, units, cfg, ratio, pool_factor, seed
 
 
-def _importance_plan(h, w, units, cfg, ratio, pool_factor, seed, chunk=1 << 24):
+def _importance_plan(h, w, units, cfg, ratio, pool_factor, seed, chunk=1 << 24, **options):
     gen = torch.Generator().manual_seed(seed)
     n = h * w
     num_remove = math.floor(n * ratio)
@@ -49,7 +50,7 @@ def _importance_plan(h, w, units, cfg, ratio, pool_factor, seed, chunk=1 << 24):
     features = torch.randn(units, n, 6, generator=gen)
     dst_idx, in_pool = importance_partition(importance, num_dst, num_pool, torch.tensor(stream_id(seed)))
     rows = 2 * units if cfg else units
-    plan = build_plan(dst_idx, num_remove, (h, w), rows, features, in_pool, chunk_entries=chunk)
+    plan = build_plan(dst_idx, num_remove, (h, w), rows, features, in_pool, chunk_entries=chunk, **options)
     return plan, importance, features, dst_idx, in_pool, num_remove, num_pool
 
 
@@ -114,6 +115,24 @@ def test_merge_unmerge(case):
     singles = counts.gather(1, plan.slot) == 1  # tokens alone in their slot
     assert bool((plan.roles.repeat(rows // units, 1)[singles] != MERGED).all())
     torch.testing.assert_close(restored[singles], x[singles], rtol=0, atol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(layer_cases(), st.booleans())
+def test_proportional_attention_equals_attention_over_all_tokens(case, average):
+    """With log(group size) added to each kept key, attention over the K kept tokens equals attention over
+    all N tokens with every token replaced by its slot's token (the unmerged sequence)."""
+    h, w, units, cfg, ratio, pool_factor, seed = case
+    plan, *_ = _importance_plan(*case, proportional=True, average=average)
+    rows, num_tokens = plan.slot.shape
+    sizes = torch.zeros(rows, plan.num_kept).scatter_add_(1, plan.slot, torch.ones(rows, num_tokens))
+    torch.testing.assert_close(plan.key_bias.exp().view(rows, -1), sizes, rtol=0, atol=0)
+    x = torch.randn(rows, num_tokens, 8, generator=torch.Generator().manual_seed(seed + 1))
+    merged = plan.merge(x)
+    expanded = plan.unmerge(merged)  # [B, N, C]: slot k repeated sizes[k] times
+    proportional = F.scaled_dot_product_attention(merged, merged, merged, attn_mask=plan.key_bias)
+    full = F.scaled_dot_product_attention(merged, expanded, expanded)
+    torch.testing.assert_close(proportional, full, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=20, deadline=None)

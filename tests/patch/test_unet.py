@@ -228,6 +228,35 @@ def test_the_pool_is_where_the_map_is_high_in_the_tokens_attention_sees(sd):
     assert bool((positions < 128).all())  # all in the top half of the grid, where the map is high
 
 
+def test_proportional_attention_passes_log_group_sizes_to_merged_self_attention(sd):
+    masks = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            masks.setdefault(name, []).append(kwargs.get("attention_mask"))
+
+        return hook
+
+    attentions = {name: m for name, m in sd.unet.named_modules() if name.endswith(("attn1", "attn2"))}
+    base = generate(sd, steps=3)
+    imptome.apply_patch(sd, ratio=0.5, proportional_attention=True)
+    handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in attentions.items()]
+    try:
+        merged = generate(sd, steps=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, seen in masks.items():
+        if name.endswith("attn1") and any(mask is not None for mask in seen):
+            for mask in seen:  # [B, 1, K]: log of how many of the 256 tokens each kept token stands for
+                assert mask.shape == (2, 1, 128)
+                torch.testing.assert_close(mask.exp().sum(-1), torch.full((2, 1), 256.0))
+        else:
+            assert all(mask is None for mask in seen), name  # cross-attention and unmerged levels: no mask
+    assert sum(any(m is not None for m in seen) for seen in masks.values()) == 5  # the 5 top-level attn1
+    assert not np.array_equal(merged, base) and np.isfinite(merged).all()
+
+
 def test_non_square_odd_grid_and_several_prompts(sd):
     imptome.apply_patch(sd, ratio=0.7)
     generator = torch.Generator().manual_seed(0)

@@ -48,9 +48,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-topk": {"dst_selection": "topk"},
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
+    "importance-prop": {"proportional_attention": True},
     # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
     # (imptome's `tome` plans once per step from the first merged layer's tokens).
     "tome-per-layer": {"plan_scope": "layer"},
+    "tome-prop": {"proportional_attention": True},
 }
 # A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
 # before each step uses it (same values, random places). What it loses against the method is what the map's
@@ -349,8 +351,8 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
-    each importance variant minus `tome` (and `tome-per-layer` where it ran) at the same ratio, and each
-    method minus its -shuffled control."""
+    each importance variant minus every imptome tome variant (tome, tome-per-layer, ...) at the same ratio,
+    and each method minus its -shuffled control."""
     classifier = None
     real_features = None
     if objects is not None:
@@ -398,10 +400,11 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             )
         )
     # (variant, baseline): importance variants against imptome's tome variants, methods against their control
+    tomes = [v for v in variants if _base_method(v.method) == "tome" and v.method != "tomesd"]
     pairs = []
     for variant in variants:
         if variant.method.startswith("importance"):
-            pairs += [(variant, Variant(tome, variant.ratio)) for tome in ("tome", "tome-per-layer")]
+            pairs += [(variant, tome) for tome in tomes if tome.ratio == variant.ratio]
         if variant.method.endswith(SHUFFLED):
             pairs.append((Variant(variant.method.removesuffix(SHUFFLED), variant.ratio), variant))
     comparisons = []

@@ -9,6 +9,7 @@ For every (architecture, resolution) the denoiser is built once from the configs
   at the given ratio; method "tome", or "importance" planning once per token grid per step
   (``plan_scope="step"``, the default) or in every block (``plan_scope="layer"``). Each is timed at a
   mid-generation step: past the warm-up schedule, with the previous step's importance map.
+- ``importance-prop``: ``importance`` with ``proportional_attention=True`` (an additive attention mask).
 - ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
   on PixArt or AnimateDiff); a failure is recorded in the row's ``error``.
 
@@ -55,7 +56,7 @@ from imptome.merge import cfg_importance
 from imptome.patch.api import _state
 from imptome.patch.families import denoiser_info, finest_attention_downsample
 
-VARIANTS = ("none", "tome", "importance", "importance-per-layer", "tomesd")
+VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 DEFAULT_RATIOS = (0.5, 0.7)
 
 
@@ -115,7 +116,12 @@ class Variant:
         if self.name == "tome":
             return preset.replace(ratio=self.ratio, method="tome")
         scope = "layer" if self.name == "importance-per-layer" else "step"
-        return preset.replace(ratio=self.ratio, method="importance", plan_scope=scope)
+        return preset.replace(
+            ratio=self.ratio,
+            method="importance",
+            plan_scope=scope,
+            proportional_attention=self.name == "importance-prop",
+        )
 
     @contextmanager
     def applied(

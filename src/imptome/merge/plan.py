@@ -29,6 +29,8 @@ class MergePlan:
         bag_order: [B * N] rows of the flattened input sorted by slot, or None when removed tokens are
             pruned (dropped before attention, not averaged).
         bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
+        key_bias: [B, 1, K] float32 log of how many tokens each kept slot stands for, to add to the
+            self-attention logits (proportional attention), or None.
 
     merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel with no atomics, so
     deterministic; it sums in the input's dtype, as the index_add_ it replaced did) and unmerge one row
@@ -44,6 +46,7 @@ class MergePlan:
     flat_kept: torch.Tensor
     bag_order: torch.Tensor | None
     bag_offsets: torch.Tensor | None
+    key_bias: torch.Tensor | None = None
 
     @property
     def pruned(self) -> bool:
@@ -132,6 +135,7 @@ def build_plan(
     in_pool: torch.Tensor | None = None,
     average: bool = True,
     chunk_entries: int = 1 << 24,
+    proportional: bool = False,
 ) -> MergePlan:
     """Match every source to a destination and choose the R sources to remove.
 
@@ -146,6 +150,9 @@ def build_plan(
             (ToMeSD: the R most similar sources).
         average: merge removed tokens into their destination (True) or prune them (False).
         chunk_entries: upper bound on similarity entries computed at once.
+        proportional: also make `key_bias`, the log group sizes that turn attention over the K kept tokens
+            into attention over all N tokens with each token replaced by its slot's mean (ToMe's
+            proportional attention).
     """
     units, num_dst = dst_idx.shape
     num_tokens = grid[0] * grid[1]
@@ -177,8 +184,14 @@ def build_plan(
     flat_slot = (slot + first_slot).flatten()
     first_token = torch.arange(0, rows * num_tokens, num_tokens, device=device).unsqueeze(1)
     flat_kept = (kept_idx.repeat(rows // units, 1) + first_token).flatten()
-    bag_order = bag_offsets = None
-    if average:  # every slot holds at least its own kept token, so no bag is empty
-        sorted_slot, bag_order = flat_slot.sort(stable=True)
-        bag_offsets = torch.searchsorted(sorted_slot, torch.arange(rows * num_kept, device=device))
-    return MergePlan(kept_idx, slot, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets)
+    bag_order = bag_offsets = key_bias = None
+    if average or proportional:  # every slot holds at least its own kept token, so no bag is empty
+        sorted_slot, order = flat_slot.sort(stable=True)
+        slots = torch.arange(rows * num_kept, device=device)
+        starts = torch.searchsorted(sorted_slot, slots)
+        if average:
+            bag_order, bag_offsets = order, starts
+        if proportional:  # group sizes from the sorted slots: no atomics, so deterministic on every device
+            sizes = torch.searchsorted(sorted_slot, slots, right=True) - starts
+            key_bias = sizes.float().log().view(rows, 1, num_kept)
+    return MergePlan(kept_idx, slot, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets, key_bias)

@@ -77,6 +77,8 @@ class _LayerHooks:
             return None
         self.pending.append(plan)
         merged = plan.merge(tokens)
+        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
+            kwargs = {**kwargs, "attention_mask": plan.key_bias.to(merged.dtype)}
         if where == 0:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, where: merged}

@@ -224,6 +224,7 @@ class PatchState:
             in_pool=in_pool,
             average=self.average,
             chunk_entries=config.similarity_chunk,
+            proportional=config.proportional_attention,
         )
         pooled = None if importance is None else importance.view(units, *grid)
         return _Built(plan, layer, pooled)

@@ -151,6 +151,30 @@ def test_preset_merges_blocks_7_to_20_of_28_and_reads_a_positional_timestep():
     assert [r.importance is not None for r in records] == [False, True, False]
 
 
+def test_proportional_attention_masks_self_attention_only(alpha):
+    base = generate(alpha, steps=6)
+    imptome.apply_patch(alpha, block_range=MERGED_BLOCKS, proportional_attention=True)
+    masks = {"attn1": [], "attn2": []}
+    block = alpha.transformer.transformer_blocks[MERGED_BLOCKS[0]]
+    handles = [  # registered after the patch's hooks, so they see what the attention receives
+        getattr(block, name).register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: masks[name].append(kwargs.get("attention_mask")),
+            with_kwargs=True,
+        )
+        for name in masks
+    ]
+    try:
+        merged = generate(alpha, steps=6)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # merged self-attention gets log group sizes over the 32 kept tokens; cross-attention (text keys) none
+    assert len(masks["attn1"]) == 6
+    assert all(m is not None and m.shape == (2, 1, TOKENS // 2) for m in masks["attn1"])
+    assert all(m is None or m.shape[-1] != TOKENS // 2 for m in masks["attn2"])
+    assert np.isfinite(merged).all() and not np.array_equal(merged, base)
+
+
 def test_block_range_out_of_range_is_a_clear_error(alpha):
     with pytest.raises(ValueError, match=r"4 transformer blocks: allowed .* stop <= 4"):
         imptome.apply_patch(alpha)  # the preset's (7, 21) needs 28 blocks

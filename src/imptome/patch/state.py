@@ -195,23 +195,21 @@ class PatchState:
         cond = tokens
         if self.cfg:
             cond = tokens[:units] if self.cond_first else tokens[units:]
-        importance = None
+        importance = in_pool = None
         # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
         if self.use_importance and self.cfg and self._map_fits(units):
             importance = pool_to_grid(self.importance, grid)
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
-            if config.dst_selection == "cells":
-                dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
-                in_pool = importance_pool(importance, num_pool)
-            else:
-                num_dst = math.floor(num_tokens * config.dst_fraction)
-                dst_idx, in_pool = importance_partition(
-                    importance, num_dst, num_pool, draw_key, topk_dst=config.dst_selection == "topk"
-                )
-        else:
+        if importance is not None and config.dst_selection != "cells":  # destinations from the pool
+            num_dst = math.floor(num_tokens * config.dst_fraction)
+            dst_idx, in_pool = importance_partition(
+                importance, num_dst, num_pool, draw_key, topk_dst=config.dst_selection == "topk"
+            )
+        else:  # ToMeSD's cells, with or without the importance pool
             dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
-            in_pool = None
+            if importance is not None:
+                in_pool = importance_pool(importance, num_pool)
         metric = None
         if config.matching == "feature":
             metric = cond.float() if cond.device.type == "cpu" else cond

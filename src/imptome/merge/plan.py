@@ -29,8 +29,8 @@ class MergePlan:
         bag_order: [B * N] rows of the flattened input sorted by slot, or None when removed tokens are
             pruned (dropped before attention, not averaged).
         bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
-        key_bias: [B, 1, K] float32 log of how many tokens each kept slot stands for, to add to the
-            self-attention logits (proportional attention), or None.
+        key_bias: [B, 1, K] log of how many tokens each kept slot stands for, in the dtype of the tokens
+            it is for, to add to the self-attention logits (proportional attention), or None.
 
     merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel with no atomics, so
     deterministic; it sums in the input's dtype, as the index_add_ it replaced did) and unmerge one row
@@ -136,6 +136,7 @@ def build_plan(
     average: bool = True,
     chunk_entries: int = 1 << 24,
     proportional: bool = False,
+    bias_dtype: torch.dtype = torch.float32,
 ) -> MergePlan:
     """Match every source to a destination and choose the R sources to remove.
 
@@ -153,6 +154,7 @@ def build_plan(
         proportional: also make `key_bias`, the log group sizes that turn attention over the K kept tokens
             into attention over all N tokens with each token replaced by its slot's mean (ToMe's
             proportional attention).
+        bias_dtype: dtype of `key_bias`, that of the attention's inputs (cast once here, not per layer).
     """
     units, num_dst = dst_idx.shape
     num_tokens = grid[0] * grid[1]
@@ -193,5 +195,5 @@ def build_plan(
             bag_order, bag_offsets = order, starts
         if proportional:  # group sizes from the sorted slots: no atomics, so deterministic on every device
             sizes = torch.searchsorted(sorted_slot, slots, right=True) - starts
-            key_bias = sizes.float().log().view(rows, 1, num_kept)
+            key_bias = sizes.float().log().to(bias_dtype).view(rows, 1, num_kept)
     return MergePlan(kept_idx, slot, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets, key_bias)

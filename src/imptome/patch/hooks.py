@@ -78,7 +78,7 @@ class _LayerHooks:
         self.pending.append(plan)
         merged = plan.merge(tokens)
         if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
-            kwargs = {**kwargs, "attention_mask": plan.key_bias.to(merged.dtype)}
+            kwargs = {**kwargs, "attention_mask": plan.key_bias}
         if where == 0:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, where: merged}

@@ -223,6 +223,7 @@ class PatchState:
             average=self.average,
             chunk_entries=config.similarity_chunk,
             proportional=config.proportional_attention,
+            bias_dtype=tokens.dtype,
         )
         pooled = None if importance is None else importance.view(units, *grid)
         return _Built(plan, layer, pooled)

@@ -14,7 +14,9 @@ from imptome.patch.state import PlanRecord
 # 0.2.0: counter-based random draws (plans traced by torch.compile); plans differ from 0.1.0's.
 # 0.3.0: default partition is cell destinations with a pool factor of 1.0 (was the paper's random
 # destinations from a pool of 1.4); images made with the defaults differ from 0.2.0's.
-__version__ = "0.3.0"
+# 0.4.0: calls without a CFG map use a random map (fallback="random"; was ToMeSD's partition); images made
+# without guidance differ from 0.3.0's, guided ones do not.
+__version__ = "0.4.0"
 
 __all__ = [
     "PRESETS",

@@ -11,6 +11,7 @@ CfgOrder = Literal["auto", "uncond_first", "cond_first"]
 Matching = Literal["feature", "grid"]
 DstSelection = Literal["random", "topk", "cells"]
 PlanScope = Literal["step", "layer"]
+Fallback = Literal["random", "tome"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("importance", "tome"),
@@ -18,6 +19,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "matching": ("feature", "grid"),
     "dst_selection": ("random", "topk", "cells"),
     "plan_scope": ("step", "layer"),
+    "fallback": ("random", "tome"),
 }
 
 
@@ -47,7 +49,15 @@ class MergeConfig:
             did as well there), while "random" packed the destinations onto the objects and lost to ToMeSD
             at 0.7 (docs/RESULTS.md, Quality).
 
-    ToMeSD partition (method="tome", and every warm-up or no-CFG step)
+        fallback: what importance merging does, after the warm-up, on a denoiser call without a usable
+            CFG map (guidance_scale <= 1, a CFG cut-off, a distilled model, an auxiliary pass such as
+            Zero123++'s reference image). "random" (default): the same partition with a random map in place
+            of the importance map, so the pool (and with it the independent tokens) is a random set of N - R
+            tokens. "tome": ToMeSD's partition, the R most similar sources merged (0.3.0). On the bundled
+            model a random map did as well as the CFG map, and both beat ToMeSD's choice; see
+            docs/RESULTS.md, "Without guidance".
+
+    ToMeSD partition (method="tome", and every warm-up step)
         sx, sy: cell size; one destination per cell at a random position.
 
     Schedule (importance only; step = index of the timestep within one generation: denoiser calls at the
@@ -107,6 +117,7 @@ class MergeConfig:
     merge_mlp: bool = False
     matching: Matching = "feature"
     proportional_attention: bool = False
+    fallback: Fallback = "random"
     plan_scope: PlanScope = "step"
     cfg_order: CfgOrder = "auto"
     seed: int = 0

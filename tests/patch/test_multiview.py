@@ -99,7 +99,8 @@ def test_a_reference_pass_per_step_keeps_steps_and_importance_of_the_main_pass()
     callback = lambda p, i, t, kw: records.append(imptome.merge_plan(p)[0]) or kw  # noqa: E731
     with pytest.warns(UserWarning, match="reference image"):
         seen = token_shapes(pipe.unet.unet, lambda: generate(pipe, steps=4, callback_on_step_end=callback))
-    # the reference pass (8 x 8, no CFG) is merged with random cells; the main pass keeps its own schedule
+    # the reference pass (8 x 8, no CFG) is merged without a map (the fallback); the main pass keeps its own
+    # schedule
     reference, main = 64 - math.floor(64 * 0.7), N - math.floor(N * 0.7)
     assert seen["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [(2, reference), (2, main)] * 4
     assert [r.grid for r in records] == [GRID] * 4

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -38,18 +40,22 @@ def top_level_token_counts(unet, run, attention: str = TOP_SELF_ATTENTION) -> li
     return seen
 
 
-def test_torch_compile_matches_eager_with_one_graph_per_phase():
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0], ids=["cfg", "no-cfg"])
+def test_torch_compile_matches_eager_with_one_graph_per_phase(guidance_scale):
     """Dynamo traces planning, merge and unmerge inside the denoiser's graph: the only graph breaks are the
     two denoiser hooks (begin_call / end_call, once per call), and one graph is made per phase of the
-    schedule (warm-up with random cells, importance merging), then reused: a second generation compiles
-    nothing. The "eager" backend keeps the test fast: graphs and recompilation are Dynamo's decisions,
-    whatever the backend."""
+    schedule (warm-up with random cells, then importance merging, or without CFG the random-map
+    fallback), then reused: a second generation compiles nothing. The "eager" backend keeps the test fast:
+    graphs and recompilation are Dynamo's decisions, whatever the backend."""
     pipe = tiny_sd_pipeline()
     pipe.unet = tiny_sd_unet(layers_per_block=1)  # fewer modules to trace
     steps = 6
-    unmerged = generate(pipe, steps=steps)
+    run = functools.partial(generate, guidance_scale=guidance_scale)
+    unmerged = run(pipe, steps=steps)
     imptome.apply_patch(pipe, ratio=0.7)
-    eager = generate(pipe, steps=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-CFG warning
+        eager = run(pipe, steps=steps)
     assert not torch.equal(eager, unmerged)
     torch._dynamo.reset()
     counters.clear()
@@ -61,8 +67,10 @@ def test_torch_compile_matches_eager_with_one_graph_per_phase():
         return kwargs
 
     try:
-        first = generate(pipe, steps=steps, callback_on_step_end=count)
-        second = generate(pipe, steps=steps, callback_on_step_end=count)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = run(pipe, steps=steps, callback_on_step_end=count)
+            second = run(pipe, steps=steps, callback_on_step_end=count)
         warm_up = imptome.PRESETS["unet"].merge_start_step
         assert graphs_after_step == [1] * warm_up + [2] * (2 * steps - warm_up)
         broken_at = [reason for reason in counters["graph_break"] if "begin_call" not in reason]
@@ -70,7 +78,7 @@ def test_torch_compile_matches_eager_with_one_graph_per_phase():
         torch.testing.assert_close(first, eager)
         torch.testing.assert_close(second, eager)
         (record,) = imptome.merge_plan(pipe)  # the plan was built inside the compiled graph
-        assert not record.pruned and record.importance is not None
+        assert not record.pruned and (record.importance is not None) == (guidance_scale > 1)
     finally:
         torch._dynamo.reset()
 

@@ -277,7 +277,7 @@ def test_non_square_odd_grid_and_several_prompts(sd):
     assert torch.equal(record.roles[:2], record.roles[2:])  # [uncond x2, cond x2] rows share plans per image
 
 
-def test_no_cfg_falls_back_to_cells_and_warns_once(sd):
+def test_no_cfg_warns_once_and_makes_no_map(sd):
     imptome.apply_patch(sd, ratio=0.7)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -287,6 +287,39 @@ def test_no_cfg_falls_back_to_cells_and_warns_once(sd):
     assert len(messages) == 1 and "classifier-free guidance" in messages[0]
     assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [256 - 179] * 3
     assert imptome.importance_map(sd) is None
+
+
+def test_no_cfg_fallback_tome_is_tomesd_and_random_keeps_a_random_pool(sd):
+    def plans_and_latents(**options):
+        imptome.apply_patch(sd, ratio=0.7, merge_start_step=0, **options)
+        records = []
+        callback = lambda pipe, i, t, kw: records.append(imptome.merge_plan(pipe)[0]) or kw  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            latents = generate(sd, steps=4, guidance_scale=1.0, callback_on_step_end=callback)
+        return records, latents
+
+    tome, tome_latents = plans_and_latents(method="tome")
+    fallback_tome, fallback_tome_latents = plans_and_latents(fallback="tome")
+    fallback_random, fallback_random_latents = plans_and_latents()  # the default
+    # From importance_start_step (2) on there is no map: "tome" merges exactly as ToMeSD does ...
+    assert np.array_equal(fallback_tome_latents, tome_latents)
+    # ... "random" keeps as many tokens, but picks the independent ones from a random pool.
+    assert torch.equal(fallback_random[1].source, tome[1].source)  # step 1: warm-up cells in both
+    for step in (2, 3):
+        assert not torch.equal(fallback_random[step].source, tome[step].source)
+        kept = [int((r[step].roles != MERGED).sum()) for r in (fallback_random, tome)]
+        assert kept[0] == kept[1] == 256 - 179  # one row: no CFG batch
+        assert fallback_random[step].importance is None  # no CFG map was used
+    assert not np.array_equal(fallback_random_latents, tome_latents)
+    assert np.array_equal(plans_and_latents()[1], fallback_random_latents)  # the random map is seeded
+
+
+def test_fallback_does_not_change_guided_generations(sd):
+    imptome.apply_patch(sd, ratio=0.7, fallback="tome")
+    tome = generate(sd)
+    imptome.apply_patch(sd, ratio=0.7, fallback="random")
+    assert np.array_equal(generate(sd), tome)
 
 
 def test_map_from_another_image_is_never_reused(sd):

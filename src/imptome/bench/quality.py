@@ -49,6 +49,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
     "importance-prop": {"proportional_attention": True},
+    "importance-tomefallback": {"fallback": "tome"},  # calls without a CFG map: ToMeSD's partition (0.3.0)
     # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
     # (imptome's `tome` plans once per step from the first merged layer's tokens).
     "tome-per-layer": {"plan_scope": "layer"},

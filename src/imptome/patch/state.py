@@ -18,9 +18,13 @@ from imptome.merge import (
     pool_size,
     pool_to_grid,
 )
-from imptome.merge.noise import stream_id
+from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import DenoiserInfo
+
+# XORed into a plan's key for the random map of fallback="random": the top bit keeps its element indices
+# (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
+_RANDOM_MAP_STREAM = stream_id(0x52414E44) | (1 << 31)
 
 
 @dataclass
@@ -31,7 +35,8 @@ class PlanRecord:
         grid: (h, w) token grid.
         layer: name of the block whose tokens built the plan (with plan_scope="step" it is reused by every
             merged layer of this grid).
-        importance: [U, h, w] the pooled importance map it was built from, or None (random cells).
+        importance: [U, h, w] the pooled CFG importance map it was built from, or None (no map: method
+            "tome", a warm-up step, or a call without CFG).
         roles: [B, h, w] per denoiser row: 0 merged, 1 destination, 2 independent.
         source: [B, h * w] index of the kept token whose attention output each token receives.
         pruned: True when removed tokens were dropped rather than averaged (warm-up).
@@ -86,8 +91,8 @@ class PatchState:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
         Calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
-        main pass). A call without CFG merges with random cells and neither produces nor clears the map,
-        so a later guided call of the same generation can still use it.
+        main pass). A call without CFG merges as `config.fallback` says and neither produces nor clears
+        the map, so a later guided call of the same generation can still use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new_generation = self.last_timestep is None or t > self.last_timestep
@@ -108,7 +113,12 @@ class PatchState:
             warnings.warn(
                 "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
                 "a CFG cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference "
-                "image); such calls merge with the random 2x2-cell partition instead of importance.",
+                "image); such calls merge without importance: "
+                + (
+                    "a random map stands in for it (fallback='random')."
+                    if self.config.fallback == "random"
+                    else "ToMeSD's random 2x2-cell partition (fallback='tome')."
+                ),
                 stacklevel=2,
             )
             self.warned_no_cfg = True
@@ -198,8 +208,12 @@ class PatchState:
         importance = in_pool = None
         # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
-        if self.use_importance and self.cfg and self._map_fits(units):
+        guided = self.use_importance and self.cfg and self._map_fits(units)
+        if guided:
             importance = pool_to_grid(self.importance, grid)
+        elif self.use_importance and config.fallback == "random":
+            importance = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
+        if importance is not None:
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
         if importance is not None and config.dst_selection != "cells":  # destinations from the pool
             num_dst = math.floor(num_tokens * config.dst_fraction)
@@ -225,8 +239,7 @@ class PatchState:
             proportional=config.proportional_attention,
             bias_dtype=tokens.dtype,
         )
-        pooled = None if importance is None else importance.view(units, *grid)
-        return _Built(plan, layer, pooled)
+        return _Built(plan, layer, importance.view(units, *grid) if guided else None)
 
     def records(self) -> list[PlanRecord]:
         """The last call's plans, expanded to one entry per denoiser row."""

@@ -33,6 +33,7 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         (["demo", "--ratio", "0.9"], "allowed 0 <= ratio <= 0.75"),
         (["demo", "--model", "./no/such/folder"], "does not exist"),
         (["demo", "--steps", "1"], "at least 2 steps"),
+        (["demo", "--set", "fallback=cells"], "fallback='cells' is not supported; choose one of"),
     ],
 )
 def test_demo_rejects_bad_input(argv, message, capsys):

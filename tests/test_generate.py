@@ -146,10 +146,38 @@ def test_a_partly_done_batch_is_regenerated_whole_and_only_its_missing_image_wri
     assert [name for name in first if again[name] != first[name]] == []  # same batch composition, same pixels
 
 
+def test_set_options_change_the_images_are_recorded_and_must_match_on_resume(
+    tmp_path, model_dir, prompts_file, one_thread, capsys
+):
+    one_prompt = tmp_path / "one.txt"
+    one_prompt.write_text(PROMPTS[0] + "\n")
+
+    def run(out: str, *options: str) -> int:
+        arguments = ["generate", "--prompts", str(one_prompt), "--model", str(model_dir), *FAST]
+        return main([*arguments, "--out", str(tmp_path / out), "--ratio", "0.7", *options])
+
+    assert run("plain") == 0
+    assert run("prop", "--set", "proportional_attention=true", "--set", "merge_start_step=0") == 0
+    plain, prop = read_metadata(tmp_path / "plain/00000_0.png"), read_metadata(tmp_path / "prop/00000_0.png")
+    assert plain["options"] == {}
+    assert prop["options"] == {"proportional_attention": True, "merge_start_step": 0}
+    assert _images(tmp_path / "plain") != _images(tmp_path / "prop")
+    capsys.readouterr()
+    assert run("prop", "--set", "proportional_attention=false", "--set", "merge_start_step=0") == 2
+    assert "options {'merge_start_step': 0, 'proportional_attention': True}" in capsys.readouterr().err
+    assert run("unet", "--set", "block_range=7,21") == 2  # found when patching the loaded UNet
+    error = capsys.readouterr().err  # after the loading progress bars
+    assert error.splitlines()[-1].startswith(
+        "imptome: error: block_range=(7, 21) selects blocks of transformer"
+    )
+    assert "Traceback" not in error
+
+
 def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):
     items = work_items(["a red cat", "a blue dog", "a green tree"], range(7, 8))
     settings = {"model": "/m", "weights": "sha256:aa", "method": "importance", "ratio": 0.5, "steps": 2}
     settings |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32", "imptome_version": "0.2.0"}
+    settings |= {"options": {}}
 
     def metadata(item: WorkItem) -> dict:
         return {**settings, "prompt": item.prompt, "seed": item.seed}
@@ -207,6 +235,11 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         "zero steps": ([*args(), "--steps", "0"], "--steps 0: must be at least 1"),
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
+        "unknown --set option": ([*args(), "--set", "speed=11"], "expected KEY=VALUE with KEY one of"),
+        "--set without merging": (
+            [*args(), "--method", "none", "--set", "seed=1"],
+            "--set configures merging; it cannot be used with --method none",
+        ),
     }
 
 

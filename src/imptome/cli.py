@@ -11,8 +11,14 @@ Each subcommand lives in its own module with `add_arguments(parser)` and `run(ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+import types
+import typing
+from typing import Any, Literal
+
+from imptome.config import MergeConfig
 
 # subcommand -> (module, one-line help); "bench" has its own subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +33,75 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 class CliError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+_SET_HELP = (
+    "a MergeConfig option as KEY=VALUE, repeatable (e.g. --set proportional_attention=true --set "
+    "fallback=tome; block_range=7,21; none for no value); see imptome.MergeConfig"
+)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+
+
+def merge_options(pairs: list[str], ratio: float, method: str) -> dict[str, Any]:
+    """MergeConfig options from `--set KEY=VALUE` strings, typed as the fields are and checked together
+    with `ratio` and `method` (which have their own flags); a CliError names what is wrong."""
+    hints = typing.get_type_hints(MergeConfig)
+    settable = [f.name for f in dataclasses.fields(MergeConfig) if f.name not in ("ratio", "method")]
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in ("ratio", "method"):
+            raise CliError(f"--set {pair}: use --{key} for the {key}")
+        if not equals or key not in settable:
+            raise CliError(f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(settable)}")
+        try:
+            options[key] = _typed(text.strip(), hints[key])
+        except ValueError:
+            raise CliError(f"--set {pair}: {text!r} is not a valid {key} ({_describe(hints[key])})") from None
+    try:
+        MergeConfig(ratio=ratio, method=method, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    return options
+
+
+def _typed(text: str, annotation: Any) -> Any:
+    """`text` as a value of a MergeConfig field's type (bool, int, float, a Literal, a tuple, or None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none":
+            return None
+        (annotation,) = [arg for arg in args if arg is not type(None)]
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    if origin is Literal:
+        return text  # MergeConfig names the allowed values when it rejects one
+    if origin is tuple:
+        parts = text.split(",")
+        if len(parts) != len(args):
+            raise ValueError(text)
+        return tuple(_typed(part.strip(), arg) for part, arg in zip(parts, args, strict=True))
+    return annotation(text)  # int or float
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if annotation is type(None):
+        return "none"
+    if origin is tuple:
+        return ",".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "|".join(args)
+    return {bool: "true or false"}.get(annotation, annotation.__name__)
 
 
 def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:

@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 import imptome
 from imptome.bench.measure import DenoiserTimer
-from imptome.cli import CliError
-from imptome.config import MergeConfig
+from imptome.cli import CliError, add_set_argument, merge_options
 from imptome.loading import DTYPES, check_model, load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
@@ -40,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="imptome-demo.png", help="PNG file to write")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_set_argument(parser)
 
 
 @dataclass
@@ -55,7 +55,10 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
     if variant == "none":
         imptome.remove_patch(pipe)
     else:
-        imptome.apply_patch(pipe, ratio=args.ratio, method=variant)
+        try:  # options that do not fit this model (e.g. block_range on a UNet)
+            imptome.apply_patch(pipe, ratio=args.ratio, method=variant, **args.options)
+        except ValueError as error:
+            raise CliError(str(error)) from None
     middle = args.steps // 2
     captured: dict[str, torch.Tensor | None] = {}
 
@@ -85,11 +88,8 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
 
 
 def run(args: argparse.Namespace) -> int:
-    for variant in ("tome", "importance"):
-        try:
-            MergeConfig(ratio=args.ratio, method=variant)
-        except ValueError as error:
-            raise CliError(str(error)) from error
+    for variant in ("tome", "importance"):  # --set options apply to both merged variants
+        args.options = merge_options(args.set, args.ratio, variant)
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
     out = Path(args.out)
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if importance is not None:
         columns.append((f"CFG importance used at step {args.steps // 2}", list(importance[:n]), "heatmap"))
     title = f"{args.model or 'bundled miniature model'}: {args.steps} steps, guidance {args.guidance:g}"
+    title += "".join(f", {key}={value}" for key, value in args.options.items())
     comparison_grid(out, prompts, columns, title=title)
 
     table = Table(title=f"denoiser time per step ({pipe.device}, batch {2 * n} with CFG)")

@@ -36,8 +36,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError
-from imptome.config import MergeConfig
+from imptome.cli import CliError, add_set_argument, merge_options
 from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
 
 METHODS = ("none", "tome", "importance")
@@ -46,7 +45,7 @@ MANIFEST = "manifest.jsonl"
 #: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
 MATCHED_FIELDS = (
     "prompt", "seed", "model", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
-    "imptome_version",
+    "imptome_version", "options",
 )  # fmt: skip
 
 
@@ -90,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", help="e.g. cuda:0 or cpu (default: the device accelerate gives the process)"
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_set_argument(parser)
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,9 @@ def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None
 
 def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str, Any]]:
     """Everything checkable without a model: the work list, the output folder and the image settings."""
-    if args.method != "none":
-        try:
-            MergeConfig(ratio=args.ratio, method=args.method)
-        except ValueError as error:
-            raise CliError(str(error)) from None
+    if args.method == "none" and args.set:
+        raise CliError("--set configures merging; it cannot be used with --method none")
+    args.options = {} if args.method == "none" else merge_options(args.set, args.ratio, args.method)
     for name in ("steps", "seeds", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
@@ -234,6 +232,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
         "weights": model_fingerprint(source),
         "method": args.method,
         "ratio": 0.0 if args.method == "none" else args.ratio,
+        "options": json.loads(json.dumps(args.options)),  # as read back from the PNG (tuples as lists)
         "steps": args.steps,
         "guidance": args.guidance,
         "height": args.height,
@@ -283,7 +282,10 @@ def _generate(
     device = args.device or ("cpu" if state.device.type == "cpu" else str(state.device))
     pipe = load_pipeline(settings["model"], device, args.dtype)
     if args.method != "none":
-        imptome.apply_patch(pipe, ratio=args.ratio, method=args.method)
+        try:  # options that do not fit this model (e.g. block_range on a UNet)
+            imptome.apply_patch(pipe, ratio=args.ratio, method=args.method, **args.options)
+        except ValueError as error:
+            raise CliError(str(error)) from None
     recorded = {**settings, "batch_size": args.batch_size}
     total = sum(item in pending for batch in batches for item in batch)
     label = f"process {state.process_index}" if state.num_processes > 1 else "generate"

@@ -1,0 +1,60 @@
+"""`--set KEY=VALUE`: MergeConfig options from the command line, typed and checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from imptome.cli import CliError, merge_options
+
+
+def test_values_take_the_type_of_their_field():
+    options = merge_options(
+        [
+            "proportional_attention=true",
+            "merge-mlp=no",  # dashes for underscores, as in flags
+            "block_range=7, 21",
+            "max_downsample=none",
+            "pool_factor=1.4",
+            "sx=4",
+            "fallback=tome",
+        ],
+        ratio=0.5,
+        method="importance",
+    )
+    assert options == {
+        "proportional_attention": True,
+        "merge_mlp": False,
+        "block_range": (7, 21),
+        "max_downsample": None,
+        "pool_factor": 1.4,
+        "sx": 4,
+        "fallback": "tome",
+    }
+    assert type(options["sx"]) is int and type(options["pool_factor"]) is float
+    assert merge_options([], ratio=0.5, method="tome") == {}
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("ratio=0.3", "use --ratio"),
+        ("method=tome", "use --method"),
+        ("proportional_attention", "expected KEY=VALUE"),
+        ("no_such_option=1", "KEY one of dst_fraction, pool_factor"),
+        ("proportional_attention=maybe", "'maybe' is not a valid proportional_attention (true or false)"),
+        ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
+        ("pool_factor=big", "'big' is not a valid pool_factor (float)"),
+        ("fallback=cells", "fallback='cells' is not supported; choose one of random, tome"),
+        ("pool_factor=0.5", "pool_factor=0.5 must be >= 1"),
+    ],
+)
+def test_bad_options_name_what_is_wrong(pair, message):
+    with pytest.raises(CliError) as error:
+        merge_options([pair], ratio=0.5, method="importance")
+    assert message in str(error.value)
+
+
+def test_options_are_checked_together_with_ratio_and_method():
+    assert merge_options(["dst_selection=random"], ratio=0.75, method="importance")
+    with pytest.raises(CliError, match=r"ratio=0.75 is out of range: allowed 0 <= ratio <= 0.666667"):
+        merge_options(["sx=3", "sy=1"], ratio=0.75, method="tome")

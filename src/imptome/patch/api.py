@@ -71,7 +71,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     if options:
         config = config.replace(**options)
     _check_block_range(denoiser, config.block_range)
-    remove_patch(denoiser)
+    _unhook(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
     max_downsample = config.max_downsample or finest_attention_downsample(denoiser)
     state = PatchState(config=config, info=info, cond_first=cond_first, max_downsample=max_downsample)
@@ -103,12 +103,19 @@ def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None)
 def remove_patch(target: T) -> T:
     """Remove imptome's hooks; the model computes exactly what it did before patching. Returns `target`."""
     denoiser = find_denoiser(target)
-    patch = denoiser.__dict__.pop(_ATTR, None)
-    if patch is not None:
-        for handle in patch.handles:
-            handle.remove()
+    if _unhook(denoiser):
         _drop_compiled_code(denoiser)
     return target
+
+
+def _unhook(denoiser: nn.Module) -> bool:
+    """Remove the hooks of the denoiser's patch, if it has one; returns whether it had."""
+    patch = denoiser.__dict__.pop(_ATTR, None)
+    if patch is None:
+        return False
+    for handle in patch.handles:
+        handle.remove()
+    return True
 
 
 def _drop_compiled_code(denoiser: nn.Module) -> None:

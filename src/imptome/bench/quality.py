@@ -50,10 +50,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-per-layer": {"plan_scope": "layer"},
     "importance-prop": {"proportional_attention": True},
     "importance-tomefallback": {"fallback": "tome"},  # calls without a CFG map: ToMeSD's partition (0.3.0)
+    "importance-grid": {"matching": "grid"},  # sources matched by grid distance (the authors' PixArt code)
     # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
     # (imptome's `tome` plans once per step from the first merged layer's tokens).
     "tome-per-layer": {"plan_scope": "layer"},
     "tome-prop": {"proportional_attention": True},
+    "tome-grid": {"matching": "grid"},
 }
 # A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
 # before each step uses it (same values, random places). What it loses against the method is what the map's

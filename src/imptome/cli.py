@@ -92,6 +92,7 @@ def _typed(text: str, annotation: Any) -> Any:
 
 
 def _describe(annotation: Any) -> str:
+    """How a value of a non-Literal field is written (Literal values are named by MergeConfig's check)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in args)
@@ -99,8 +100,6 @@ def _describe(annotation: Any) -> str:
         return "none"
     if origin is tuple:
         return ",".join(_describe(arg) for arg in args)
-    if origin is Literal:
-        return "|".join(args)
     return {bool: "true or false"}.get(annotation, annotation.__name__)
 
 

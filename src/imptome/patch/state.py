@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,6 +26,15 @@ from imptome.patch.families import DenoiserInfo
 # XORed into a plan's key for the random map of fallback="random": the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
 _RANDOM_MAP_STREAM = stream_id(0x52414E44) | (1 << 31)
+
+
+def _outside_libraries(libraries: tuple[str, ...] = ("imptome", "diffusers", "torch")) -> int:
+    """The `stacklevel` at which `warnings.warn`, called by this function's caller, names the first frame
+    outside these libraries: the user's pipeline call, not a hook inside torch."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in libraries:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -119,7 +129,7 @@ class PatchState:
                     if self.config.fallback == "random"
                     else "ToMeSD's random 2x2-cell partition (fallback='tome')."
                 ),
-                stacklevel=2,
+                stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
         self.enter_step(self.step)

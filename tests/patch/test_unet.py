@@ -335,7 +335,11 @@ def test_map_from_another_image_is_never_reused(sd):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_denoiser_keeps_dtype(dtype):
     unet = tiny_sd_pipeline().unet.to(dtype)
-    imptome.apply_patch(unet, ratio=0.7, importance_start_step=1)
+    imptome.apply_patch(unet, ratio=0.7, importance_start_step=1, proportional_attention=True)
+    masks = []
+    unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1").register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
     latents = torch.randn(1, 4, 16, 16, dtype=dtype).repeat(2, 1, 1, 1)
     text = torch.randn(2, 77, 32, dtype=dtype)
     with torch.no_grad():
@@ -343,6 +347,9 @@ def test_low_precision_denoiser_keeps_dtype(dtype):
             out = unet(latents, t, encoder_hidden_states=text).sample
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert imptome.merge_plan(unet)[0].importance is not None
+    # the proportional-attention mask has the queries' dtype: cuDNN's SDPA on Hopper misreads a float32
+    # mask given with half-precision queries (pytorch/pytorch#191612)
+    assert [mask.dtype for mask in masks] == [dtype, dtype]
 
 
 def test_sdxl_pipeline_merges_finest_attention_level():

@@ -30,7 +30,9 @@ class MergePlan:
             pruned (dropped before attention, not averaged).
         bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
         key_bias: [B, 1, K] log of how many tokens each kept slot stands for, in the dtype of the tokens
-            it is for, to add to the self-attention logits (proportional attention), or None.
+            it is for (an SDPA mask of another dtype than the queries is refused by the memory-efficient
+            kernel and misread by cuDNN's, pytorch/pytorch#191612), to add to the self-attention logits
+            (proportional attention), or None.
 
     merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel with no atomics, so
     deterministic; it sums in the input's dtype, as the index_add_ it replaced did) and unmerge one row

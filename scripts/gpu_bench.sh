@@ -10,7 +10,8 @@
 #   targets   the efficiency targets: SD2 and PixArt-alpha at 1024 px, fp16, SDPA, ratios 0.5 and 0.7
 #   profiles  torch.profiler summaries of the SD2 and PixArt steps and of planning alone
 #   compile   torch.compile, unmerged vs merged, default mode and CUDA graphs (about 6 minutes)
-#   prop      proportional attention (an additive SDPA mask) against plain importance, 1024 px, ratio 0.7
+#   prop      proportional attention (an additive SDPA mask): each SDPA backend with and without the mask at
+#             the merged shapes (scripts/sdpa_bias.py), then against plain importance, 1024 px, ratio 0.7
 #   deepcache whole 20-step SD2 generations with imptome, DeepCache and both
 #   more      SDXL and the 512 px cases
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
@@ -55,7 +56,8 @@ if wanted compile; then
         done
     done
 fi
-if wanted prop; then
+if wanted prop; then  # the SDPA kernels alone first (seconds), then the whole step
+    timeout 60 python3 scripts/sdpa_bias.py --device cuda --dtype float16 --json "$OUT/sdpa_bias.json"
     timeout 150 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.7 --variants none importance importance-prop \
         --rounds 5 $(md speed_gpu_prop)
 fi

@@ -45,7 +45,7 @@ def test_values_take_the_type_of_their_field():
         ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
         ("pool_factor=big", "'big' is not a valid pool_factor (float)"),
         ("fallback=cells", "fallback='cells' is not supported; choose one of random, tome"),
-        ("pool_factor=0.5", "pool_factor=0.5 must be >= 1"),
+        ("pool_factor=0.5", "pool_factor=0.5 must be a finite number >= 1"),
     ],
 )
 def test_bad_options_name_what_is_wrong(pair, message):

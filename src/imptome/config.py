@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,10 +130,17 @@ class MergeConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
+        for name in ("sx", "sy", "importance_start_step", "merge_start_step", "similarity_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} must be an int")
         if not 0.0 < self.dst_fraction <= 0.5:
             raise ValueError(f"dst_fraction={self.dst_fraction} must be in (0, 0.5]")
-        if self.pool_factor < 1.0:
-            raise ValueError(f"pool_factor={self.pool_factor} must be >= 1 (the pool holds every kept token)")
+        if not (self.pool_factor >= 1.0 and math.isfinite(self.pool_factor)):  # also rejects NaN
+            raise ValueError(
+                f"pool_factor={self.pool_factor} must be a finite number >= 1 (the pool holds every kept "
+                "token)"
+            )
         if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
             raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
         if self.max_downsample not in (None, 1, 2, 4, 8):

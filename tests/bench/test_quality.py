@@ -75,7 +75,7 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     [
         (["--ratios", "0.8"], "allowed 0 <= ratio <= 0.75"),
         (["--methods", "random"], "unknown method"),
-        (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be >= 1"),
+        (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be a finite number >= 1"),
         (["--seeds", "0"], "--seeds 0"),
     ],
 )

@@ -389,7 +389,7 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     assert not imptome.is_patched(sd)
 
 
-def test_cfg_cut_off_switches_to_cells_for_the_unguided_steps(sd):
+def test_cfg_cut_off_merges_the_unguided_steps_without_a_map(sd):
     imptome.apply_patch(sd, ratio=0.7, importance_start_step=1)
     records = []
 

@@ -1,0 +1,47 @@
+"""MergeConfig: every bad value is refused when the config is made, with what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from imptome import PRESETS, MergeConfig
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ratio": 0.8}, "ratio=0.8 is out of range: allowed 0 <= ratio <= 0.75"),
+        ({"ratio": float("nan")}, "ratio=nan is out of range"),
+        ({"method": "random"}, "method='random' is not supported; choose one of importance, tome"),
+        ({"fallback": "cells"}, "fallback='cells' is not supported; choose one of random, tome"),
+        ({"pool_factor": 0.9}, "pool_factor=0.9 must be a finite number >= 1"),
+        ({"pool_factor": float("nan")}, "pool_factor=nan must be a finite number >= 1"),
+        ({"pool_factor": float("inf")}, "pool_factor=inf must be a finite number >= 1"),
+        ({"dst_fraction": 0.6}, "dst_fraction=0.6 must be in (0, 0.5]"),
+        ({"sx": 2.0}, "sx=2.0 must be an int"),
+        ({"similarity_chunk": 1e9}, "similarity_chunk=1000000000.0 must be an int"),
+        ({"merge_start_step": True}, "merge_start_step=True must be an int"),
+        ({"sx": 1, "sy": 1}, "cells must hold at least 2 tokens"),
+        ({"max_downsample": 3}, "max_downsample=3 must be None (auto) or one of 1, 2, 4, 8"),
+        ({"block_range": (5, 5)}, "block_range=(5, 5) must be (first, stop), 0 <= first < stop"),
+        ({"merge_attn": False}, "at least one of merge_attn, merge_crossattn, merge_mlp must be True"),
+        ({"seed": -1}, "seed=-1 must be a non-negative int"),
+    ],
+)
+def test_bad_values_are_refused_with_what_is_allowed(options, message):
+    with pytest.raises(ValueError) as error:
+        MergeConfig(**options)
+    assert message in str(error.value)
+
+
+def test_max_ratio_depends_on_the_partition():
+    assert MergeConfig().max_ratio == 0.75  # one destination per 2x2 cell
+    assert MergeConfig(dst_selection="random", dst_fraction=0.2).max_ratio == pytest.approx(0.8)
+    assert MergeConfig(sx=3, sy=1).max_ratio == pytest.approx(2 / 3)
+
+
+def test_presets_are_valid_and_replace_checks_names():
+    assert PRESETS["pixart"].block_range == (7, 21) and PRESETS["unet"] == MergeConfig()
+    assert PRESETS["unet"].replace(ratio=0.7).ratio == 0.7
+    with pytest.raises(TypeError, match="unknown MergeConfig option"):
+        PRESETS["unet"].replace(rato=0.7)

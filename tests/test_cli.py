@@ -44,7 +44,7 @@ def test_values_take_the_type_of_their_field():
         ("proportional_attention=maybe", "'maybe' is not a valid proportional_attention (true or false)"),
         ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
         ("pool_factor=big", "'big' is not a valid pool_factor (float)"),
-        ("fallback=cells", "fallback='cells' is not supported; choose one of random, tome"),
+        ("fallback=cells", "fallback='cells' is not supported; choose one of auto, random, tome"),
         ("pool_factor=0.5", "pool_factor=0.5 must be a finite number >= 1"),
     ],
 )

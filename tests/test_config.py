@@ -13,7 +13,7 @@ from imptome import PRESETS, MergeConfig
         ({"ratio": 0.8}, "ratio=0.8 is out of range: allowed 0 <= ratio <= 0.75"),
         ({"ratio": float("nan")}, "ratio=nan is out of range"),
         ({"method": "random"}, "method='random' is not supported; choose one of importance, tome"),
-        ({"fallback": "cells"}, "fallback='cells' is not supported; choose one of random, tome"),
+        ({"fallback": "cells"}, "fallback='cells' is not supported; choose one of auto, random, tome"),
         ({"pool_factor": 0.9}, "pool_factor=0.9 must be a finite number >= 1"),
         ({"pool_factor": float("nan")}, "pool_factor=nan must be a finite number >= 1"),
         ({"pool_factor": float("inf")}, "pool_factor=inf must be a finite number >= 1"),
@@ -45,3 +45,10 @@ def test_presets_are_valid_and_replace_checks_names():
     assert PRESETS["unet"].replace(ratio=0.7).ratio == 0.7
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         PRESETS["unet"].replace(rato=0.7)
+
+
+def test_auto_fallback_is_random_without_and_tome_with_proportional_attention():
+    assert MergeConfig().fallback == "auto" and MergeConfig().fallback_partition == "random"
+    assert MergeConfig(proportional_attention=True).fallback_partition == "tome"
+    assert MergeConfig(proportional_attention=True, fallback="random").fallback_partition == "random"
+    assert MergeConfig(fallback="tome").fallback_partition == "tome"

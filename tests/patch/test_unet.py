@@ -302,7 +302,7 @@ def test_no_cfg_fallback_tome_is_tomesd_and_random_keeps_a_random_pool(sd):
 
     tome, tome_latents = plans_and_latents(method="tome")
     fallback_tome, fallback_tome_latents = plans_and_latents(fallback="tome")
-    fallback_random, fallback_random_latents = plans_and_latents()  # the default
+    fallback_random, fallback_random_latents = plans_and_latents()  # the default without prop. attention
     # From importance_start_step (2) on there is no map: "tome" merges exactly as ToMeSD does ...
     assert np.array_equal(fallback_tome_latents, tome_latents)
     # ... "random" keeps as many tokens, but picks the independent ones from a random pool.
@@ -314,10 +314,13 @@ def test_no_cfg_fallback_tome_is_tomesd_and_random_keeps_a_random_pool(sd):
         assert fallback_random[step].importance is None  # no CFG map was used
     assert not np.array_equal(fallback_random_latents, tome_latents)
     assert np.array_equal(plans_and_latents()[1], fallback_random_latents)  # the random map is seeded
+    # the default ("auto") is "tome" with proportional attention
+    prop_tome = plans_and_latents(method="tome", proportional_attention=True)[1]
+    assert np.array_equal(plans_and_latents(proportional_attention=True)[1], prop_tome)
 
 
 def test_fallback_does_not_change_guided_generations(sd):
-    imptome.apply_patch(sd, ratio=0.7, fallback="tome")
+    imptome.apply_patch(sd, ratio=0.7, fallback="tome")  # the default would be "random"
     tome = generate(sd)
     imptome.apply_patch(sd, ratio=0.7, fallback="random")
     assert np.array_equal(generate(sd), tome)

@@ -49,7 +49,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-nowarmup": {"importance_start_step": 1, "merge_start_step": 0},
     "importance-per-layer": {"plan_scope": "layer"},
     "importance-prop": {"proportional_attention": True},
-    "importance-tomefallback": {"fallback": "tome"},  # calls without a CFG map: ToMeSD's partition (0.3.0)
+    # calls without a CFG map: ToMeSD's partition (0.3.0), and a random map with proportional attention
+    # (the default fallback is the other way round: random without it, ToMeSD's with it)
+    "importance-tomefallback": {"fallback": "tome"},
+    "importance-prop-randomfallback": {"proportional_attention": True, "fallback": "random"},
     "importance-grid": {"matching": "grid"},  # sources matched by grid distance (the authors' PixArt code)
     # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
     # (imptome's `tome` plans once per step from the first merged layer's tokens).

@@ -23,7 +23,7 @@ from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import DenoiserInfo
 
-# XORed into a plan's key for the random map of fallback="random": the top bit keeps its element indices
+# XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
 _RANDOM_MAP_STREAM = stream_id(0x52414E44) | (1 << 31)
 
@@ -125,9 +125,9 @@ class PatchState:
                 "a CFG cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference "
                 "image); such calls merge without importance: "
                 + (
-                    "a random map stands in for it (fallback='random')."
-                    if self.config.fallback == "random"
-                    else "ToMeSD's random 2x2-cell partition (fallback='tome')."
+                    "a random map stands in for it (fallback: random)."
+                    if self.config.fallback_partition == "random"
+                    else "ToMeSD's random 2x2-cell partition (fallback: tome)."
                 ),
                 stacklevel=_outside_libraries(),
             )
@@ -221,7 +221,7 @@ class PatchState:
         guided = self.use_importance and self.cfg and self._map_fits(units)
         if guided:
             importance = pool_to_grid(self.importance, grid)
-        elif self.use_importance and config.fallback == "random":
+        elif self.use_importance and config.fallback_partition == "random":
             importance = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
         if importance is not None:
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 
@@ -147,3 +148,14 @@ def test_shuffled_control_moves_the_map_and_keeps_its_values():
     true_map = (cond - uncond).abs().mean(dim=1)  # [1, 16, 16], what an unshuffled patch would hold
     assert not torch.equal(shuffled, true_map)
     assert torch.equal(shuffled.flatten().sort().values, true_map.flatten().sort().values)
+
+
+@pytest.mark.parametrize(("guidance", "with_fallbacks"), [("5", False), ("1", True)])
+def test_ablations_run_the_fallback_ablations_only_without_guidance(guidance, with_fallbacks):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--ablations", "--methods", "none", "--ratios", "0.5", "--guidance", guidance])
+    methods = [variant.method for variant in quality._variants(args)]
+    fallbacks = {"importance-tomefallback", "importance-prop-randomfallback"}
+    assert fallbacks & set(methods) == (fallbacks if with_fallbacks else set())
+    assert {"importance-prop", "importance-grid", "tome-per-layer"}.issubset(methods)

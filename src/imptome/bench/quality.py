@@ -169,7 +169,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every step",
     )
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    parser.add_argument("--ablations", action="store_true", help=f"also run {', '.join(ABLATIONS)}")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help=f"also run {', '.join(ABLATIONS)} (the *fallback ones only with --guidance <= 1)",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
     parser.add_argument("--batch-size", type=int, default=36, help="prompts per pipeline call")
@@ -218,8 +222,9 @@ def _variants(args: argparse.Namespace) -> list[Variant]:
         )
     if "tomesd" in methods and not _has_tomesd():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")
-    if args.ablations:
-        methods = list(methods) + [m for m in ABLATIONS if m not in methods]
+    if args.ablations:  # the fallback ablations make the same images as their base method with guidance
+        ablations = [m for m in ABLATIONS if args.guidance <= 1 or "fallback" not in ABLATIONS[m]]
+        methods = list(methods) + [m for m in ablations if m not in methods]
     variants = [Variant("none", 0.0)]
     for ratio in args.ratios:
         for method in methods:

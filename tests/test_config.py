@@ -26,6 +26,10 @@ from imptome import PRESETS, MergeConfig
         ({"block_range": (5, 5)}, "block_range=(5, 5) must be (first, stop), 0 <= first < stop"),
         ({"merge_attn": False}, "at least one of merge_attn, merge_crossattn, merge_mlp must be True"),
         ({"seed": -1}, "seed=-1 must be a non-negative int"),
+        ({"ratio": "0.5"}, "ratio='0.5' must be a number"),
+        ({"pool_factor": True}, "pool_factor=True must be a number"),
+        ({"proportional_attention": "no"}, "proportional_attention='no' must be True or False"),
+        ({"merge_mlp": 1}, "merge_mlp=1 must be True or False"),
     ],
 )
 def test_bad_values_are_refused_with_what_is_allowed(options, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,8 +135,15 @@ class MergeConfig:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
         for name in ("sx", "sy", "importance_start_step", "merge_start_step", "similarity_chunk"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name}={value!r} must be an int")
+        for name in ("ratio", "dst_fraction", "pool_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a number")
+        for name in ("merge_attn", "merge_crossattn", "merge_mlp", "proportional_attention"):
+            if not isinstance(getattr(self, name), bool):  # "no" would otherwise count as True
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not 0.0 < self.dst_fraction <= 0.5:
             raise ValueError(f"dst_fraction={self.dst_fraction} must be in (0, 0.5]")
         if not (self.pool_factor >= 1.0 and math.isfinite(self.pool_factor)):  # also rejects NaN

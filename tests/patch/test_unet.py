@@ -257,6 +257,16 @@ def test_proportional_attention_passes_log_group_sizes_to_merged_self_attention(
     assert not np.array_equal(merged, base) and np.isfinite(merged).all()
 
 
+def test_proportional_attention_with_xformers_and_an_unaligned_key_count_is_a_clear_error():
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.set_attn_processor(XFormersAttnProcessor())  # made without xformers; never reached here
+    imptome.apply_patch(pipe, ratio=0.7, proportional_attention=True)  # 256 - 179 = 77 kept tokens
+    with pytest.raises(ValueError, match=r"77 kept tokens, and XFormersAttnProcessor cannot take a mask"):
+        generate(pipe, steps=2)
+
+
 def test_non_square_odd_grid_and_several_prompts(sd):
     imptome.apply_patch(sd, ratio=0.7)
     generator = torch.Generator().manual_seed(0)

@@ -75,10 +75,11 @@ class _LayerHooks:
         plan = None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
         if plan is None:
             return None
+        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
+            _check_mask_support(module, plan.num_kept)
+            kwargs = {**kwargs, "attention_mask": plan.key_bias}
         self.pending.append(plan)
         merged = plan.merge(tokens)
-        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
-            kwargs = {**kwargs, "attention_mask": plan.key_bias}
         if where == 0:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, where: merged}
@@ -96,6 +97,19 @@ class _LayerHooks:
             module.register_forward_pre_hook(self.pre, with_kwargs=True),
             module.register_forward_hook(self.post, with_kwargs=True),
         ]
+
+
+def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
+    """xformers' kernels refuse an additive mask whose key count is not a multiple of 8 (diffusers' xformers
+    processors pass it unpadded, diffusers#9637): say so here rather than fail inside xformers."""
+    processor = getattr(attention, "processor", None)
+    if num_kept % 8 and "XFormers" in type(processor).__name__:
+        raise ValueError(
+            f"imptome: proportional_attention passes an additive attention mask over the {num_kept} kept "
+            f"tokens, and {type(processor).__name__} cannot take a mask whose length is not a multiple of 8. "
+            "Use PyTorch's SDPA processor (pipe.disable_xformers_memory_efficient_attention()) or "
+            "proportional_attention=False."
+        )
 
 
 def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchState) -> list[RemovableHandle]:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 Method = Literal["importance", "tome"]
 CfgOrder = Literal["auto", "uncond_first", "cond_first"]
@@ -14,15 +14,6 @@ Matching = Literal["feature", "grid"]
 DstSelection = Literal["random", "topk", "cells"]
 PlanScope = Literal["step", "layer"]
 Fallback = Literal["auto", "random", "tome"]
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("importance", "tome"),
-    "cfg_order": ("auto", "uncond_first", "cond_first"),
-    "matching": ("feature", "grid"),
-    "dst_selection": ("random", "topk", "cells"),
-    "plan_scope": ("step", "layer"),
-    "fallback": ("auto", "random", "tome"),
-}
 
 
 @dataclass(frozen=True)
@@ -195,6 +186,11 @@ class MergeConfig:
             raise TypeError(f"unknown MergeConfig option(s) {unknown}; valid options: {sorted(valid)}")
         return dataclasses.replace(self, **changes)
 
+
+# The allowed values of every Literal-typed field, in the order its type lists them (checked on construction).
+_CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint) for name, hint in get_type_hints(MergeConfig).items() if get_origin(hint) is Literal
+}
 
 PRESETS: dict[str, MergeConfig] = {
     # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2).

@@ -1,4 +1,5 @@
-"""imptome together with other speed-ups: torch.compile, DeepCache, model CPU offload, half precision."""
+"""imptome together with other speed-ups: torch.compile, DeepCache, diffusers' caches, model CPU offload,
+half precision."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import imptome
-from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet
+from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
 
 PROMPT = "a red circle on the left"
 TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -151,6 +152,84 @@ def test_deepcache_and_imptome_stack_and_undo(sd):
     assert torch.equal(generate(sd, steps=6), merged)  # DeepCache off: imptome alone
     imptome.remove_patch(sd)
     assert torch.equal(generate(sd, steps=6), base)
+
+
+def pyramid_attention_broadcast(denoiser, spatial: bool, cross: bool) -> None:
+    """diffusers' Pyramid Attention Broadcast reusing every other attention output, at every timestep."""
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    config = PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2 if spatial else None,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        cross_attention_block_skip_range=2 if cross else None,
+        cross_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: 500,
+    )
+    apply_pyramid_attention_broadcast(denoiser, config)
+
+
+def test_attention_output_caches_on_merged_layers_are_refused():
+    """A cached output of a merged layer is in an earlier call's merged token order: unmerging it with the
+    current plan would put attention results on the wrong tokens without any error, so imptome refuses,
+    whether the cache came first or was added to a patched model."""
+    message = "PyramidAttentionBroadcastHook on down_blocks.0.attentions.0.transformer_blocks.0.attn1 reuses"
+    cached_first = tiny_sd_pipeline()
+    pyramid_attention_broadcast(cached_first.unet, spatial=True, cross=False)
+    with pytest.raises(ValueError, match=message):
+        imptome.apply_patch(cached_first, ratio=0.7)
+    assert not imptome.is_patched(cached_first)
+
+    patched_first = tiny_sd_pipeline()
+    imptome.apply_patch(patched_first, ratio=0.7)
+    generate(patched_first, steps=2)
+    pyramid_attention_broadcast(patched_first.unet, spatial=True, cross=False)
+    with pytest.raises(ValueError, match=message):
+        generate(patched_first, steps=2)
+
+
+def test_attention_cache_off_the_merged_layers_stacks():
+    """Pyramid Attention Broadcast on cross-attention only (not merged by default) works with imptome; once
+    cross-attention is merged too, the combination is refused."""
+    pipe = tiny_sd_pipeline()
+    pyramid_attention_broadcast(pipe.unet, spatial=False, cross=True)
+    imptome.apply_patch(pipe, ratio=0.7)
+    steps = 4
+    cross_attention = TOP_SELF_ATTENTION.replace("attn1", "attn2")
+    self_counts = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=steps))
+    cross_counts = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=steps), cross_attention)
+    assert self_counts == [N - math.floor(N * 0.7)] * steps
+    assert cross_counts == [N] * (steps // 2)  # every other cross-attention output is reused
+    with pytest.raises(ValueError, match="PyramidAttentionBroadcastHook on .*attn2"):
+        imptome.apply_patch(pipe, ratio=0.7, merge_crossattn=True)
+
+
+def test_magcache_and_imptome_stack():
+    """MagCache skips whole transformer blocks and reuses their unmerged residual; the blocks that run
+    merge as usual."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    pipe = tiny_pixart_pipeline()
+    steps = 6
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        kwargs = {"use_resolution_binning": False, "clean_caption": False, "output_type": "latent"}
+        return pipe(PROMPT, num_inference_steps=steps, generator=generator, **kwargs).images
+
+    imptome.apply_patch(pipe, ratio=0.5, block_range=None)
+    merged = run()
+    apply_mag_cache(pipe.transformer, MagCacheConfig(num_inference_steps=steps, mag_ratios=[1.0] * steps))
+    seen = []
+    query = pipe.transformer.transformer_blocks[1].attn1.to_q
+    handle = query.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        both = run()
+    finally:
+        handle.remove()
+    tokens = 64  # 16 x 16 latent, patch 2
+    assert 0 < len(seen) < steps  # MagCache skipped the block on some steps
+    assert seen == [tokens - tokens // 2] * len(seen)
+    assert torch.isfinite(both).all() and not torch.equal(both, merged)
 
 
 @pytest.mark.parametrize("patch_first", [True, False], ids=["patch-then-offload", "offload-then-patch"])

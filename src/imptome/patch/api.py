@@ -13,12 +13,13 @@ from torch.utils.hooks import RemovableHandle
 from imptome.config import PRESETS, MergeConfig
 from imptome.patch.families import (
     DENOISER_FAMILIES,
+    check_no_output_cache,
     denoiser_info,
     finest_attention_downsample,
     spatial_blocks,
     supported_names,
 )
-from imptome.patch.hooks import register_hooks
+from imptome.patch.hooks import merged_layers, register_hooks
 from imptome.patch.state import PatchState, PlanRecord
 
 T = TypeVar("T")
@@ -71,11 +72,13 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     if options:
         config = config.replace(**options)
     _check_block_range(denoiser, config.block_range)
+    layers = merged_layers(spatial_blocks(denoiser), config)
+    check_no_output_cache({layer.name: layer.module for layer in layers})
     _unhook(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
     max_downsample = config.max_downsample or finest_attention_downsample(denoiser)
     state = PatchState(config=config, info=info, cond_first=cond_first, max_downsample=max_downsample)
-    handles = register_hooks(denoiser, spatial_blocks(denoiser), state)
+    handles = register_hooks(denoiser, layers, state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
     _drop_compiled_code(denoiser)
     return target

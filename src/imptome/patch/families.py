@@ -96,3 +96,29 @@ def finest_attention_downsample(denoiser: nn.Module) -> int:
             return 2**level
     levels = len(getattr(denoiser, "down_blocks", ()))
     return 2 ** max(levels - 1, 0)
+
+
+def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
+    """Refuse diffusers hooks that keep a merged layer's output between calls.
+
+    Pyramid Attention Broadcast, FasterCache and TaylorSeer (on its default attention patterns) hook
+    attention modules (`module._diffusers_hook`) and hand back an output cached in an earlier call. In a
+    merged layer that output is in the earlier call's merged token order, and the current plan would unmerge
+    it into the wrong tokens: a wrong image without any error. Caches of whole blocks see unmerged tokens.
+    """
+    for name, module in merged.items():
+        for part_name, part in module.named_modules(prefix=name):
+            hooks = getattr(getattr(part, "_diffusers_hook", None), "hooks", {})
+            stateful = [
+                type(hook).__name__ for hook in hooks.values() if getattr(hook, "_is_stateful", False)
+            ]
+            if stateful:
+                raise ValueError(
+                    f"imptome merges the tokens entering {name}, and diffusers' {', '.join(stateful)} on "
+                    f"{part_name} reuses outputs of earlier calls: they are in another step's merged token "
+                    "order, so the image would come out wrong. Caches of whole blocks see unmerged tokens "
+                    "and work with imptome (MagCache, DeepCache). Keep attention caches off the layers "
+                    "imptome merges (e.g. Pyramid Attention Broadcast on cross-attention only: "
+                    "spatial_attention_block_skip_range=None), or leave those layers unmerged (merge_attn, "
+                    "merge_crossattn, merge_mlp, block_range)."
+                )

@@ -7,17 +7,29 @@ IP-Adapter, custom) keep running, on fewer query tokens.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from imptome.config import MergeConfig
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import BlockSite
 from imptome.patch.state import PatchState
 
 _SAMPLE_KEYS = ("sample", "hidden_states")
+
+
+@dataclass(frozen=True)
+class MergedLayer:
+    """A sub-layer of a transformer block (attn1, attn2 or ff) whose token input is merged."""
+
+    name: str
+    block_name: str
+    module: nn.Module
+    self_attention: bool
 
 
 def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any, str | int | None]:
@@ -112,30 +124,38 @@ def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
         )
 
 
-def register_hooks(denoiser: nn.Module, blocks: list[BlockSite], state: PatchState) -> list[RemovableHandle]:
-    """Hook the denoiser and the selected sub-layers of each block; returns the handles to remove."""
-    config = state.config
-    handles = [
-        denoiser.register_forward_pre_hook(
-            _denoiser_pre_hook(state, _timestep_position(denoiser)), with_kwargs=True
-        ),
-        denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
-    ]
-    num_layers = 0
+def merged_layers(blocks: list[BlockSite], config: MergeConfig) -> list[MergedLayer]:
+    """The sub-layers whose token input the config merges, in module order."""
+    layers = []
     for site in blocks:
         if site.in_transformer_denoiser and config.block_range is not None:
             first, stop = config.block_range
             if not first <= site.index < stop:
                 continue
         block = site.block
-        targets: list[tuple[nn.Module, bool]] = []
-        if config.merge_attn:
-            targets.append((block.attn1, True))
-        if config.merge_crossattn and getattr(block, "attn2", None) is not None:
-            targets.append((block.attn2, False))
-        if config.merge_mlp and getattr(block, "ff", None) is not None:
-            targets.append((block.ff, False))
-        for module, self_attention in targets:
-            handles += _LayerHooks(state, site.name, num_layers, self_attention).register(module)
-            num_layers += 1
+        candidates = (
+            ("attn1", config.merge_attn, True),
+            ("attn2", config.merge_crossattn, False),
+            ("ff", config.merge_mlp, False),
+        )
+        for attribute, selected, self_attention in candidates:
+            module = getattr(block, attribute, None)
+            if selected and module is not None:
+                layers.append(MergedLayer(f"{site.name}.{attribute}", site.name, module, self_attention))
+    return layers
+
+
+def register_hooks(
+    denoiser: nn.Module, layers: list[MergedLayer], state: PatchState
+) -> list[RemovableHandle]:
+    """Hook the denoiser and each merged layer; returns the handles to remove."""
+    handles = [
+        denoiser.register_forward_pre_hook(
+            _denoiser_pre_hook(state, _timestep_position(denoiser)), with_kwargs=True
+        ),
+        denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
+    ]
+    for index, layer in enumerate(layers):
+        handles += _LayerHooks(state, layer.block_name, index, layer.self_attention).register(layer.module)
+    state.merged_modules = {layer.name: layer.module for layer in layers}
     return handles

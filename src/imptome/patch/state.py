@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from imptome.config import MergeConfig
 from imptome.merge import (
@@ -21,7 +22,7 @@ from imptome.merge import (
 )
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
-from imptome.patch.families import DenoiserInfo
+from imptome.patch.families import DenoiserInfo, check_no_output_cache
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
@@ -88,6 +89,7 @@ class PatchState:
     last_plans: list[_Built] = field(default_factory=list)
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
+    merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module, set at registration
     checked_layers: bool = False
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
@@ -107,6 +109,7 @@ class PatchState:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new_generation = self.last_timestep is None or t > self.last_timestep
         if new_generation:
+            check_no_output_cache(self.merged_modules)  # a cache may have been enabled after patching
             self.step = 0
             self.importance = None
             self.last_plans = []

@@ -1,5 +1,5 @@
-"""imptome together with other speed-ups: torch.compile, DeepCache, diffusers' caches, model CPU offload,
-half precision."""
+"""imptome together with other speed-ups: torch.compile (whole model and regional), DeepCache, diffusers'
+caches, model CPU offload, half precision, channels_last."""
 
 from __future__ import annotations
 
@@ -80,6 +80,27 @@ def test_torch_compile_matches_eager_with_one_graph_per_phase(guidance_scale):
         torch.testing.assert_close(second, eager)
         (record,) = imptome.merge_plan(pipe)  # the plan was built inside the compiled graph
         assert not record.pruned and (record.importance is not None) == (guidance_scale > 1)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_regional_compilation_with_fullgraph():
+    """diffusers' regional compilation (`compile_repeated_blocks`, each transformer block compiled on its
+    own) with fullgraph=True: the layer hooks, planning included, trace without a graph break, the result
+    equals eager, and a second generation compiles nothing."""
+    pipe = tiny_sd_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    eager = generate(pipe, steps=4)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        pipe.unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+        first = generate(pipe, steps=4)
+        graphs = counters["stats"]["unique_graphs"]
+        second = generate(pipe, steps=4)
+        assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+        assert torch.equal(first, eager) and torch.equal(second, eager)
+        assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
 
@@ -269,6 +290,21 @@ def test_half_precision_pipeline(sd, dtype):
     assert cosine > 0.99
     imptome.remove_patch(pipe)
     assert torch.equal(generate(pipe), base)
+
+
+def test_channels_last_unet(sd):
+    """A UNet in channels_last memory format (a common GPU speed-up) hands its transformer blocks tokens
+    with another stride pattern; merging follows the contiguous-format result up to float rounding."""
+    imptome.apply_patch(sd, ratio=0.7)
+    contiguous = generate(sd)
+    sd.unet.to(memory_format=torch.channels_last)
+    try:
+        calls = top_level_token_counts(sd.unet, lambda: generate(sd, steps=3))
+        channels_last = generate(sd)
+    finally:
+        sd.unet.to(memory_format=torch.contiguous_format)
+    assert calls == [N - math.floor(N * 0.7)] * 3
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-4, atol=1e-4)
 
 
 def test_patch_survives_moving_the_pipeline_between_dtypes(sd):

@@ -224,6 +224,31 @@ def test_attention_cache_off_the_merged_layers_stacks():
         imptome.apply_patch(pipe, ratio=0.7, merge_crossattn=True)
 
 
+@pytest.mark.parametrize("feature", ["layerwise-casting", "group-offload"])
+def test_stateless_diffusers_hooks_inside_merged_layers_are_accepted(feature):
+    """diffusers' memory savers hook the linear layers inside the merged attention (to_q, ...) without
+    keeping outputs between calls: accepted, merging as usual. fp8 storage follows the fp32 result;
+    group offloading (to and from the CPU here) changes nothing."""
+    pipe = tiny_sd_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    merged = generate(pipe, steps=3)
+    cpu = torch.device("cpu")
+    if feature == "layerwise-casting":
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    else:
+        pipe.unet.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="leaf_level")
+    assert hasattr(pipe.unet.get_submodule(TOP_SELF_ATTENTION).to_q, "_diffusers_hook")
+    imptome.apply_patch(pipe, ratio=0.7)  # checked again, from scratch
+    calls = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=3))
+    both = generate(pipe, steps=3)
+    assert calls == [N - math.floor(N * 0.7)] * 3
+    if feature == "group-offload":
+        assert torch.equal(both, merged)
+    else:
+        cosine = torch.nn.functional.cosine_similarity(both.flatten(), merged.flatten(), dim=0)
+        assert cosine > 0.99 and not torch.equal(both, merged)
+
+
 def test_magcache_and_imptome_stack():
     """MagCache skips whole transformer blocks and reuses their unmerged residual; the blocks that run
     merge as usual."""

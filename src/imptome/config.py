@@ -11,6 +11,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 Method = Literal["importance", "tome"]
 CfgOrder = Literal["auto", "uncond_first", "cond_first"]
 Matching = Literal["feature", "grid"]
+MatchRows = Literal["cond", "each"]
 DstSelection = Literal["random", "topk", "cells"]
 PlanScope = Literal["step", "layer"]
 Fallback = Literal["auto", "random", "tome"]
@@ -76,6 +77,10 @@ class MergeConfig:
         matching: "feature" matches sources to destinations by cosine similarity of the layer's tokens;
             "grid" by distance on the token grid (the authors' PixArt code; on the bundled model it took
             images 1.6-3.8 dB further from the unmerged ones, docs/RESULTS.md).
+        match_rows: whose tokens feature matching reads under CFG. "cond" (default): the conditional
+            half's, one plan shared by both halves of an image (half the matching work). "each": every
+            denoiser row is matched on its own tokens, as the paper and ToMeSD do; the partition and the
+            importance pool stay shared by the two halves. Calls without CFG match each row either way.
         proportional_attention: in merged self-attention layers, add log(group size) to each kept key's
             logit (ToMe's proportional attention; ToMeSD and the paper leave it out), so that attention over
             the K kept tokens equals attention over all N tokens with each replaced by its group's mean. On
@@ -112,6 +117,7 @@ class MergeConfig:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     matching: Matching = "feature"
+    match_rows: MatchRows = "cond"
     proportional_attention: bool = False
     fallback: Fallback = "auto"
     plan_scope: PlanScope = "step"

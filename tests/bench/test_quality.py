@@ -110,8 +110,8 @@ def test_empty_prompt_file_is_an_error(tmp_path, capsys):
 
 def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
     out = tmp_path / "bundled.json"
-    argv = ["bench", "quality", "--seeds", "1", "--methods", "tome", "importance", "importance-shuffled"]
-    argv += ["--ratios", "0.7", "--steps", "4"]
+    methods = ["tome", "tome-per-layer", "tome-per-layer-rowmatch", "importance", "importance-shuffled"]
+    argv = ["bench", "quality", "--seeds", "1", "--methods", *methods, "--ratios", "0.7", "--steps", "4"]
     assert main([*argv, "--batch-size", "36", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -121,10 +121,13 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
         low, high = row["accuracy_ci95"]
         assert low <= row["accuracy"] <= high
         assert row["frechet"] > 0
-    # paired differences: each importance variant minus tome, and importance minus its shuffled control
+    # paired differences: each importance variant minus each tome variant, importance minus its shuffled
+    # control, row matching minus the ablation it extends
     comparisons = {(c["method"], c["baseline"]): c for c in report["comparisons"]}
+    tomes = ("tome", "tome-per-layer", "tome-per-layer-rowmatch")
     assert set(comparisons) == {
-        ("importance", "tome"), ("importance-shuffled", "tome"), ("importance", "importance-shuffled"),
+        *((importance, tome) for importance in ("importance", "importance-shuffled") for tome in tomes),
+        ("importance", "importance-shuffled"), ("tome-per-layer-rowmatch", "tome-per-layer"),
     }  # fmt: skip
     for (method, baseline), comparison in comparisons.items():
         difference = rows[method]["accuracy"] - rows[baseline]["accuracy"]

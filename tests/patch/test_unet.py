@@ -127,6 +127,34 @@ def test_merge_plan_records_roles_and_sources(sd):
     assert bool((roles[source[~kept]] == DESTINATION).all())
 
 
+@pytest.mark.parametrize("method", ["importance", "tome"])
+def test_match_rows_each_matches_both_cfg_halves_on_their_own_tokens(sd, method):
+    """match_rows="each" (the paper's and ToMeSD's matching): the two halves of an image keep one partition
+    (the same destinations) but each half's sources go to the destinations most similar in its own tokens;
+    the default shares the conditional half's matching. Planned per layer: the UNet's first merged layer
+    comes before any cross-attention, so there both halves' tokens are equal. Without CFG both options are
+    the same."""
+    options = {"ratio": 0.7, "method": method, "plan_scope": "layer"}
+    imptome.apply_patch(sd, match_rows="each", **options)
+    each = generate(sd, steps=4)
+    records = imptome.merge_plan(sd)
+    first, *later = records
+    for record in records:
+        destinations = record.roles == DESTINATION
+        assert torch.equal(destinations[0], destinations[1])
+    assert torch.equal(first.source[0], first.source[1])
+    assert not all(torch.equal(record.source[0], record.source[1]) for record in later)
+    imptome.apply_patch(sd, **options)
+    shared = generate(sd, steps=4)
+    assert all(torch.equal(record.source[0], record.source[1]) for record in imptome.merge_plan(sd))
+    assert not np.array_equal(each, shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-CFG warning
+        unguided_shared = generate(sd, steps=4, guidance_scale=1.0)
+        imptome.apply_patch(sd, match_rows="each", **options)
+        assert np.array_equal(generate(sd, steps=4, guidance_scale=1.0), unguided_shared)
+
+
 def test_paper_partition_draws_destinations_from_the_pool(sd):
     imptome.apply_patch(sd, ratio=0.7, dst_selection="random", pool_factor=1.4)
     generate(sd, steps=4)

@@ -57,6 +57,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # ToMeSD's partition planned in every block from that block's tokens, as the tomesd package does
     # (imptome's `tome` plans once per step from the first merged layer's tokens).
     "tome-per-layer": {"plan_scope": "layer"},
+    # planned per block with each CFG half matched on its own tokens (the paper's and tomesd's matching)
+    "importance-per-layer-rowmatch": {"plan_scope": "layer", "match_rows": "each"},
+    "tome-per-layer-rowmatch": {"plan_scope": "layer", "match_rows": "each"},
     "tome-prop": {"proportional_attention": True},
     "tome-grid": {"matching": "grid"},
 }
@@ -64,6 +67,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # before each step uses it (same values, random places). What it loses against the method is what the map's
 # content buys.
 SHUFFLED = "-shuffled"
+# "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
+ROW_MATCH = "-rowmatch"
 _POOL = re.compile(r"(.+)-pool(\d+(?:\.\d+)?)")
 
 
@@ -363,7 +368,7 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
     each importance variant minus every imptome tome variant (tome, tome-per-layer, ...) at the same ratio,
-    and each method minus its -shuffled control."""
+    each method minus its -shuffled control, and each -rowmatch ablation minus the ablation it extends."""
     classifier = None
     real_features = None
     if objects is not None:
@@ -410,7 +415,8 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 flops_per_step=float(stats["flops_per_step"]),
             )
         )
-    # (variant, baseline): importance variants against imptome's tome variants, methods against their control
+    # (variant, baseline): importance variants against imptome's tome variants, methods against their control,
+    # row matching against shared matching
     tomes = [v for v in variants if _base_method(v.method) == "tome" and v.method != "tomesd"]
     pairs = []
     for variant in variants:
@@ -418,6 +424,8 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             pairs += [(variant, tome) for tome in tomes if tome.ratio == variant.ratio]
         if variant.method.endswith(SHUFFLED):
             pairs.append((Variant(variant.method.removesuffix(SHUFFLED), variant.ratio), variant))
+        if variant.method.endswith(ROW_MATCH):
+            pairs.append((variant, Variant(variant.method.removesuffix(ROW_MATCH), variant.ratio)))
     comparisons = []
     for variant, baseline in pairs:
         if variant.key not in paired or baseline.key not in paired:

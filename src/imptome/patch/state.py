@@ -215,9 +215,10 @@ class PatchState:
         units = rows // 2 if self.cfg else rows
         if num_remove == 0 or units == 0:
             return None
-        cond = tokens
-        if self.cfg:
-            cond = tokens[:units] if self.cond_first else tokens[units:]
+        features = tokens  # matched on: the conditional half under CFG, unless each row is matched alone
+        per_row = self.cfg and config.match_rows == "each" and config.matching == "feature"
+        if self.cfg and not per_row:
+            features = tokens[:units] if self.cond_first else tokens[units:]
         importance = in_pool = None
         # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
@@ -237,9 +238,12 @@ class PatchState:
             dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
             if importance is not None:
                 in_pool = importance_pool(importance, num_pool)
+        if per_row:  # one partition and pool per image, repeated for its two CFG rows
+            dst_idx = dst_idx.repeat(2, 1)
+            in_pool = None if in_pool is None else in_pool.repeat(2, 1)
         metric = None
         if config.matching == "feature":
-            metric = cond.float() if cond.device.type == "cpu" else cond
+            metric = features.float() if features.device.type == "cpu" else features
         plan = build_plan(
             dst_idx,
             num_remove,

@@ -16,7 +16,9 @@ from imptome.patch.state import PlanRecord
 # destinations from a pool of 1.4); images made with the defaults differ from 0.2.0's.
 # 0.4.0: calls without a CFG map use a random map (fallback="random"; was ToMeSD's partition); images made
 # without guidance differ from 0.3.0's, guided ones do not.
-__version__ = "0.4.0"
+# 0.5.0: split CFG (diffusers' guiders and modular pipelines: conditional and unconditional passes as two
+# calls) gets importance instead of the fallback; images of classic pipelines do not change.
+__version__ = "0.5.0"
 
 __all__ = [
     "PRESETS",

@@ -3,6 +3,8 @@ merges the finest level that has attention, since SDXL has none at full resoluti
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -30,3 +32,41 @@ def test_default_merges_self_attention_at_the_finest_attention_level_only():
     assert np.isfinite(merged_out).all() and not np.array_equal(merged_out, base)
     imptome.remove_patch(pipe)
     assert np.array_equal(generate(), base)
+
+
+def test_modular_pipeline_with_split_cfg_gets_importance():
+    """diffusers' modular SDXL pipeline runs classifier-free guidance as two denoiser calls per step (its
+    guider's conditional pass, then the unconditional one) with the same latents. imptome recognises the
+    pair: no "no CFG" warning, the second pass reuses the first pass's plans, and the map is the channel
+    mean of |cond - uncond| from the pair's outputs."""
+    from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
+        StableDiffusionXLAutoBlocks,
+    )
+
+    classic = tiny_sdxl_pipeline()
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipe.update_components(**{name: part for name, part in classic.components.items() if part is not None})
+    imptome.apply_patch(pipe.unet, ratio=0.5)
+    outputs, plans = [], []
+
+    def record(module, args, kwargs, output) -> None:  # runs after imptome's own hook
+        outputs.append(output[0])  # return_dict=False
+        plans.append(imptome.merge_plan(module))
+
+    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
+    steps = 4
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="imptome")
+            pipe(prompt="a red circle", num_inference_steps=steps, height=128, width=128,
+                 generator=torch.Generator().manual_seed(0), output="latents")  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(outputs) == 2 * steps  # two passes per step
+    for first, second in zip(plans[::2], plans[1::2], strict=True):
+        (first,), (second,) = first, second
+        assert torch.equal(first.source, second.source)  # one plan for both passes
+    (last,) = plans[-1]
+    assert last.importance is not None and not last.pruned  # merged with the previous step's map
+    expected = (outputs[-2] - outputs[-1]).abs().mean(dim=1)
+    torch.testing.assert_close(imptome.importance_map(pipe.unet), expected)

@@ -12,7 +12,7 @@ import torch
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from imptome.patch.api import _state
-from tests.factories import tiny_sd_pipeline, tiny_sdxl_pipeline
+from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 from tests.patch.probes import token_shapes
 
 PROMPT = "a red circle on the left"
@@ -451,3 +451,35 @@ def test_cfg_cut_off_merges_the_unguided_steps_without_a_map(sd):
         )
     assert [r.roles.shape[0] for r in records] == [2, 2, 2, 1, 1]
     assert [r.importance is not None for r in records] == [False, True, True, False, False]
+
+
+def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
+    """Split CFG by hand: conditional and unconditional passes as separate calls on the same latents, then
+    a third pass at the same timestep (as perturbed-attention guidance adds). The first two calls of a step
+    are the pair: the map is |cond - uncond| of their outputs, and the third pass merges with it without
+    replacing it. A repeated timestep with other latents (Zero123++'s reference pass) is no pair."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator)
+    cond, uncond, perturbed = torch.randn(3, 1, 77, TEXT_HIDDEN, generator=generator)
+    records = []
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        for t in (900, 700, 500, 300):
+            eps_cond = unet(latent, t, encoder_hidden_states=cond).sample
+            eps_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
+            eps_perturbed = unet(latent, t, encoder_hidden_states=perturbed).sample
+            records.append(imptome.merge_plan(unet))
+            latent = latent - 0.1 * (eps_uncond + 3 * (eps_cond - eps_uncond) + eps_perturbed)
+    expected = (eps_cond - eps_uncond).abs().mean(dim=1)
+    torch.testing.assert_close(imptome.importance_map(unet), expected)
+    (third_pass,) = records[-1]
+    assert third_pass.importance is not None and not third_pass.pruned
+
+    other = torch.randn(1, 4, 16, 16, generator=generator)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="no classifier-free guidance"):
+        for t in (900, 700, 500, 300):  # a new generation: same timestep, other latents, so no pairs
+            unet(latent, t, encoder_hidden_states=cond)
+            unet(other, t, encoder_hidden_states=uncond)
+    assert imptome.importance_map(unet) is None

@@ -87,6 +87,14 @@ class PatchState:
     average: bool = False
     plans: dict[object, _Built] = field(default_factory=dict)
     last_plans: list[_Built] = field(default_factory=list)
+    # Split CFG (diffusers' guiders, modular pipelines): the conditional and unconditional passes are two
+    # calls with the same sample at the same timestep. The second call of such a pair reuses the first's
+    # plans, and the pair's two outputs make the map.
+    guided: bool = False  # this call merges with the importance map (a CFG batch, or split CFG)
+    paired: bool = False  # this call is the second pass of a split-CFG pair
+    pair_step: int | None = None  # the step whose pair made the current map
+    last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
+    last_output: torch.Tensor | None = None
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module, set at registration
@@ -103,30 +111,47 @@ class PatchState:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
         Calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
-        main pass). A call without CFG merges as `config.fallback` says and neither produces nor clears
-        the map, so a later guided call of the same generation can still use it.
+        main pass, or the two passes of split CFG). A call without CFG merges as `config.fallback` says,
+        unless it belongs to split CFG, and neither produces nor clears the map, so a later guided call of
+        the same generation can still use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         new_generation = self.last_timestep is None or t > self.last_timestep
+        same_timestep = not new_generation and t == self.last_timestep
         if new_generation:
             check_no_output_cache(self.merged_modules)  # a cache may have been enabled after patching
             self.step = 0
             self.importance = None
             self.last_plans = []
+            self.pair_step = self.last_sample = self.last_output = None
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
-        self.calls = 0 if new_generation else self.calls + 1
-        self._set_call_key(sample.device)
-        patch = self.info.patch_size
-        self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         half = sample.shape[0] // 2
         self.cfg = sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
-        if not self.cfg and self.config.method == "importance" and not self.warned_no_cfg:
+        previous = self.last_sample
+        self.paired = (
+            not self.cfg
+            and same_timestep
+            and self.pair_step != self.step  # the first pair of a step (a third pass, e.g. PAG's, is not)
+            and previous is not None
+            and (previous.shape, previous.device) == (sample.shape, sample.device)
+            and torch.equal(previous, sample)
+        )
+        self.last_sample = None if self.cfg else sample
+        self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
+        patch = self.info.patch_size
+        self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
+        self.enter_step(self.step)
+        if not self.paired:  # the second pass of a pair keeps the first pass's draws and plans
+            self.calls = 0 if new_generation else self.calls + 1
+            self._set_call_key(sample.device)
+            self.plans = {}
+        if self.use_importance and not self.guided and not self.warned_no_cfg:
             warnings.warn(
-                "imptome: this denoiser call has no classifier-free guidance batch (guidance_scale <= 1, "
-                "a CFG cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference "
-                "image); such calls merge without importance: "
+                "imptome: this denoiser call has no classifier-free guidance (guidance_scale <= 1, a CFG "
+                "cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference image); "
+                "such calls merge without importance: "
                 + (
                     "a random map stands in for it (fallback: random)."
                     if self.config.fallback_partition == "random"
@@ -135,8 +160,6 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
-        self.enter_step(self.step)
-        self.plans = {}
 
     def enter_step(self, step: int) -> None:
         """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""
@@ -164,10 +187,15 @@ class PatchState:
                     "do not compile patched and unpatched copies of one model class in one process, or "
                     "call torch._dynamo.reset() after patching."
                 )
+        noise_pred = noise_pred.detach()
         if self.cfg:
-            self.importance = cfg_importance(noise_pred.detach(), self.info.noise_channels, self.cond_first)
+            self.importance = cfg_importance(noise_pred, self.info.noise_channels, self.cond_first)
+        elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
+            pair = torch.cat([self.last_output, noise_pred])
+            self.importance = cfg_importance(pair, self.info.noise_channels, cond_first=True)
+            self.pair_step = self.step
+        self.last_output = None if self.cfg else noise_pred
         self.last_plans = list(self.plans.values())
-        self.plans = {}
 
     # ---- called by the layer hooks ----------------------------------------------------------------
     def token_grid(self, num_tokens: int) -> tuple[int, int] | None:
@@ -222,7 +250,7 @@ class PatchState:
         importance = in_pool = None
         # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
-        guided = self.use_importance and self.cfg and self._map_fits(units)
+        guided = self.use_importance and self.guided and self._map_fits(units)
         if guided:
             importance = pool_to_grid(self.importance, grid)
         elif self.use_importance and config.fallback_partition == "random":

@@ -17,7 +17,9 @@ from imptome.patch.state import PlanRecord
 # 0.4.0: calls without a CFG map use a random map (fallback="random"; was ToMeSD's partition); images made
 # without guidance differ from 0.3.0's, guided ones do not.
 # 0.5.0: split CFG (diffusers' guiders and modular pipelines: conditional and unconditional passes as two
-# calls) gets importance instead of the fallback; images of classic pipelines do not change.
+# calls) and PAG pipelines with CFG ([uncond, cond, perturbed] batches) get importance instead of the
+# fallback; PAG without CFG ([cond, perturbed]) is no longer taken for a CFG batch; images of other
+# pipelines do not change.
 __version__ = "0.5.0"
 
 __all__ = [

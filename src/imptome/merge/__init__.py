@@ -1,6 +1,6 @@
 """The merge algorithm in pure torch: importance maps, partitions, matching, merge plans."""
 
-from imptome.merge.importance import cfg_importance, pool_to_grid
+from imptome.merge.importance import cfg_importance, guidance_importance, pool_to_grid
 from imptome.merge.partition import (
     cell_count,
     cell_partition,
@@ -19,6 +19,7 @@ __all__ = [
     "cell_count",
     "cell_partition",
     "cfg_importance",
+    "guidance_importance",
     "importance_partition",
     "importance_pool",
     "pool_size",

@@ -122,3 +122,15 @@ def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
                     "spatial_attention_block_skip_range=None), or leave those layers unmerged (merge_attn, "
                     "merge_crossattn, merge_mlp, block_range)."
                 )
+
+
+def perturbed_attention_layout(attention_modules: list[nn.Module]) -> str | None:
+    """How diffusers' perturbed-attention guidance (PAG) pipelines lay out the denoiser batch, read from the
+    processors they install for the generation: "cfg" for [uncond, cond, perturbed] (a `PAGCFG*` processor),
+    "plain" for [cond, perturbed] (PAG without CFG), None when no PAG processor is set."""
+    names = [type(getattr(module, "processor", None)).__name__ for module in attention_modules]
+    if any(name.startswith("PAGCFG") for name in names):
+        return "cfg"
+    if any(name.startswith("PAG") for name in names):
+        return "plain"
+    return None

@@ -112,15 +112,22 @@ class _LayerHooks:
 
 
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
-    """xformers' kernels refuse an additive mask whose key count is not a multiple of 8 (diffusers' xformers
-    processors pass it unpadded, diffusers#9637): say so here rather than fail inside xformers."""
-    processor = getattr(attention, "processor", None)
-    if num_kept % 8 and "XFormers" in type(processor).__name__:
+    """Refuse processors that cannot take proportional attention's additive mask, with the fix, rather than
+    fail deep inside them: xformers' kernels want a key count that is a multiple of 8 (diffusers' xformers
+    processors pass the mask unpadded, diffusers#9637), and perturbed-attention guidance's processors split
+    the batch into its copies and reshape the mask for fewer rows than it has."""
+    name = type(getattr(attention, "processor", None)).__name__
+    if num_kept % 8 and "XFormers" in name:
         raise ValueError(
             f"imptome: proportional_attention passes an additive attention mask over the {num_kept} kept "
-            f"tokens, and {type(processor).__name__} cannot take a mask whose length is not a multiple of 8. "
-            "Use PyTorch's SDPA processor (pipe.disable_xformers_memory_efficient_attention()) or "
-            "proportional_attention=False."
+            f"tokens, and {name} cannot take a mask whose length is not a multiple of 8. Use PyTorch's SDPA "
+            "processor (pipe.disable_xformers_memory_efficient_attention()) or proportional_attention=False."
+        )
+    if name.startswith("PAG"):
+        raise ValueError(
+            f"imptome: proportional_attention passes an additive attention mask, and {name} (perturbed-"
+            "attention guidance) cannot take one on a layer imptome merges. Apply PAG to other layers "
+            "(pag_applied_layers) or use proportional_attention=False."
         )
 
 
@@ -158,4 +165,5 @@ def register_hooks(
     for index, layer in enumerate(layers):
         handles += _LayerHooks(state, layer.block_name, index, layer.self_attention).register(layer.module)
     state.merged_modules = {layer.name: layer.module for layer in layers}
+    state.attention_modules = [module for module in denoiser.modules() if hasattr(module, "processor")]
     return handles

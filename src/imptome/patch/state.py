@@ -14,7 +14,7 @@ from imptome.config import MergeConfig
 from imptome.merge import (
     build_plan,
     cell_partition,
-    cfg_importance,
+    guidance_importance,
     importance_partition,
     importance_pool,
     pool_size,
@@ -22,7 +22,7 @@ from imptome.merge import (
 )
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
-from imptome.patch.families import DenoiserInfo, check_no_output_cache
+from imptome.patch.families import DenoiserInfo, check_no_output_cache, perturbed_attention_layout
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
@@ -79,7 +79,14 @@ class PatchState:
     step: int = 0
     last_timestep: float | None = None
     latent_grid: tuple[int, int] | None = None
-    cfg: bool = False
+    # The batch is `copies` equal chunks of U images that share one plan per image: 2 for CFG [uncond, cond]
+    # (DiT: [cond, uncond]), 3 for PAG with CFG [uncond, cond, perturbed]. Matching reads chunk `cond_copy`;
+    # the map is |chunk cond_copy - chunk uncond_copy| (None: the batch has no unconditional chunk).
+    copies: int = 1
+    cond_copy: int = 0
+    uncond_copy: int | None = None
+    perturbed_attention: str | None = None  # PAG's batch layout this generation (families.perturbed_...)
+    attention_modules: list[nn.Module] = field(default_factory=list)  # every attention of the denoiser
     importance: torch.Tensor | None = None
     calls: int = 0
     call_key: torch.Tensor | None = None
@@ -99,6 +106,11 @@ class PatchState:
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module, set at registration
     checked_layers: bool = False
+
+    @property
+    def cfg(self) -> bool:
+        """Whether this call's batch holds a conditional and an unconditional copy of every image."""
+        return self.uncond_copy is not None
 
     # ---- called by the denoiser hooks -------------------------------------------------------------
     # begin_call and end_call hold the host-side logic (timestep and CFG checks, the schedule). Under
@@ -124,21 +136,21 @@ class PatchState:
             self.importance = None
             self.last_plans = []
             self.pair_step = self.last_sample = self.last_output = None
+            self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
         elif t < self.last_timestep:
             self.step += 1
         self.last_timestep = t
-        half = sample.shape[0] // 2
-        self.cfg = sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:])
+        self._detect_copies(sample)
         previous = self.last_sample
         self.paired = (
-            not self.cfg
+            self.copies == 1
             and same_timestep
             and self.pair_step != self.step  # the first pair of a step (a third pass, e.g. PAG's, is not)
             and previous is not None
             and (previous.shape, previous.device) == (sample.shape, sample.device)
             and torch.equal(previous, sample)
         )
-        self.last_sample = None if self.cfg else sample
+        self.last_sample = sample if self.copies == 1 else None
         self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
@@ -160,6 +172,22 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+
+    def _detect_copies(self, sample: torch.Tensor) -> None:
+        """Set copies / cond_copy / uncond_copy from the batch: equal chunks are copies of one image."""
+        copies = 3 if self.perturbed_attention == "cfg" else 2
+        chunks = sample.chunk(copies) if sample.shape[0] % copies == 0 else ()
+        if len(chunks) == copies and all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
+            self.copies = copies
+            if self.perturbed_attention == "cfg":
+                self.cond_copy, self.uncond_copy = 1, 0
+            elif self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
+                self.cond_copy, self.uncond_copy = 0, None
+            else:
+                self.cond_copy = 0 if self.cond_first else 1
+                self.uncond_copy = 1 - self.cond_copy
+        else:
+            self.copies, self.cond_copy, self.uncond_copy = 1, 0, None
 
     def enter_step(self, step: int) -> None:
         """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""
@@ -188,13 +216,14 @@ class PatchState:
                     "call torch._dynamo.reset() after patching."
                 )
         noise_pred = noise_pred.detach()
+        channels = self.info.noise_channels
         if self.cfg:
-            self.importance = cfg_importance(noise_pred, self.info.noise_channels, self.cond_first)
+            chunks = noise_pred.chunk(self.copies)
+            self.importance = guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels)
         elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
-            pair = torch.cat([self.last_output, noise_pred])
-            self.importance = cfg_importance(pair, self.info.noise_channels, cond_first=True)
+            self.importance = guidance_importance(self.last_output, noise_pred, channels)
             self.pair_step = self.step
-        self.last_output = None if self.cfg else noise_pred
+        self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
 
     # ---- called by the layer hooks ----------------------------------------------------------------
@@ -240,13 +269,13 @@ class PatchState:
         config = self.config
         rows, num_tokens = tokens.shape[:2]
         num_remove = math.floor(num_tokens * config.ratio)
-        units = rows // 2 if self.cfg else rows
+        units = rows // self.copies
         if num_remove == 0 or units == 0:
             return None
-        features = tokens  # matched on: the conditional half under CFG, unless each row is matched alone
-        per_row = self.cfg and config.match_rows == "each" and config.matching == "feature"
-        if self.cfg and not per_row:
-            features = tokens[:units] if self.cond_first else tokens[units:]
+        features = tokens  # matched on: the conditional copy, unless each row is matched alone
+        per_row = self.copies > 1 and config.match_rows == "each" and config.matching == "feature"
+        if self.copies > 1 and not per_row:
+            features = tokens[self.cond_copy * units : (self.cond_copy + 1) * units]
         importance = in_pool = None
         # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
@@ -266,9 +295,9 @@ class PatchState:
             dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
             if importance is not None:
                 in_pool = importance_pool(importance, num_pool)
-        if per_row:  # one partition and pool per image, repeated for its two CFG rows
-            dst_idx = dst_idx.repeat(2, 1)
-            in_pool = None if in_pool is None else in_pool.repeat(2, 1)
+        if per_row:  # one partition and pool per image, repeated for each copy of it
+            dst_idx = dst_idx.repeat(self.copies, 1)
+            in_pool = None if in_pool is None else in_pool.repeat(self.copies, 1)
         metric = None
         if config.matching == "feature":
             metric = features.float() if features.device.type == "cpu" else features

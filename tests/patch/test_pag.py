@@ -1,0 +1,90 @@
+"""Perturbed-attention guidance (diffusers' PAG pipelines): the denoiser batch holds an extra perturbed copy
+of every image, [uncond, cond, perturbed] with CFG and [cond, perturbed] without."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from diffusers import StableDiffusionPAGPipeline
+
+import imptome
+from imptome.merge import guidance_importance
+from tests.factories import tiny_sd_pipeline
+
+PROMPTS = ["a red circle on the left", "a blue square"]
+TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+def pag_pipeline(layers: list[str]) -> StableDiffusionPAGPipeline:
+    return StableDiffusionPAGPipeline(**tiny_sd_pipeline().components, pag_applied_layers=layers)
+
+
+def run(pipe, guidance_scale: float, steps: int = 4) -> list[tuple[torch.Tensor, list]]:
+    """Each denoiser call's output and merge plans."""
+    calls = []
+
+    def record(module, args, kwargs, output) -> None:  # after imptome's own hook
+        calls.append((output[0], imptome.merge_plan(module)))
+
+    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
+    try:
+        pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance_scale, pag_scale=3.0,
+             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_pag_with_cfg_takes_importance_from_the_cond_and_uncond_copies():
+    """[uncond, cond, perturbed]: one plan per image for its three copies, and the map from the first two
+    (this batch used to be taken for one without CFG: fallback and a wrong warning)."""
+    pipe = pag_pipeline(["mid"])
+    imptome.apply_patch(pipe, ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        calls = run(pipe, guidance_scale=5.0)
+    output, (record,) = calls[-1]
+    assert output.shape[0] == 3 * len(PROMPTS)
+    uncond, cond, _ = output.chunk(3)
+    torch.testing.assert_close(imptome.importance_map(pipe), guidance_importance(cond, uncond, 4))
+    assert record.importance is not None and not record.pruned
+    for copy in record.source.chunk(3)[1:]:
+        assert torch.equal(copy, record.source[: len(PROMPTS)])  # one plan per image, for every copy
+    assert not torch.equal(record.source[0], record.source[1])  # two images, two plans
+
+
+def test_pag_without_cfg_is_not_taken_for_cfg():
+    """[cond, perturbed] has two equal halves like a CFG batch, but their difference is PAG's, not CFG's:
+    such calls use the fallback (and say so), with one plan for both copies."""
+    pipe = pag_pipeline(["mid"])
+    imptome.apply_patch(pipe, ratio=0.5)
+    with pytest.warns(UserWarning, match="no classifier-free guidance"):
+        calls = run(pipe, guidance_scale=1.0)
+    output, (record,) = calls[-1]
+    assert output.shape[0] == 2 * len(PROMPTS)
+    assert imptome.importance_map(pipe) is None and record.importance is None
+    cond_rows, perturbed_rows = record.source.chunk(2)
+    assert torch.equal(cond_rows, perturbed_rows)
+
+
+def test_pag_on_a_merged_layer():
+    """PAG's processor on a layer imptome merges sees the merged tokens of its three copies and works;
+    proportional attention's mask is refused there with the fix named, instead of a reshape error inside
+    the processor."""
+    pipe = pag_pipeline(["down_blocks.0"])
+    imptome.apply_patch(pipe, ratio=0.5)
+    seen = []
+    query = pipe.unet.get_submodule(TOP_SELF_ATTENTION).to_v  # PAG's perturbed copy reads only the values
+    handle = query.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    try:
+        run(pipe, guidance_scale=5.0, steps=2)
+    finally:
+        handle.remove()
+    kept = 256 - math.floor(256 * 0.5)
+    assert (2 * len(PROMPTS), kept) in seen and (len(PROMPTS), kept) in seen  # org and perturbed parts
+    imptome.apply_patch(pipe, ratio=0.5, proportional_attention=True)
+    with pytest.raises(ValueError, match="perturbed-attention guidance.*pag_applied_layers"):
+        run(pipe, guidance_scale=5.0, steps=2)

@@ -8,11 +8,21 @@ import warnings
 
 import pytest
 import torch
-from diffusers import StableDiffusionPAGPipeline
+from diffusers import (
+    AnimateDiffPAGPipeline,
+    PixArtSigmaPAGPipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionXLPAGPipeline,
+)
 
 import imptome
 from imptome.merge import guidance_importance
-from tests.factories import tiny_sd_pipeline
+from tests.factories import (
+    tiny_animatediff_pipeline,
+    tiny_pixart_sigma_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -88,3 +98,31 @@ def test_pag_on_a_merged_layer():
     imptome.apply_patch(pipe, ratio=0.5, proportional_attention=True)
     with pytest.raises(ValueError, match="perturbed-attention guidance.*pag_applied_layers"):
         run(pipe, guidance_scale=5.0, steps=2)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart-sigma", "animatediff"])
+def test_pag_pipelines_of_other_families(family):
+    """The PAG pipelines of the other supported families: three copies per image, one plan for them, the map
+    from the cond and uncond copies, no fallback warning (PAG on a merged layer for PixArt-Sigma)."""
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "pag_scale": 3.0, "output_type": "latent"}
+    if family == "sdxl":
+        pipe = StableDiffusionXLPAGPipeline(**tiny_sdxl_pipeline().components, pag_applied_layers=["mid"])
+        options = {}
+    elif family == "pixart-sigma":
+        components = tiny_pixart_sigma_pipeline().components
+        pipe = PixArtSigmaPAGPipeline(**components, pag_applied_layers=["transformer_blocks.1"])
+        options = {"block_range": None}
+        kwargs |= {"use_resolution_binning": False, "clean_caption": False}
+    else:
+        pipe = AnimateDiffPAGPipeline(**tiny_animatediff_pipeline().components, pag_applied_layers=["mid"])
+        options = {}
+        kwargs["num_frames"] = 4
+    imptome.apply_patch(pipe, ratio=0.5, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs)
+    record = imptome.merge_plan(pipe)[0]
+    assert record.importance is not None and imptome.importance_map(pipe) is not None
+    first, *others = record.source.chunk(3)
+    for other in others:
+        assert torch.equal(other, first)

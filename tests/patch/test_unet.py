@@ -483,3 +483,29 @@ def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
             unet(latent, t, encoder_hidden_states=cond)
             unet(other, t, encoder_hidden_states=uncond)
     assert imptome.importance_map(unet) is None
+
+
+def test_controlnet_pipeline_merges_the_unet_only():
+    """With a ControlNet the UNet is merged as usual (importance from the CFG batch, guess mode too); the
+    ControlNet, a separate module, runs unmerged; removing the patch restores the output exactly."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    base = tiny_sd_pipeline()
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 16, 32, 32))
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    control = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+    def run(**kwargs) -> np.ndarray:
+        return generate(pipe, image=control, **kwargs)
+
+    unmerged = run()
+    controlnet_tokens = token_shapes(pipe.controlnet, run)
+    imptome.apply_patch(pipe, ratio=0.5)
+    assert token_shapes(pipe.controlnet, run) == controlnet_tokens  # the ControlNet is not merged
+    for guess_mode in (False, True):
+        run(guess_mode=guess_mode)
+        (record,) = imptome.merge_plan(pipe)
+        assert record.importance is not None and record.roles.shape[0] == 2
+    assert not np.array_equal(run(), unmerged)
+    imptome.remove_patch(pipe)
+    assert np.array_equal(run(), unmerged)

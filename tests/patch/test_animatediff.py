@@ -90,3 +90,19 @@ def test_importance_map_and_plans_are_per_frame(anim):
         roles = record.roles[frame].flatten()[unimportant]
         assert bool(((roles == MERGED) | (roles == DESTINATION)).all()), frame
     assert not torch.equal(record.importance[0], record.importance[1])
+
+
+def test_free_noise_merges_and_its_split_inference_is_refused():
+    """FreeNoise works on frame windows inside the motion modules; the denoiser still gets every frame in
+    one call, so merging is as usual. Its split inference feeds the spatial layers slices of the batch,
+    which imptome's whole-batch plans do not fit: a clear error instead of plans applied to the wrong rows."""
+    pipe = tiny_animatediff_pipeline()
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    imptome.apply_patch(pipe, ratio=0.5)
+    frames = 8
+    pipe("a red circle", num_frames=frames, num_inference_steps=3, output_type="latent")
+    (record,) = imptome.merge_plan(pipe)
+    assert record.source.shape == (2 * frames, TOP) and imptome.importance_map(pipe).shape[0] == frames
+    pipe.enable_free_noise_split_inference(spatial_split_size=4, temporal_split_size=4)
+    with pytest.raises(ValueError, match="received 4 rows of tokens in a denoiser call with 16"):
+        pipe("a red circle", num_frames=frames, num_inference_steps=3, output_type="latent")

@@ -84,6 +84,13 @@ class _LayerHooks:
         if self.self_attention and kwargs.get("attention_mask") is not None:
             return None
         grid = self.state.token_grid(tokens.shape[1])
+        if grid is not None and tokens.shape[0] != self.state.rows:
+            raise ValueError(
+                f"imptome: {self.block_name} received {tokens.shape[0]} rows of tokens in a denoiser call "
+                f"with {self.state.rows} (images x frames): the batch is split inside the model (e.g. "
+                "AnimateDiff FreeNoise's enable_free_noise_split_inference), and imptome plans for the whole "
+                "batch. Merge without split inference (FreeNoise itself works) or remove the patch."
+            )
         plan = None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
         if plan is None:
             return None

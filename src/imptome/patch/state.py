@@ -79,6 +79,7 @@ class PatchState:
     step: int = 0
     last_timestep: float | None = None
     latent_grid: tuple[int, int] | None = None
+    rows: int = 0  # token rows every merged layer sees this call: batch, times frames for video
     # The batch is `copies` equal chunks of U images that share one plan per image: 2 for CFG [uncond, cond]
     # (DiT: [cond, uncond]), 3 for PAG with CFG [uncond, cond, perturbed]. Matching reads chunk `cond_copy`;
     # the map is |chunk cond_copy - chunk uncond_copy| (None: the batch has no unconditional chunk).
@@ -154,6 +155,7 @@ class PatchState:
         self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
+        self.rows = sample.shape[0] * (sample.shape[2] if sample.ndim == 5 else 1)
         self.enter_step(self.step)
         if not self.paired:  # the second pass of a pair keeps the first pass's draws and plans
             self.calls = 0 if new_generation else self.calls + 1

@@ -16,6 +16,7 @@ from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sd
 from tests.patch.probes import token_shapes
 
 PROMPT = "a red circle on the left"
+TOP_CROSS_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
 def generate(pipe, steps: int = 4, seed: int = 0, **kwargs) -> np.ndarray:
@@ -509,3 +510,40 @@ def test_controlnet_pipeline_merges_the_unet_only():
     assert not np.array_equal(run(), unmerged)
     imptome.remove_patch(pipe)
     assert np.array_equal(run(), unmerged)
+
+
+def test_ip_adapter_processors_keep_working_on_merged_layers():
+    """IP-Adapter's processors (here on every cross-attention, random weights in place of a checkpoint)
+    stay where they are; with cross-attention merged too they attend from the merged queries. The image
+    prompt changes the output, merged or not, and removing the patch restores it exactly."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    pipe = tiny_sd_pipeline()
+    unet = pipe.unet
+    torch.manual_seed(0)
+    processors = {}
+    for name in unet.attn_processors:
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        if attention.is_cross_attention:
+            hidden = attention.to_out[0].out_features
+            processors[name] = IPAdapterAttnProcessor2_0(hidden, TEXT_HIDDEN, num_tokens=(4,))
+        else:
+            processors[name] = AttnProcessor2_0()
+    unet.set_attn_processor(processors)
+    projection = ImageProjection(image_embed_dim=16, cross_attention_dim=TEXT_HIDDEN, num_image_text_embeds=4)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    image_embeds = torch.randn(2, 1, 16)  # [negative, positive] image embeddings, as CFG wants them
+
+    def run(embeds: torch.Tensor) -> np.ndarray:
+        return generate(pipe, ip_adapter_image_embeds=[embeds])
+
+    unmerged = run(image_embeds)
+    for options in ({}, {"merge_crossattn": True}):
+        imptome.apply_patch(pipe, ratio=0.5, **options)
+        merged = run(image_embeds)
+        assert isinstance(unet.get_submodule(TOP_CROSS_ATTENTION).processor, IPAdapterAttnProcessor2_0)
+        assert not np.array_equal(merged, unmerged) and not np.array_equal(merged, run(image_embeds * 2))
+    imptome.remove_patch(pipe)
+    assert np.array_equal(run(image_embeds), unmerged)

@@ -12,6 +12,9 @@
 #   compile   torch.compile, unmerged vs merged, default mode and CUDA graphs (about 6 minutes)
 #   prop      proportional attention (an additive SDPA mask): each SDPA backend with and without the mask at
 #             the merged shapes (scripts/sdpa_bias.py), then against plain importance, 1024 px, ratio 0.7
+#   layout    SD2 at 1024 px with the UNet and latent in channels_last (NHWC) against contiguous, same
+#             machine: the unmerged step spends time converting layouts around cuDNN convolutions, which
+#             merging cannot remove and which lowers its efficiency
 #   deepcache whole 20-step SD2 generations with imptome, DeepCache and both
 #   more      SDXL and the 512 px cases
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
@@ -60,6 +63,12 @@ if wanted prop; then  # the SDPA kernels alone first (seconds), then the whole s
     timeout 60 python3 scripts/sdpa_bias.py --device cuda --dtype float16 --json "$OUT/sdpa_bias.json"
     timeout 150 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.7 --variants none importance importance-prop \
         --rounds 5 $(md speed_gpu_prop)
+fi
+if wanted layout; then
+    for memory_format in contiguous channels_last; do
+        timeout 60 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none tome importance --rounds 7 \
+            --memory-format $memory_format $(md speed_gpu_sd2_1024_$memory_format)
+    done
 fi
 if wanted deepcache; then
     timeout 90 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none importance --rounds 3 --generation-steps 20 \

@@ -207,6 +207,21 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
     assert "round 1/1" in capsys.readouterr().err
 
 
+def test_channels_last_memory_format(tiny_archs, tmp_path):
+    """--memory-format channels_last lays out the weights and the latent as NHWC: same FLOPs, recorded in the
+    rows and in the command that repeats the run."""
+    flops = {}
+    for memory_format in ("contiguous", "channels_last"):
+        out = tmp_path / f"{memory_format}.json"
+        argv = ["bench", "speed", "--arch", "tiny-sd", "--ratios", "0.5", "--variants", "none", "importance"]
+        assert main([*argv, "--rounds", "1", "--memory-format", memory_format, "--json", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert all(row["memory_format"] == memory_format and row["error"] is None for row in results["rows"])
+        assert ("--memory-format" in results["meta"]["command"]) == (memory_format == "channels_last")
+        flops[memory_format] = [row["flops"] for row in results["rows"]]
+    assert flops["channels_last"] == flops["contiguous"]
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [

@@ -58,6 +58,7 @@ from imptome.patch.families import denoiser_info, finest_attention_downsample
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 DEFAULT_RATIOS = (0.5, 0.7)
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -82,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sdpa",
         choices=("sdpa", "math"),
         help="attention processor: torch scaled_dot_product_attention, or diffusers' explicit bmm + softmax",
+    )
+    parser.add_argument(
+        "--memory-format",
+        default="contiguous",
+        choices=tuple(MEMORY_FORMATS),
+        help="layout of the denoiser's convolution weights and of the latent (channels_last: NHWC, which "
+        "cuDNN convolutions use natively, so no layout conversions around them)",
     )
     parser.add_argument("--frames", type=int, help="video frames for animatediff (default: 16)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
@@ -178,6 +186,7 @@ class Settings:
     device: torch.device
     dtype: str
     attention: str
+    memory_format: str
     frames: int | None
     batch: int
     generation_steps: int
@@ -225,6 +234,7 @@ def _parse(args: argparse.Namespace) -> Settings:
         device=device,
         dtype=args.dtype,
         attention=args.attention,
+        memory_format=args.memory_format,
         frames=args.frames,
         batch=args.batch,
         generation_steps=args.generation_steps,
@@ -258,7 +268,7 @@ def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[
 
 
 def _inputs(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
-    return example_inputs(
+    inputs = example_inputs(
         spec.name,
         res,
         batch=settings.batch,
@@ -266,6 +276,13 @@ def _inputs(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
         dtype=DTYPES[settings.dtype],
         device=settings.device,
     )
+    memory_format = MEMORY_FORMATS[settings.memory_format]
+    return {
+        key: value.to(memory_format=memory_format)
+        if isinstance(value, torch.Tensor) and value.ndim == 4
+        else value
+        for key, value in inputs.items()
+    }
 
 
 def _measure_case(
@@ -344,6 +361,7 @@ def _case_fields(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]
         "device_name": _device_name(settings.device),
         "dtype": settings.dtype,
         "attention": settings.attention,
+        "memory_format": settings.memory_format,
     }
 
 
@@ -435,6 +453,8 @@ def _command(args: argparse.Namespace, settings: Settings) -> str:
     parts += ["--ratios", *(f"{ratio:g}" for ratio in ratios)] if ratios else []
     parts += ["--variants", *names, "--rounds", str(settings.rounds), "--device", settings.device.type]
     parts += ["--dtype", settings.dtype, "--attention", settings.attention]
+    if settings.memory_format != "contiguous":
+        parts += ["--memory-format", settings.memory_format]
     if settings.frames:
         parts += ["--frames", str(settings.frames)]
     if settings.batch != 1:
@@ -464,6 +484,7 @@ def _meta(settings: Settings, command: str) -> dict[str, Any]:
         "device_name": _device_name(settings.device),
         "dtype": settings.dtype,
         "attention": settings.attention,
+        "memory_format": settings.memory_format,
         "rounds": settings.rounds,
         "threads": torch.get_num_threads(),
         "versions": versions,
@@ -524,6 +545,7 @@ def _write(
     path.write_text(json.dumps(results, indent=1) + "\n")
     header = (
         f"Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}, attention {meta['attention']}, "
+        f"{meta['memory_format']} memory format, "
         f"{meta['rounds']} rounds, load average {meta['loadavg_start'][0]:.2f} at start and "
         f"{meta['loadavg_now'][0]:.2f} at the end.\n\n`{meta['command']}`\n\n"
     )
@@ -556,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
         spec = ARCHS[name]
         say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
         model = build_denoiser(name, dtype=DTYPES[settings.dtype], device=settings.device)
+        model.to(memory_format=MEMORY_FORMATS[settings.memory_format])
         _set_attention(model, settings.attention)
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)

@@ -547,3 +547,36 @@ def test_ip_adapter_processors_keep_working_on_merged_layers():
         assert not np.array_equal(merged, unmerged) and not np.array_equal(merged, run(image_embeds * 2))
     imptome.remove_patch(pipe)
     assert np.array_equal(run(image_embeds), unmerged)
+
+
+def test_split_cfg_plans_like_the_cfg_batch_on_the_bundled_model():
+    """The same generation on the bundled (trained) model twice: by the pipeline with its CFG batch, and by
+    hand with the conditional and unconditional passes as separate calls (as diffusers' guiders do). Every
+    step gets the same plan, and the final latents agree to float rounding."""
+    from imptome.loading import load_pipeline
+
+    pipe = load_pipeline()
+    prompt, steps, guidance = "a red circle on the left", 8, 5.0
+    start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    imptome.apply_patch(pipe, ratio=0.5)
+    batched_plans = []
+
+    def keep_plans(pipe, step, timestep, kwargs):
+        batched_plans.append(imptome.merge_plan(pipe)[0].roles[0])
+        return kwargs
+
+    batched = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=start.clone(),
+                   output_type="latent", callback_on_step_end=keep_plans).images  # fmt: skip
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)
+    latents, split_plans = start * scheduler.init_noise_sigma, []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            eps_cond = pipe.unet(model_input, t, encoder_hidden_states=cond).sample
+            eps_uncond = pipe.unet(model_input, t, encoder_hidden_states=uncond).sample
+            split_plans.append(imptome.merge_plan(pipe)[0].roles[0])
+            latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
+    assert all(torch.equal(a, b) for a, b in zip(batched_plans, split_plans, strict=True))
+    torch.testing.assert_close(latents, batched, rtol=0, atol=1e-4)

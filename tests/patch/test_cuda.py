@@ -75,7 +75,11 @@ def deterministic():
         torch.use_deterministic_algorithms(False)
 
 
-def test_model_cpu_offload_to_the_gpu():
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_to_the_gpu(offload):
+    """accelerate's offload hooks: whole models (model) or every leaf module, attention sub-layers
+    included, moved to the GPU for its call and back (sequential; not testable on the CPU, where accelerate
+    cannot offload to the device it runs on)."""
     with deterministic():
         reference = tiny_sd_pipeline().to("cuda")
         imptome.apply_patch(reference, ratio=0.7)
@@ -83,9 +87,14 @@ def test_model_cpu_offload_to_the_gpu():
         torch.testing.assert_close(generate(reference), expected, atol=0, rtol=0)  # deterministic
         pipe = tiny_sd_pipeline()
         imptome.apply_patch(pipe, ratio=0.7)
-        pipe.enable_model_cpu_offload()
+        if offload == "model":
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.enable_sequential_cpu_offload()
         torch.testing.assert_close(generate(pipe), expected)
-    assert pipe.unet.device.type == "cpu"  # offloaded again after the call
+        assert imptome.merge_plan(pipe)
+    if offload == "model":
+        assert pipe.unet.device.type == "cpu"  # offloaded again after the call
     imptome.remove_patch(pipe)
 
 

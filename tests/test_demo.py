@@ -21,9 +21,9 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
     argv = ["demo", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "4", "--out", str(out)]
     assert main(argv) == 0
     with Image.open(out) as image:
-        assert image.width > 6 * 100  # six panels per row: 3 images, 2 token maps, 1 heatmap
+        assert image.width > 7 * 100  # seven panels per row: 4 images, 2 token maps, 1 heatmap
     printed = capsys.readouterr().out
-    for variant in ("none", "tome", "importance"):
+    for variant in ("none", "tome", "importance", "importance+prop"):
         assert variant in printed
 
 

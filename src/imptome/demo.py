@@ -1,4 +1,5 @@
-"""`imptome demo`: no merging vs ToMeSD-style vs importance merging, side by side, on the same seeds."""
+"""`imptome demo`: no merging vs ToMeSD-style vs importance merging (without and with proportional
+attention), side by side, on the same seeds."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from imptome.loading import DTYPES, check_model, load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
-VARIANTS = ("none", "tome", "importance")
+# variant -> (MergeConfig.method, options added to --set's); "none" is the unpatched pipeline
+VARIANTS = {
+    "none": (None, {}),
+    "tome": ("tome", {}),
+    "importance": ("importance", {}),
+    "importance+prop": ("importance", {"proportional_attention": True}),
+}
 
 
 def default_prompts(count: int = 4) -> list[str]:
@@ -32,7 +39,7 @@ def default_prompts(count: int = 4) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
-    parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio for both merged variants")
+    parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
@@ -52,18 +59,19 @@ class _Result:
 
 def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
     denoiser = find_denoiser(pipe)
-    if variant == "none":
+    method, extra = VARIANTS[variant]
+    if method is None:
         imptome.remove_patch(pipe)
     else:
         try:  # options that do not fit this model (e.g. block_range on a UNet)
-            imptome.apply_patch(pipe, ratio=args.ratio, method=variant, **args.options)
+            imptome.apply_patch(pipe, ratio=args.ratio, method=method, **{**args.options, **extra})
         except ValueError as error:
             raise CliError(str(error)) from None
     middle = args.steps // 2
     captured: dict[str, torch.Tensor | None] = {}
 
     def on_step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
-        if step == middle and variant != "none":
+        if step == middle and method is not None:
             plans = imptome.merge_plan(pipeline)
             finest = max(plans, key=lambda p: p.grid[0] * p.grid[1], default=None)
             if finest is not None:
@@ -111,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     for variant in ("tome", "importance"):
         result = results[variant]
         columns.append((f"{variant} {args.ratio:g}", result.images, "image"))
+        if variant == "importance":
+            title = f"importance {args.ratio:g} + prop. attention"
+            columns.append((title, results["importance+prop"].images, "image"))
         if result.roles is not None:
             cond_rows = result.roles[-n:]  # the plan is shared by both CFG halves
             columns.append((f"{variant}: kept tokens", list(cond_rows), "roles"))

@@ -545,6 +545,18 @@ def test_ip_adapter_processors_keep_working_on_merged_layers():
         merged = run(image_embeds)
         assert isinstance(unet.get_submodule(TOP_CROSS_ATTENTION).processor, IPAdapterAttnProcessor2_0)
         assert not np.array_equal(merged, unmerged) and not np.array_equal(merged, run(image_embeds * 2))
+
+    # Regional IP-Adapter masks are resized to the query count read as a grid, so a cross-attention that
+    # uses them keeps all its queries; self-attention (whose processor ignores the masks) still merges.
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[..., :8] = 1.0
+    regional = {
+        "ip_adapter_image_embeds": [image_embeds],
+        "cross_attention_kwargs": {"ip_adapter_masks": [masks]},
+    }
+    seen = token_shapes(unet, lambda: generate(pipe, **regional))
+    assert {tokens for _, tokens in seen[TOP_CROSS_ATTENTION]} == {256}
+    assert {tokens for _, tokens in seen[TOP_CROSS_ATTENTION.replace("attn2", "attn1")]} == {128}
     imptome.remove_patch(pipe)
     assert np.array_equal(run(image_embeds), unmerged)
 

@@ -80,8 +80,11 @@ class _LayerHooks:
         tokens, where = _first_input(args, kwargs, ("hidden_states",))
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
             return None
-        # A mask over the query tokens themselves would no longer line up once they are merged.
+        # A mask over the query tokens themselves would no longer line up once they are merged: a
+        # self-attention mask, or IP-Adapter's regional masks (resized to the query count as a grid).
         if self.self_attention and kwargs.get("attention_mask") is not None:
+            return None
+        if kwargs.get("ip_adapter_masks") is not None and _uses_ip_adapter_masks(module):
             return None
         grid = self.state.token_grid(tokens.shape[1])
         if grid is not None and tokens.shape[0] != self.state.rows:
@@ -116,6 +119,12 @@ class _LayerHooks:
             module.register_forward_pre_hook(self.pre, with_kwargs=True),
             module.register_forward_hook(self.post, with_kwargs=True),
         ]
+
+
+def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
+    """IP-Adapter processors read `ip_adapter_masks`; the others ignore it (diffusers passes the same
+    cross_attention_kwargs to every attention of a block)."""
+    return "IPAdapter" in type(getattr(attention, "processor", None)).__name__
 
 
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:

@@ -84,6 +84,39 @@ def test_torch_compile_matches_eager_with_one_graph_per_phase(guidance_scale):
         torch._dynamo.reset()
 
 
+def test_torch_compile_with_split_cfg():
+    """Guidance as two calls per step (diffusers' guiders): the second call of each pair reuses the first
+    call's plans inside the compiled graph. Outputs equal eager, and a second generation compiles nothing."""
+    unet = tiny_sd_unet(layers_per_block=1)
+    imptome.apply_patch(unet, ratio=0.7)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator)
+    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
+
+    def generation(model) -> list[torch.Tensor]:
+        outputs = []
+        with torch.inference_mode():
+            for t in (900, 750, 600, 450, 300, 150):
+                outputs += [model(latent, t, encoder_hidden_states=text).sample for text in (cond, uncond)]
+        return outputs
+
+    eager = generation(unet)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(unet, backend="eager")
+        first = generation(compiled)
+        graphs = counters["stats"]["unique_graphs"]
+        second = generation(compiled)
+        assert counters["stats"]["unique_graphs"] == graphs
+        for a, b, c in zip(eager, first, second, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        (record,) = imptome.merge_plan(unet)
+        assert record.importance is not None
+    finally:
+        torch._dynamo.reset()
+
+
 def test_regional_compilation_with_fullgraph():
     """diffusers' regional compilation (`compile_repeated_blocks`, each transformer block compiled on its
     own) with fullgraph=True: the layer hooks, planning included, trace without a graph break, the result

@@ -18,8 +18,9 @@ from imptome.patch.state import PlanRecord
 # without guidance differ from 0.3.0's, guided ones do not.
 # 0.5.0: split CFG (diffusers' guiders and modular pipelines: conditional and unconditional passes as two
 # calls) and PAG pipelines with CFG ([uncond, cond, perturbed] batches) get importance instead of the
-# fallback; PAG without CFG ([cond, perturbed]) is no longer taken for a CFG batch; images of other
-# pipelines do not change.
+# fallback; PAG without CFG ([cond, perturbed]) is no longer taken for a CFG batch; one-step generations
+# run back to back each start a generation (they used to count as one, so a seed's image depended on
+# how many had run before); images of other pipelines do not change.
 __version__ = "0.5.0"
 
 __all__ = [

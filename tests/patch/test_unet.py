@@ -66,6 +66,25 @@ def test_same_seed_same_image_and_global_rng_untouched(sd):
     assert torch.equal(torch.rand(3), expected_next)  # imptome drew nothing from the global RNG
 
 
+@pytest.mark.parametrize("guidance_scale", [0.0, 5.0], ids=["no-cfg", "cfg"])
+def test_one_step_generations_back_to_back_are_reproducible(sd, guidance_scale):
+    """One-step generations (turbo models) all call the denoiser at the same timestep, so the timestep
+    going up cannot mark the next generation. A repeated first call of the same shape does (unless it is
+    a split-CFG pair, whose second pass reuses the first's plans): the same seed gives the same image
+    however many generations ran before, with different seeds in between too."""
+    imptome.apply_patch(sd, ratio=0.7, method="tome")  # one step: ToMeSD's random cells either way
+
+    def one_step(seed: int = 0) -> np.ndarray:
+        return generate(sd, steps=1, seed=seed, guidance_scale=guidance_scale)
+
+    first = one_step()
+    others = [one_step(), one_step(seed=1), one_step(), one_step(seed=2), one_step()]
+    assert all(np.array_equal(first, other) for other in others[::2])
+    assert not np.array_equal(first, others[1])
+    imptome.apply_patch(sd, ratio=0.7, method="tome")  # a fresh patch: the same image again
+    assert np.array_equal(one_step(), first)
+
+
 @pytest.mark.parametrize("method", ["importance", "tome"])
 def test_merged_layers_see_n_minus_r_tokens(sd, method):
     imptome.apply_patch(sd, ratio=0.7, method=method)

@@ -102,6 +102,7 @@ class PatchState:
     paired: bool = False  # this call is the second pass of a split-CFG pair
     pair_step: int | None = None  # the step whose pair made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
+    last_shape: torch.Size | None = None  # input shape of the last call
     last_output: torch.Tensor | None = None
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
@@ -123,34 +124,35 @@ class PatchState:
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
-        Calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
-        main pass, or the two passes of split CFG). A call without CFG merges as `config.fallback` says,
-        unless it belongs to split CFG, and neither produces nor clears the map, so a later guided call of
-        the same generation can still use it.
+        A new generation starts when the timestep goes up, or when a call at the first timestep of a
+        generation repeats with the same input shape and is no split-CFG pair: one-step generations run
+        back to back, whose plans must not depend on how many ran before. Other calls at the same timestep
+        belong to one step (e.g. Zero123++'s reference-image pass before the main pass, or the two passes of
+        split CFG). A call without CFG merges as `config.fallback` says, unless it belongs to split CFG, and
+        neither produces nor clears the map, so a later guided call of the same generation can still use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        new_generation = self.last_timestep is None or t > self.last_timestep
-        same_timestep = not new_generation and t == self.last_timestep
-        if new_generation:
+        same_timestep = t == self.last_timestep
+        self._detect_copies(sample)
+        self.paired = same_timestep and self._pairs_with_last_call(sample)
+        repeated_start = (
+            same_timestep and self.step == 0 and not self.paired and self.last_shape == sample.shape
+        )
+        self.last_shape = sample.shape
+        if self.last_timestep is None or t > self.last_timestep or repeated_start:
+            new_generation = True
             check_no_output_cache(self.merged_modules)  # a cache may have been enabled after patching
             self.step = 0
             self.importance = None
             self.last_plans = []
             self.pair_step = self.last_sample = self.last_output = None
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
-        elif t < self.last_timestep:
-            self.step += 1
+            self._detect_copies(sample)  # PAG's layout may have changed with the generation
+        else:
+            new_generation = False
+            if t < self.last_timestep:
+                self.step += 1
         self.last_timestep = t
-        self._detect_copies(sample)
-        previous = self.last_sample
-        self.paired = (
-            self.copies == 1
-            and same_timestep
-            and self.pair_step != self.step  # the first pair of a step (a third pass, e.g. PAG's, is not)
-            and previous is not None
-            and (previous.shape, previous.device) == (sample.shape, sample.device)
-            and torch.equal(previous, sample)
-        )
         self.last_sample = sample if self.copies == 1 else None
         self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
         patch = self.info.patch_size
@@ -174,6 +176,19 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+
+    def _pairs_with_last_call(self, sample: torch.Tensor) -> bool:
+        """Whether this call, at the last call's timestep, is the second pass of split CFG: no copies in the
+        batch, the same sample as the last call, and no pair yet in this step (a third pass, e.g. PAG's,
+        merges with the pair's map but makes none)."""
+        previous = self.last_sample
+        return (
+            self.copies == 1
+            and self.pair_step != self.step
+            and previous is not None
+            and (previous.shape, previous.device) == (sample.shape, sample.device)
+            and torch.equal(previous, sample)
+        )
 
     def _detect_copies(self, sample: torch.Tensor) -> None:
         """Set copies / cond_copy / uncond_copy from the batch: equal chunks are copies of one image."""

@@ -86,7 +86,7 @@ class PatchState:
     copies: int = 1
     cond_copy: int = 0
     uncond_copy: int | None = None
-    perturbed_attention: str | None = None  # PAG's batch layout this generation (families.perturbed_...)
+    perturbed_attention: str | None = None  # PAG's layout this generation: perturbed_attention_layout
     attention_modules: list[nn.Module] = field(default_factory=list)  # every attention of the denoiser
     importance: torch.Tensor | None = None
     calls: int = 0
@@ -102,8 +102,8 @@ class PatchState:
     paired: bool = False  # this call is the second pass of a split-CFG pair
     pair_step: int | None = None  # the step whose pair made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
-    last_shape: torch.Size | None = None  # input shape of the last call
     last_output: torch.Tensor | None = None
+    last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module, set at registration
@@ -118,8 +118,8 @@ class PatchState:
     # begin_call and end_call hold the host-side logic (timestep and CFG checks, the schedule). Under
     # torch.compile they run eagerly, once per denoiser call, outside the graph. What the traced layer hooks
     # read changes rarely: Dynamo guards on the phase flags (use_importance, average: at most two changes
-    # per generation) and the grid, never on the step counter; the key of the call's random draws is a
-    # device tensor overwritten in place.
+    # per generation), the batch layout (copies, cond_copy, guided) and the grid, never on the step
+    # counter; the key of the call's random draws is a device tensor overwritten in place.
     @torch.compiler.disable
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.

@@ -87,8 +87,8 @@ def test_pag_on_a_merged_layer():
     pipe = pag_pipeline(["down_blocks.0"])
     imptome.apply_patch(pipe, ratio=0.5)
     seen = []
-    query = pipe.unet.get_submodule(TOP_SELF_ATTENTION).to_v  # PAG's perturbed copy reads only the values
-    handle = query.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    values = pipe.unet.get_submodule(TOP_SELF_ATTENTION).to_v  # PAG's perturbed copy reads only the values
+    handle = values.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
     try:
         run(pipe, guidance_scale=5.0, steps=2)
     finally:

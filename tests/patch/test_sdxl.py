@@ -46,7 +46,7 @@ def test_modular_pipeline_with_split_cfg_gets_importance():
     classic = tiny_sdxl_pipeline()
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(**{name: part for name, part in classic.components.items() if part is not None})
-    imptome.apply_patch(pipe.unet, ratio=0.5)
+    imptome.apply_patch(pipe, ratio=0.5)  # a modular pipeline holds its UNet as `unet` too
     outputs, plans = [], []
 
     def record(module, args, kwargs, output) -> None:  # runs after imptome's own hook
@@ -69,4 +69,4 @@ def test_modular_pipeline_with_split_cfg_gets_importance():
     (last,) = plans[-1]
     assert last.importance is not None and not last.pruned  # merged with the previous step's map
     expected = (outputs[-2] - outputs[-1]).abs().mean(dim=1)
-    torch.testing.assert_close(imptome.importance_map(pipe.unet), expected)
+    torch.testing.assert_close(imptome.importance_map(pipe), expected)

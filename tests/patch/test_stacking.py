@@ -241,6 +241,33 @@ def test_attention_output_caches_on_merged_layers_are_refused():
         generate(patched_first, steps=2)
 
 
+@pytest.mark.parametrize("cache", ["FasterCache", "TaylorSeer"])
+def test_other_attention_caches_on_merged_layers_are_refused(cache):
+    """The same rule for diffusers' other caches that hook attention modules: FasterCache's attention hook,
+    and TaylorSeer once its patterns name a merged layer (its default patterns name modules called `attn`,
+    which the supported models do not have)."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        TaylorSeerCacheConfig,
+        apply_faster_cache,
+        apply_taylorseer_cache,
+    )
+
+    pipe = tiny_pixart_pipeline()
+    if cache == "FasterCache":
+        config = FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            current_timestep_callback=lambda: 500,
+            attention_weight_callback=lambda module: 0.5,
+        )
+        apply_faster_cache(pipe.transformer, config)
+    else:
+        patterns = [r"transformer_blocks\.\d+\.attn1"]
+        apply_taylorseer_cache(pipe.transformer, TaylorSeerCacheConfig(cache_identifiers=patterns))
+    with pytest.raises(ValueError, match=f"{cache}\\w*Hook on transformer_blocks.0.attn1 reuses"):
+        imptome.apply_patch(pipe, block_range=None)
+
+
 def test_attention_cache_off_the_merged_layers_stacks():
     """Pyramid Attention Broadcast on cross-attention only (not merged by default) works with imptome; once
     cross-attention is merged too, the combination is refused."""

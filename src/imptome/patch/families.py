@@ -101,7 +101,7 @@ def finest_attention_downsample(denoiser: nn.Module) -> int:
 def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
     """Refuse diffusers hooks that keep a merged layer's output between calls.
 
-    Pyramid Attention Broadcast, FasterCache and TaylorSeer (on its default attention patterns) hook
+    Pyramid Attention Broadcast, FasterCache and TaylorSeer (with patterns that match them) hook
     attention modules (`module._diffusers_hook`) and hand back an output cached in an earlier call. In a
     merged layer that output is in the earlier call's merged token order, and the current plan would unmerge
     it into the wrong tokens: a wrong image without any error. Caches of whole blocks see unmerged tokens.

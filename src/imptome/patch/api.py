@@ -73,11 +73,18 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config = config.replace(**options)
     _check_block_range(denoiser, config.block_range)
     layers = merged_layers(spatial_blocks(denoiser), config)
-    check_no_output_cache({layer.name: layer.module for layer in layers})
+    merged_modules = {layer.name: layer.module for layer in layers}
+    check_no_output_cache(merged_modules)
     _unhook(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
-    max_downsample = config.max_downsample or finest_attention_downsample(denoiser)
-    state = PatchState(config=config, info=info, cond_first=cond_first, max_downsample=max_downsample)
+    state = PatchState(
+        config=config,
+        info=info,
+        cond_first=cond_first,
+        max_downsample=config.max_downsample or finest_attention_downsample(denoiser),
+        merged_modules=merged_modules,
+        attention_modules=[module for module in denoiser.modules() if hasattr(module, "processor")],
+    )
     handles = register_hooks(denoiser, layers, state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
     _drop_compiled_code(denoiser)

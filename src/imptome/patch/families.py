@@ -124,11 +124,16 @@ def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
                 )
 
 
+def processor_name(attention: nn.Module) -> str:
+    """Class name of an attention module's diffusers processor ("NoneType" when it has none)."""
+    return type(getattr(attention, "processor", None)).__name__
+
+
 def perturbed_attention_layout(attention_modules: list[nn.Module]) -> str | None:
     """How diffusers' perturbed-attention guidance (PAG) pipelines lay out the denoiser batch, read from the
     processors they install for the generation: "cfg" for [uncond, cond, perturbed] (a `PAGCFG*` processor),
     "plain" for [cond, perturbed] (PAG without CFG), None when no PAG processor is set."""
-    names = [type(getattr(module, "processor", None)).__name__ for module in attention_modules]
+    names = [processor_name(module) for module in attention_modules]
     if any(name.startswith("PAGCFG") for name in names):
         return "cfg"
     if any(name.startswith("PAG") for name in names):

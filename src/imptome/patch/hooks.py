@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from imptome.config import MergeConfig
 from imptome.merge.plan import MergePlan
-from imptome.patch.families import BlockSite
+from imptome.patch.families import BlockSite, processor_name
 from imptome.patch.state import PatchState
 
 _SAMPLE_KEYS = ("sample", "hidden_states")
@@ -124,7 +124,7 @@ class _LayerHooks:
 def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
     """IP-Adapter processors read `ip_adapter_masks`; the others ignore it (diffusers passes the same
     cross_attention_kwargs to every attention of a block)."""
-    return "IPAdapter" in type(getattr(attention, "processor", None)).__name__
+    return "IPAdapter" in processor_name(attention)
 
 
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
@@ -132,7 +132,7 @@ def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
     fail deep inside them: xformers' kernels want a key count that is a multiple of 8 (diffusers' xformers
     processors pass the mask unpadded, diffusers#9637), and perturbed-attention guidance's processors split
     the batch into its copies and reshape the mask for fewer rows than it has."""
-    name = type(getattr(attention, "processor", None)).__name__
+    name = processor_name(attention)
     if num_kept % 8 and "XFormers" in name:
         raise ValueError(
             f"imptome: proportional_attention passes an additive attention mask over the {num_kept} kept "
@@ -180,6 +180,4 @@ def register_hooks(
     ]
     for index, layer in enumerate(layers):
         handles += _LayerHooks(state, layer.block_name, index, layer.self_attention).register(layer.module)
-    state.merged_modules = {layer.name: layer.module for layer in layers}
-    state.attention_modules = [module for module in denoiser.modules() if hasattr(module, "processor")]
     return handles

@@ -106,7 +106,7 @@ class PatchState:
     last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
-    merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module, set at registration
+    merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
     checked_layers: bool = False
 
     @property
@@ -133,7 +133,6 @@ class PatchState:
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         same_timestep = t == self.last_timestep
-        self._detect_copies(sample)
         self.paired = same_timestep and self._pairs_with_last_call(sample)
         repeated_start = (
             same_timestep and self.step == 0 and not self.paired and self.last_shape == sample.shape
@@ -147,12 +146,12 @@ class PatchState:
             self.last_plans = []
             self.pair_step = self.last_sample = self.last_output = None
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
-            self._detect_copies(sample)  # PAG's layout may have changed with the generation
         else:
             new_generation = False
             if t < self.last_timestep:
                 self.step += 1
         self.last_timestep = t
+        self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
         self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
         patch = self.info.patch_size
@@ -178,13 +177,13 @@ class PatchState:
             self.warned_no_cfg = True
 
     def _pairs_with_last_call(self, sample: torch.Tensor) -> bool:
-        """Whether this call, at the last call's timestep, is the second pass of split CFG: no copies in the
-        batch, the same sample as the last call, and no pair yet in this step (a third pass, e.g. PAG's,
-        merges with the pair's map but makes none)."""
+        """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample
+        as the last call, which had no copies in its batch (`last_sample` is kept only then, so this one has
+        none either), and no pair yet in this step (a third pass, e.g. PAG's, merges with the pair's map but
+        makes none)."""
         previous = self.last_sample
         return (
-            self.copies == 1
-            and self.pair_step != self.step
+            self.pair_step != self.step
             and previous is not None
             and (previous.shape, previous.device) == (sample.shape, sample.device)
             and torch.equal(previous, sample)

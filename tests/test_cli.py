@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imptome.cli import CliError, merge_options
+from imptome.cli import CliError, main, merge_options
 
 
 def test_values_take_the_type_of_their_field():
@@ -58,3 +58,14 @@ def test_options_are_checked_together_with_ratio_and_method():
     assert merge_options(["dst_selection=random"], ratio=0.75, method="importance")
     with pytest.raises(CliError, match=r"ratio=0.75 is out of range: allowed 0 <= ratio <= 0.666667"):
         merge_options(["sx=3", "sy=1"], ratio=0.75, method="tome")
+
+
+@pytest.mark.parametrize(
+    "command", [["demo"], ["generate", "--prompts", "{prompts}", "--out", "{out}"], ["bench", "quality"]]
+)
+def test_commands_check_the_device_before_loading_anything(command, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    argv = [part.format(prompts=prompts, out=tmp_path / "out") for part in command]
+    assert main([*argv, "--device", "gpu0"]) == 2
+    assert "--device gpu0: not a device name; use e.g. cpu, cuda or cuda:1" in capsys.readouterr().err

@@ -1,8 +1,13 @@
-"""Model folder fingerprints: what result caches use to tell a retrained model from the old one."""
+"""Loading: device and model checks with clear errors, and the model fingerprints that result caches use to
+tell a retrained model from the old one."""
 
 import os
 
+import pytest
+import torch
+
 from imptome import loading
+from imptome.cli import CliError
 
 
 def _folder(tmp_path):
@@ -35,3 +40,25 @@ def test_large_files_are_identified_by_size_and_mtime(tmp_path, monkeypatch):
 
 def test_hub_ids_are_their_own_fingerprint():
     assert loading.model_fingerprint("some-org/some-model") == "some-org/some-model"
+
+
+def test_devices_are_checked_before_any_work():
+    assert loading.check_device("cpu") == "cpu"
+    assert loading.check_device(None) == loading.default_device()
+    with pytest.raises(CliError, match="not a device name"):
+        loading.check_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CliError, match="no cuda device is available here"):
+            loading.check_device("cuda")
+    else:
+        count = torch.cuda.device_count()
+        with pytest.raises(CliError, match=f"there are {count} cuda devices"):
+            loading.check_device(f"cuda:{count}")
+
+
+def test_a_pipeline_that_cannot_load_is_a_clear_error(tmp_path):
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    with pytest.raises(CliError, match=f"cannot load {tmp_path}: .*config.json"):
+        loading.load_pipeline(str(tmp_path), "cpu")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import imptome
 from imptome.cli import CliError, add_set_argument, merge_options
-from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
+from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 
 METHODS = ("none", "tome", "importance")
 METADATA_KEY = "imptome"
@@ -222,6 +222,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
         source = check_model(args.model)
     except FileNotFoundError as error:  # the bundled model is not installed
         raise CliError(f"{error}; or pass --model FOLDER") from None
+    if args.device is not None:
+        check_device(args.device)
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
     out = Path(args.out).expanduser().resolve()

@@ -17,6 +17,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str:
+    """`device`, or the default one when None, checked to exist here; a CliError names what is wrong."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device}: not a device name; use e.g. cpu, cuda or cuda:1") from None
+    if parsed.type == "cpu":
+        return device
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is None or not is_available():
+        raise CliError(f"--device {device}: no {parsed.type} device is available here (use --device cpu)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise CliError(f"--device {device}: there are {count} {parsed.type} devices here, numbered from 0")
+    return device
+
+
 def check_model(model: str | None) -> str:
     """Resolve `model` without loading it: None -> the bundled model's folder; a path must exist.
 
@@ -66,9 +86,15 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     source = check_model(model)
     if dtype not in DTYPES:
         raise CliError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    device = check_device(device)
     local = Path(source).is_dir()
-    pipe = DiffusionPipeline.from_pretrained(
-        source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
-    )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
+        )
+    except (OSError, ValueError) as error:  # no such hub id, no internet, missing files or components
+        cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
+        hint = "" if local else "; a hub id needs internet on first use, or give a local pipeline folder"
+        raise CliError(f"cannot load {source}: {error}{cause}{hint}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device or default_device())
+    return pipe.to(device)

@@ -162,3 +162,16 @@ def test_ablations_run_the_fallback_ablations_only_without_guidance(guidance, wi
     fallbacks = {"importance-tomefallback", "importance-prop-randomfallback"}
     assert fallbacks & set(methods) == (fallbacks if with_fallbacks else set())
     assert {"importance-prop", "importance-grid", "tome-per-layer"}.issubset(methods)
+
+
+def test_a_model_that_fails_to_load_leaves_no_cache(prompt_file, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--model", str(broken), "--prompts", str(prompt_file), "--json", str(out)]
+    assert main(argv) == 2
+    assert f"cannot load {broken}" in capsys.readouterr().err
+    assert not out.with_name("q.cache").exists()  # else its settings would refuse the next, fixed run

@@ -36,7 +36,7 @@ from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.cli import CliError
 from imptome.config import MergeConfig
-from imptome.loading import DTYPES, check_model, load_pipeline, model_fingerprint
+from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.patch.api import _state, find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
@@ -268,17 +268,21 @@ class ImageCache:
     """PNG per (variant, prompt, seed); written atomically, so a file that exists is complete."""
 
     def __init__(self, root: Path, settings: dict[str, Any]) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        settings_file = root / "settings.json"
-        if settings_file.exists():
-            previous = json.loads(settings_file.read_text())
+        self.root, self.settings = root, settings
+        self._settings_file = root / "settings.json"
+        if self._settings_file.exists():
+            previous = json.loads(self._settings_file.read_text())
             if previous != settings:
                 raise CliError(
                     f"cache {root} holds images made with other settings ({previous}); use another --cache"
                 )
-        else:
-            settings_file.write_text(json.dumps(settings, indent=1))
+
+    def _claim(self) -> None:
+        """Create the cache with its settings on the first write (not before: a run that fails to load its
+        model must not leave a cache that refuses the next run's settings)."""
+        if not self._settings_file.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._settings_file.write_text(json.dumps(self.settings, indent=1))
 
     def path(self, variant: Variant, prompt_index: int, seed: int) -> Path:
         return self.root / variant.key / f"{prompt_index:04d}_{seed}.png"
@@ -287,6 +291,7 @@ class ImageCache:
         return self.path(variant, prompt_index, seed).exists()
 
     def save(self, variant: Variant, prompt_index: int, seed: int, image: Image.Image) -> None:
+        self._claim()
         path = self.path(variant, prompt_index, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -301,6 +306,7 @@ class ImageCache:
         return json.loads(path.read_text()) if path.exists() else {"step_seconds": []}
 
     def save_stats(self, variant: Variant, stats: dict[str, Any]) -> None:
+        self._claim()
         path = self.root / variant.key / "stats.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -527,6 +533,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 2 or args.batch_size < 1:
         raise CliError("--steps must be >= 2 and --batch-size >= 1")
     model = check_model(args.model)
+    check_device(args.device)
     objects = _parse_all(prompts)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
     settings = {

@@ -51,7 +51,7 @@ from imptome.bench.generation import CACHE_INTERVAL, measure_generations
 from imptome.bench.timing import PeakMemory, WorkTimer, quartiles, synchronize
 from imptome.cli import CliError
 from imptome.config import PRESETS, MergeConfig
-from imptome.loading import DTYPES
+from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
 from imptome.patch.api import _state
 from imptome.patch.families import denoiser_info, finest_attention_downsample
@@ -223,9 +223,7 @@ def _parse(args: argparse.Namespace) -> Settings:
             f"--generation-steps {args.generation_steps}: 0 (off) or at least {CACHE_INTERVAL + 1}, so that "
             "DeepCache reuses its cache at least once"
         )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available here (use --device cpu)")
+    device = torch.device(check_device(args.device))
     return Settings(
         archs=archs,
         resolutions=resolutions,

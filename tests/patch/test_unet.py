@@ -505,6 +505,67 @@ def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
     assert imptome.importance_map(unet) is None
 
 
+def _variant_pipeline(sd, variant: str):
+    """The tiny SD pipeline's parts as another pipeline of the SD family, with its call arguments."""
+    from diffusers import (
+        HeunDiscreteScheduler,
+        LCMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    image = torch.rand(1, 3, 128, 128)
+    if variant == "img2img":
+        images = image.repeat(2, 1, 1, 1)  # one per prompt; strength 0.75 runs 3 steps, the third guided
+        return StableDiffusionImg2ImgPipeline(**sd.components), dict(image=images, strength=0.75)
+    if variant == "inpaint":  # 9 input channels: latents, mask, masked image (equal in both CFG halves)
+        mask = torch.zeros(1, 1, 128, 128)
+        mask[..., 32:96, 32:96] = 1
+        pipe = StableDiffusionInpaintPipeline(**dict(sd.components, unet=tiny_sd_unet(in_channels=9, seed=3)))
+        return pipe, dict(image=image, mask_image=mask)
+    if variant == "heun":  # second order: two calls per timestep after the first, with different latents
+        scheduler = HeunDiscreteScheduler.from_config(sd.scheduler.config)
+        return StableDiffusionPipeline(**dict(sd.components, scheduler=scheduler)), {}
+    # LCM: guidance embedded in the UNet (time_cond_proj_dim), so the batch has no CFG copies
+    scheduler = LCMScheduler.from_config(sd.scheduler.config)
+    unet = tiny_sd_unet(time_cond_proj_dim=32, seed=4)
+    return StableDiffusionPipeline(**dict(sd.components, unet=unet, scheduler=scheduler)), {}
+
+
+@pytest.mark.parametrize("variant", ["img2img", "inpaint", "heun", "lcm"])
+def test_img2img_inpainting_second_order_and_lcm_pipelines(sd, variant):
+    """Pipelines of the SD family with other inputs or schedules: every call merges, the CFG batch is found
+    (LCM has none: warned, fallback map), the same seed gives the same images, and a second-order
+    scheduler's two calls at one timestep count as one step of the warm-up schedule."""
+    pipe, kwargs = _variant_pipeline(sd, variant)
+    imptome.apply_patch(pipe, ratio=0.5)
+    calls = []
+
+    def run():
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(["a", "b"], num_inference_steps=4, generator=generator, output_type="latent", **kwargs)
+        return out.images
+
+    guided = variant != "lcm"
+    handle = pipe.unet.register_forward_hook(lambda *_: calls.append(imptome.merge_plan(pipe)[0]))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens = query_token_counts(pipe.unet, run)
+            calls.clear()
+            first = run()
+        torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    finally:
+        handle.remove()
+    assert guided != any("no classifier-free guidance" in str(w.message) for w in caught)
+    assert set(tokens["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]) == {128}
+    assert all(record.roles.shape[0] == (4 if guided else 2) for record in calls)
+    assert (calls[-1].importance is not None) == guided
+    if variant == "heun":  # timesteps t0, t1, t1, t2, t2, t3, t3: warm-up (pruning) is steps 0-1
+        assert [record.pruned for record in calls[:7]] == [True] * 3 + [False] * 4
+
+
 def test_controlnet_pipeline_merges_the_unet_only():
     """With a ControlNet the UNet is merged as usual (importance from the CFG batch, guess mode too); the
     ControlNet, a separate module, runs unmerged; removing the patch restores the output exactly."""

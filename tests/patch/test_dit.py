@@ -70,3 +70,11 @@ def test_auto_cfg_order_matches_on_the_conditional_half(dit):
     assert torch.equal(results["auto"][1], results["cond_first"][1])
     assert not torch.equal(results["auto"][1], results["uncond_first"][1])
     assert not np.array_equal(results["auto"][0], results["uncond_first"][0])
+
+
+def test_options_that_select_no_layer_are_refused_at_patch_time(dit):
+    with pytest.raises(
+        ValueError, match="nothing to merge in this DiTTransformer2DModel: .*merge_crossattn=True"
+    ):
+        imptome.apply_patch(dit, merge_attn=False, merge_crossattn=True)  # DiT blocks have no cross-attention
+    assert not imptome.is_patched(dit)

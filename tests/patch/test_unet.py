@@ -450,6 +450,19 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     assert not imptome.is_patched(sd)
 
 
+def test_unet_without_transformer_blocks_is_refused_at_patch_time():
+    """DeepFloyd IF / Kandinsky-style UNets attend in SimpleCrossAttn blocks: nothing imptome can merge. Such
+    a patch used to be accepted and fail at the first call with an error about torch.compile."""
+    unet = tiny_sd_unet(
+        down_block_types=("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2,
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    )
+    with pytest.raises(ValueError, match="no transformer blocks over the image tokens.*SimpleCrossAttn"):
+        imptome.apply_patch(unet)
+    assert not imptome.is_patched(unet)
+
+
 def test_cfg_cut_off_merges_the_unguided_steps_without_a_map(sd):
     imptome.apply_patch(sd, ratio=0.7, importance_start_step=1)
     records = []

@@ -72,7 +72,10 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     if options:
         config = config.replace(**options)
     _check_block_range(denoiser, config.block_range)
-    layers = merged_layers(spatial_blocks(denoiser), config)
+    blocks = spatial_blocks(denoiser)
+    layers = merged_layers(blocks, config)
+    if not layers:
+        raise ValueError(_nothing_to_merge(denoiser, config, has_blocks=bool(blocks)))
     merged_modules = {layer.name: layer.module for layer in layers}
     check_no_output_cache(merged_modules)
     _unhook(denoiser)
@@ -89,6 +92,22 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     setattr(denoiser, _ATTR, _Patch(state, handles))
     _drop_compiled_code(denoiser)
     return target
+
+
+def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool) -> str:
+    name = type(denoiser).__name__
+    if not has_blocks:
+        return (
+            f"imptome found nothing to merge in this {name}: it has no transformer blocks over the image "
+            "tokens. imptome merges the Transformer2DModel blocks of Stable Diffusion-style UNets and the "
+            "blocks of PixArt and DiT; UNets whose attention sits in SimpleCrossAttn blocks (DeepFloyd IF, "
+            "Kandinsky, unCLIP) are not supported."
+        )
+    return (
+        f"imptome found nothing to merge in this {name}: its transformer blocks have none of the sub-layers "
+        f"selected (merge_attn={config.merge_attn}, merge_crossattn={config.merge_crossattn}, "
+        f"merge_mlp={config.merge_mlp}, block_range={config.block_range})."
+    )
 
 
 def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None) -> None:

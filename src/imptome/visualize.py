@@ -22,6 +22,26 @@ ROLE_NAMES = {MERGED: "merged", DESTINATION: "destination", INDEPENDENT: "indepe
 _ROLE_CMAP = ListedColormap([ROLE_COLOURS[r] for r in (MERGED, DESTINATION, INDEPENDENT)])
 
 
+def heatmap_overlay(
+    image: Image.Image, heat: torch.Tensor, alpha: float = 0.5, cmap: str = "magma"
+) -> Image.Image:
+    """`image` with a [h, w] map (e.g. one image's `imptome.importance_map(pipe)[i]`) drawn over it.
+
+    The map is scaled to [0, 1] by its own range, coloured with the matplotlib colormap `cmap`, resized to the
+    image (each token a block of pixels) and blended in with weight `alpha` (0: the image, 1: the map).
+    """
+    if heat.ndim != 2:
+        raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must be between 0 and 1")
+    values = heat.detach().float().cpu().numpy()
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    coloured = (plt.get_cmap(cmap)(scaled)[..., :3] * 255).astype(np.uint8)
+    layer = Image.fromarray(coloured).resize(image.size, Image.Resampling.NEAREST)
+    return Image.blend(image.convert("RGB"), layer, alpha)
+
+
 def role_legend() -> list[Patch]:
     return [Patch(color=ROLE_COLOURS[r], label=ROLE_NAMES[r]) for r in (MERGED, DESTINATION, INDEPENDENT)]
 

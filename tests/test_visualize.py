@@ -1,0 +1,33 @@
+"""Pictures: the heatmap overlay users draw over their own images, and the comparison grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imptome.visualize import comparison_grid, heatmap_overlay
+
+
+def test_overlay_blends_the_map_scaled_to_the_image():
+    image = Image.new("RGB", (64, 32), (10, 200, 30))
+    heat = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]])  # [h=2, w=4] -> 16 px blocks
+    assert np.array_equal(np.asarray(heatmap_overlay(image, heat, alpha=0.0)), np.asarray(image))
+    full = np.asarray(heatmap_overlay(image, heat, alpha=1.0, cmap="gray"))
+    assert full.shape == (32, 64, 3)
+    assert full[0, 0].tolist() == [0, 0, 0] and full[0, 63].tolist() == [255, 255, 255]  # min, max
+    assert (full[:16, 16:32] == full[8, 20]).all()  # one token, one block of pixels
+    assert full[0, 20, 0] < full[0, 40, 0]  # brighter where the map is higher
+    flat = np.asarray(heatmap_overlay(image, torch.ones(2, 4), alpha=1.0, cmap="gray"))
+    assert (flat == 0).all()  # a constant map has no range: drawn at its minimum colour
+
+
+def test_overlay_and_grid_refuse_bad_input(tmp_path):
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match=r"one \[h, w\] map, got shape \(1, 2, 2\)"):
+        heatmap_overlay(image, torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="alpha=2"):
+        heatmap_overlay(image, torch.zeros(2, 2), alpha=2)
+    with pytest.raises(ValueError, match="unknown panel kind 'mask'"):
+        comparison_grid(tmp_path / "grid.png", ["p"], [("x", [torch.zeros(2, 2)], "mask")])

@@ -17,6 +17,7 @@ the T5 tokenizer to PixArt's ``max_sequence_length`` (120 by default, a call-tim
 | ``tiny_pixart_sigma_pipeline`` | PixArtTransformer2DModel | 4 x 16 x 16      | 64                          |
 | ``tiny_dit_pipeline``          | DiTTransformer2DModel    | 4 x 16 x 16      | 64                          |
 | ``tiny_animatediff_pipeline``  | UNetMotionModel          | 4 x F x 16 x 16  | 256 per frame               |
+| ``tiny_svd_pipeline``          | UNetSpatioTemporal...    | F x 4 x 16 x 16  | 256 per frame               |
 
 Non-square latents (e.g. Zero123++-style 3x2 view tiles) need no special builder: call the SD pipeline with
 ``height != width``. Latent sides that are not multiples of the UNet's downsampling (2 here) also work, e.g.
@@ -32,24 +33,31 @@ import torch
 from diffusers import (
     AnimateDiffPipeline,
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     MotionAdapter,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    StableVideoDiffusionPipeline,
     UNet2DConditionModel,
     UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
 )
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -68,6 +76,7 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_sd_unet",
     "tiny_sdxl_pipeline",
+    "tiny_svd_pipeline",
     "tiny_t5",
     "tiny_vae",
 ]
@@ -433,5 +442,66 @@ def tiny_animatediff_pipeline(
         scheduler=sd_ddim_scheduler(),
         feature_extractor=None,
         image_encoder=None,
+    )
+    return _finish(pipe)
+
+
+def tiny_svd_pipeline(sample_size: int = 16, seed: int = 0) -> StableVideoDiffusionPipeline:
+    """Stable Video Diffusion-shaped image-to-video pipeline: UNetSpatioTemporalConditionModel (attention at
+    the top level, spatial and temporal transformer blocks), a temporal-decoder VAE with SD's 8 px per latent
+    cell, a CLIP vision encoder on 224 px inputs, and SVD's Euler scheduler (v-prediction, Karras sigmas).
+
+    Call with a PIL image and ``height=width=8 * sample_size``; ``num_frames`` at call time. Latent
+    [B, F, 4, 16, 16] (frames before channels); the UNet input adds 4 channels of image latents, zeros in
+    the unconditional CFG copy. Spatial blocks see [B*F, 256, 32] at the top level, temporal blocks
+    [B*256, F, 32].
+    """
+    with _seeded(seed):
+        vae = AutoencoderKLTemporalDecoder(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            block_out_channels=(32,) * 4,  # its norms use 32 groups
+            latent_channels=4,
+            sample_size=8 * sample_size,
+        )
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                projection_dim=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                image_size=224,  # the pipeline resizes its input image to 224 px for the encoder
+                patch_size=32,
+            )
+        )
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=sample_size,
+            in_channels=8,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            block_out_channels=(32, 64),
+            addition_time_embed_dim=32,
+            projection_class_embeddings_input_dim=3 * 32,  # fps, motion bucket, noise augmentation
+            layers_per_block=2,
+            cross_attention_dim=32,
+            num_attention_heads=(2, 4),
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        interpolation_type="linear",
+        use_karras_sigmas=True,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
     )
     return _finish(pipe)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.factories import (
     tiny_animatediff_pipeline,
@@ -16,6 +17,7 @@ from tests.factories import (
     tiny_pixart_sigma_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
+    tiny_svd_pipeline,
     tiny_t5,
 )
 
@@ -33,6 +35,9 @@ def _generate(pipe, seed: int = 0, **kwargs) -> np.ndarray:
             output_type="np",
             **kwargs,
         )
+    elif hasattr(pipe, "image_encoder") and not hasattr(pipe, "tokenizer"):  # SVD: image-to-video
+        image = Image.new("RGB", (128, 128), (200, 30, 30))
+        out = pipe(image, height=128, width=128, num_inference_steps=2, generator=generator, **kwargs)
     else:
         out = pipe(PROMPT, num_inference_steps=2, generator=generator, **{"output_type": "np", **kwargs})
     result = out.frames if hasattr(out, "frames") else out.images
@@ -55,6 +60,7 @@ CASES: dict[str, tuple[Callable, dict, tuple[int, ...]]] = {
     ),
     "dit": (tiny_dit_pipeline, {}, (1, 128, 128, 3)),
     "animatediff": (tiny_animatediff_pipeline, {"num_frames": 4}, (1, 4, 128, 128, 3)),
+    "svd": (tiny_svd_pipeline, {"num_frames": 3, "output_type": "np"}, (1, 3, 128, 128, 3)),
 }
 
 

@@ -199,7 +199,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 PRESETS: dict[str, MergeConfig] = {
-    # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2).
+    # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2), and the
+    # video UNets built on them (AnimateDiff, Stable Video Diffusion), merged per frame.
     "unet": MergeConfig(),
     # PixArt-alpha/sigma (paper: 1024 px, 20 steps, ratio 0.5, blocks 7-20 of 28, self+cross attention,
     # random pruning at step 0, importance pruning on steps 1-3, importance merging from step 4; pool factor

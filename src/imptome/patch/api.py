@@ -60,7 +60,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
 
     Args:
         target: a diffusers pipeline or its denoiser (UNet2DConditionModel, UNetMotionModel,
-            PixArtTransformer2DModel, DiTTransformer2DModel).
+            UNetSpatioTemporalConditionModel, PixArtTransformer2DModel, DiTTransformer2DModel).
         config: a MergeConfig; None uses the preset of the denoiser's family.
         **options: MergeConfig fields overriding `config` (e.g. ratio=0.7, method="tome").
 

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from diffusers import (
     DiTTransformer2DModel,
     PixArtTransformer2DModel,
     Transformer2DModel,
     UNet2DConditionModel,
     UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
 )
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from torch import nn
 
 # Denoiser class -> family name (a key of imptome.config.PRESETS).
 DENOISER_FAMILIES: dict[type[nn.Module], str] = {
     UNet2DConditionModel: "unet",
     UNetMotionModel: "unet",
+    UNetSpatioTemporalConditionModel: "unet",
     PixArtTransformer2DModel: "pixart",
     DiTTransformer2DModel: "dit",
 }
 
 # Modules whose `transformer_blocks` attend over the 2-D token grid. Temporal attention (AnimateDiff's
 # motion modules, class AnimateDiffTransformer3D) uses the same block class with frames as tokens, so blocks
-# are found through their spatial container, never by their own class.
+# are found through their spatial container, never by their own class. Stable Video Diffusion's container
+# holds both kinds: spatial `transformer_blocks`, and `temporal_transformer_blocks`, which stay unmerged.
 SPATIAL_CONTAINERS: tuple[type[nn.Module], ...] = (
     Transformer2DModel,
     PixArtTransformer2DModel,
     DiTTransformer2DModel,
+    TransformerSpatioTemporalModel,
 )
 
 
@@ -39,14 +45,26 @@ def supported_names() -> str:
 class DenoiserInfo:
     """What the hooks need to know about a denoiser.
 
-    family: preset name; patch_size: latent pixels per token side (1 for UNets); noise_channels: output
-    channels that are noise (the rest is a learned variance); cond_first: default CFG batch order.
+    family: preset name; patch_size: latent pixels per token side (1 for UNets); noise_channels: latent
+    channels, the leading ones of the output (the rest is a learned variance) and of the input (noisy
+    latents; the rest is conditioning the pipeline concatenates, e.g. inpainting masks); cond_first: default
+    CFG batch order; channel_dim: the channel dimension of the sample, 1 ([B, C, H, W], AnimateDiff's
+    [B, C, F, H, W]) or 2 (Stable Video Diffusion's [B, F, C, H, W]); a 5-D sample's frames are in the other.
     """
 
     family: str
     patch_size: int
     noise_channels: int
     cond_first: bool
+    channel_dim: int = 1
+
+    def frames(self, sample: torch.Tensor) -> int:
+        """Frames in a sample: the spatial layers see batch x frames rows."""
+        return sample.shape[3 - self.channel_dim] if sample.ndim == 5 else 1
+
+    def latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """The noisy latents of a sample, without the conditioning channels concatenated to them."""
+        return sample.narrow(self.channel_dim, 0, min(self.noise_channels, sample.shape[self.channel_dim]))
 
 
 def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
@@ -61,7 +79,8 @@ def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
     out_channels = config.get("out_channels") or in_channels
     noise_channels = in_channels if out_channels == 2 * in_channels else out_channels
     patch_size = 1 if family == "unet" else (config.get("patch_size") or 1)
-    return DenoiserInfo(family, patch_size, noise_channels, cond_first=family == "dit")
+    channel_dim = 2 if isinstance(denoiser, UNetSpatioTemporalConditionModel) else 1
+    return DenoiserInfo(family, patch_size, noise_channels, family == "dit", channel_dim)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class PatchState:
         self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
-        self.rows = sample.shape[0] * (sample.shape[2] if sample.ndim == 5 else 1)
+        self.rows = sample.shape[0] * self.info.frames(sample)
         self.enter_step(self.step)
         if not self.paired:  # the second pass of a pair keeps the first pass's draws and plans
             self.calls = 0 if new_generation else self.calls + 1
@@ -190,9 +190,11 @@ class PatchState:
         )
 
     def _detect_copies(self, sample: torch.Tensor) -> None:
-        """Set copies / cond_copy / uncond_copy from the batch: equal chunks are copies of one image."""
+        """Set copies / cond_copy / uncond_copy from the batch: chunks with equal noisy latents are copies of
+        one image (their conditioning channels may differ: Stable Video Diffusion's unconditional copy has
+        zeros for the image latents)."""
         copies = 3 if self.perturbed_attention == "cfg" else 2
-        chunks = sample.chunk(copies) if sample.shape[0] % copies == 0 else ()
+        chunks = self.info.latents(sample).chunk(copies) if sample.shape[0] % copies == 0 else ()
         if len(chunks) == copies and all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
             self.copies = copies
             if self.perturbed_attention == "cfg":
@@ -231,7 +233,7 @@ class PatchState:
                     "do not compile patched and unpatched copies of one model class in one process, or "
                     "call torch._dynamo.reset() after patching."
                 )
-        noise_pred = noise_pred.detach()
+        noise_pred = noise_pred.detach().movedim(self.info.channel_dim, 1)  # [B, C, ...] for the map
         channels = self.info.noise_channels
         if self.cfg:
             chunks = noise_pred.chunk(self.copies)

@@ -48,7 +48,12 @@ def _timestep_position(denoiser: nn.Module) -> int:
     return list(inspect.signature(type(denoiser).forward).parameters).index("timestep") - 1  # minus self
 
 
+# The denoiser hooks hold host logic (timestep and batch checks) and run eagerly, once per call. Disabling
+# Dynamo on the hook functions themselves, not only on what they call, keeps them out of any trace: a model
+# compiled whole with `torch.compile(denoiser, fullgraph=True)` runs its hooks outside the compiled frame
+# (Dynamo would otherwise trace the hook frame and stop at its first eager call).
 def _denoiser_pre_hook(state: PatchState, timestep_position: int):
+    @torch.compiler.disable
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[timestep_position]
@@ -58,6 +63,7 @@ def _denoiser_pre_hook(state: PatchState, timestep_position: int):
 
 
 def _denoiser_post_hook(state: PatchState):
+    @torch.compiler.disable
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         noise_pred = output[0] if isinstance(output, tuple) else output.sample
         state.end_call(noise_pred)

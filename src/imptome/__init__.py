@@ -21,7 +21,9 @@ from imptome.patch.state import PlanRecord
 # fallback; PAG without CFG ([cond, perturbed]) is no longer taken for a CFG batch; one-step generations
 # run back to back each start a generation (they used to count as one, so a seed's image depended on
 # how many had run before); images of other pipelines do not change.
-__version__ = "0.5.0"
+# 0.6.0: Stable Video Diffusion supported; torch.compile(denoiser, fullgraph=True) works; patches that
+# would merge nothing are refused at apply_patch; visualize.heatmap_overlay. Images do not change.
+__version__ = "0.6.0"
 
 __all__ = [
     "PRESETS",

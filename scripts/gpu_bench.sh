@@ -17,6 +17,7 @@
 #             merging cannot remove and which lowers its efficiency
 #   deepcache whole 20-step SD2 generations with imptome, DeepCache and both
 #   more      SDXL and the 512 px cases
+#   video     Stable Video Diffusion's UNet, 14 frames at 768 px square (SVD's native 9216 tokens a frame)
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail
@@ -76,5 +77,9 @@ if wanted deepcache; then
 fi
 if wanted more; then
     timeout 60 $bench --arch sdxl sd15 --res 1024 512 --ratios 0.7 --rounds 5 $(md speed_gpu_more)
+fi
+if wanted video; then
+    timeout 120 $bench --arch svd --res 768 --frames 14 --ratios 0.5 --variants none tome importance --rounds 5 \
+        $(md speed_gpu_svd)
 fi
 cat /tmp/md/*.md 2>/dev/null

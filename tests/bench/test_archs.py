@@ -38,6 +38,7 @@ def test_architecture_details():
     assert ARCHS["sdxl"].top_level_tokens(1024) == 4096
     assert ARCHS["pixart-alpha"].top_level_tokens(1024) == 4096
     assert ARCHS["animatediff"].top_level_tokens(512) == 4096
+    assert ARCHS["svd"].top_level_tokens(768) == 9216 == 72 * 128  # SVD's 576 x 1024 px per frame
 
 
 @pytest.mark.parametrize(("name", "res"), CASES)
@@ -48,18 +49,24 @@ def test_example_inputs_fit_the_model(name: str, res: int):
     h = w = res // 8
     first = kwargs["hidden_states"] if spec.family == "pixart" else kwargs["sample"]
     frames = spec.num_frames
-    assert first.shape == ((2, 4, frames, h, w) if frames else (2, 4, h, w))
-    text_batch = 2 * frames if frames else 2
+    if spec.family == "svd":  # frames before channels; 4 channels of image latents after the noisy ones
+        assert first.shape == (2, frames, 8, h, w)
+    else:
+        assert first.shape == ((2, 4, frames, h, w) if frames else (2, 4, h, w))
+    text_batch = 2 * frames if spec.family == "animatediff" else 2
     assert kwargs["encoder_hidden_states"].shape == (text_batch, spec.text_seq_len, spec.text_embed_dim)
     if spec.family == "sdxl":
         assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
         assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
     with torch.device("meta"):
-        model = archs._construct(spec)
+        model = archs._construct(spec).to("meta")  # SVD makes a buffer on the CPU whatever the context
     with torch.no_grad():
         out = model(**kwargs)[0]
-    out_channels = 8 if spec.family == "pixart" else 4
-    assert out.shape == first.shape[:1] + (out_channels,) + first.shape[2:]
+    if spec.family == "svd":
+        assert out.shape == (2, frames, 4, h, w)
+    else:
+        out_channels = 8 if spec.family == "pixart" else 4
+        assert out.shape == first.shape[:1] + (out_channels,) + first.shape[2:]
 
 
 def test_example_inputs_options():
@@ -74,6 +81,12 @@ def test_example_inputs_options():
     assert video["sample"].shape == (2, 4, 8, 32, 32)
     text = video["encoder_hidden_states"]
     assert torch.equal(text[0], text[7]) and not torch.equal(text[7], text[8])  # per-frame copies
+    svd = example_inputs("svd", 64, num_frames=3)
+    uncond, cond = svd["sample"].chunk(2)  # [1, 3, 8, 8, 8] each
+    assert torch.equal(uncond[:, :, :4], cond[:, :, :4])  # the same noisy latents in both CFG halves
+    assert not uncond[:, :, 4:].any() and cond[:, :, 4:].any()  # image latents: zeros when unconditional
+    assert torch.equal(cond[:, 0, 4:], cond[:, 2, 4:])  # one conditioning image for every frame
+    assert not svd["encoder_hidden_states"][0].any() and svd["added_time_ids"].shape == (2, 3)
     assert torch.equal(example_inputs("sd15", 64)["sample"], example_inputs("sd15", 64)["sample"])
     with pytest.raises(ValueError):
         example_inputs("sd2", 500)

@@ -45,9 +45,10 @@ def top_level_token_counts(unet, run, attention: str = TOP_SELF_ATTENTION) -> li
 def test_torch_compile_matches_eager_with_one_graph_per_phase(guidance_scale):
     """Dynamo traces planning, merge and unmerge inside the denoiser's graph, and the two denoiser hooks
     (begin_call / end_call, once per call) run outside it: the model compiles whole with fullgraph=True
-    (no graph break), and one graph is made per phase of the schedule (warm-up with random cells, then importance merging, or without CFG the random-map
-    fallback), then reused: a second generation compiles nothing. The "eager" backend keeps the test fast:
-    graphs and recompilation are Dynamo's decisions, whatever the backend."""
+    (no graph break), and one graph is made per phase of the schedule (warm-up with random cells, then
+    importance merging, or without CFG the random-map fallback), then reused: a second generation compiles
+    nothing. The "eager" backend keeps the test fast: graphs and recompilation are Dynamo's decisions,
+    whatever the backend."""
     pipe = tiny_sd_pipeline()
     pipe.unet = tiny_sd_unet(layers_per_block=1)  # fewer modules to trace
     steps = 6

@@ -10,6 +10,7 @@ depend on their values). Parameter counts, built on the meta device:
 | ``sdxl``         | UNet2DConditionModel     | 2,567,463,684 | SDXL base 1.0 ``unet``                  |
 | ``pixart-alpha`` | PixArtTransformer2DModel | 611,349,152   | PixArt-XL-2-1024-MS ``transformer``     |
 | ``animatediff``  | UNetMotionModel          | 1,312,730,244 | SD 1.5 ``unet`` + motion adapter v1-5-2 |
+| ``svd``          | UNetSpatioTemporal...    | 1,524,623,082 | Stable Video Diffusion ``unet``         |
 
 Usage::
 
@@ -26,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import MotionAdapter, PixArtTransformer2DModel, UNet2DConditionModel, UNetMotionModel
+from diffusers import (
+    MotionAdapter,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
+)
 
 __all__ = ["ARCHS", "ArchSpec", "build_denoiser", "count_params", "example_inputs"]
 
@@ -119,6 +126,24 @@ MOTION_ADAPTER_V152: dict[str, Any] = {
 }
 
 
+# Stable Video Diffusion (img2vid and img2vid-xt share the UNet): diffusers' defaults for the class.
+SVD_UNET: dict[str, Any] = {
+    "sample_size": 96,
+    "in_channels": 8,  # 4 noisy latents + 4 latents of the conditioning image
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",),
+    "up_block_types": ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768,  # fps, motion bucket, noise augmentation x 256
+    "layers_per_block": 2,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": (5, 10, 20, 20),
+    "num_frames": 25,
+}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One benchmark architecture and the conditioning its pipeline sends to the denoiser.
@@ -130,7 +155,7 @@ class ArchSpec:
     """
 
     name: str
-    family: str  # "sd" | "sdxl" | "pixart" | "animatediff"
+    family: str  # "sd" | "sdxl" | "pixart" | "animatediff" | "svd"
     model_class: type[torch.nn.Module]
     config: dict[str, Any]
     resolutions: tuple[int, ...]  # default square image sizes in px
@@ -152,7 +177,7 @@ class ArchSpec:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def top_level_tokens(self, res: int | tuple[int, int]) -> int:
-        """Image tokens seen by the highest-resolution attention (per frame for AnimateDiff).
+        """Image tokens seen by the highest-resolution attention (per frame for video).
 
         UNets: SD 1.x/2.x attend at the full latent grid; SDXL has no attention there, so its first
         attention level is 2x downsampled. PixArt: one token per ``patch_size``^2 latent patch.
@@ -227,6 +252,18 @@ ARCHS: dict[str, ArchSpec] = {
             published_params=859_520_964 + 453_000_000,
             notes="SD 1.5 UNet + AnimateDiff motion adapter v1-5-2 (motion modules at every level and mid).",
         ),
+        ArchSpec(
+            name="svd",
+            family="svd",
+            model_class=UNetSpatioTemporalConditionModel,
+            config=SVD_UNET,
+            resolutions=(512, 768),  # 768 px square: the 9216 tokens per frame of SVD's native 576 x 1024
+            num_frames=14,
+            text_seq_len=1,  # one CLIP image embedding
+            text_embed_dim=1024,
+            published_params=1_524_623_082,
+            notes="Stable Video Diffusion UNet (spatial + temporal blocks at 3 levels); CLIP image embeds.",
+        ),
     )
 }
 
@@ -237,6 +274,7 @@ PUBLISHED_SOURCES: dict[str, str] = {
     "sdxl": "exact count of the released SDXL base UNet",
     "pixart-alpha": "~611M: 0.6B in the PixArt-alpha paper; ~2.45 GB fp32 transformer checkpoint",
     "animatediff": "SD 1.5 UNet + ~453M motion modules (mm_sd_v15_v2 fp32 checkpoint: ~1.82 GB)",
+    "svd": "count of diffusers' UNetSpatioTemporalConditionModel with its default config, written for SVD",
 }
 
 
@@ -355,6 +393,9 @@ def example_inputs(
       ``resolution`` [n, 2] and ``aspect_ratio`` [n, 1] because ``sample_size == 128`` (else both ``None``).
     - animatediff: ``sample`` [n, 4, F, h, w]; ``encoder_hidden_states`` [n * F, 77, 768]: the pipeline
       repeats each prompt embedding per frame (``repeat_interleave``), UNetMotionModel does not.
+    - svd: ``sample`` [n, F, 8, h, w] (frames first): the noisy latents, then the conditioning image's
+      latents, zeros in the unconditional half; ``encoder_hidden_states`` [n, 1, 1024] (zeros in the
+      unconditional half); ``added_time_ids`` [n, 3] (fps 6, motion bucket 127, noise augmentation 0.02).
 
     Every call also has ``return_dict=False``. Tensors are drawn from a generator seeded with ``seed``.
     """
@@ -396,6 +437,18 @@ def example_inputs(
             "sample": latents(spec.latent_channels, frames, h, w),
             "timestep": timestep,
             "encoder_hidden_states": text.repeat_interleave(frames, dim=0),
+        }
+    elif spec.family == "svd":
+        frames = num_frames or spec.num_frames
+        image = randn(batch, 1, spec.latent_channels, h, w).expand(-1, frames, -1, -1, -1)
+        if cfg:
+            image = torch.cat([torch.zeros_like(image), image])
+            text = torch.cat([torch.zeros_like(text[:batch]), text[batch:]])
+        kwargs = {
+            "sample": torch.cat([latents(frames, spec.latent_channels, h, w), image], dim=2),
+            "timestep": timestep,
+            "encoder_hidden_states": text,
+            "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * n).to(device=device, dtype=dtype),
         }
     else:
         sample = latents(spec.latent_channels, h, w)

@@ -11,7 +11,7 @@ For every (architecture, resolution) the denoiser is built once from the configs
   mid-generation step: past the warm-up schedule, with the previous step's importance map.
 - ``importance-prop``: ``importance`` with ``proportional_attention=True`` (an additive attention mask).
 - ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
-  on PixArt or AnimateDiff); a failure is recorded in the row's ``error``.
+  on PixArt, AnimateDiff or SVD); a failure is recorded in the row's ``error``.
 
 Every variant is called once as warm-up (under a FLOP counter), then ``--rounds`` rounds call each variant
 once, the order rotating every round, with the device synchronised around each call. Reported per row:
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layout of the denoiser's convolution weights and of the latent (channels_last: NHWC, which "
         "cuDNN convolutions use natively, so no layout conversions around them)",
     )
-    parser.add_argument("--frames", type=int, help="video frames for animatediff (default: 16)")
+    parser.add_argument("--frames", type=int, help="video frames for animatediff and svd (default: 16, 14)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
     parser.add_argument(
         "--generation-steps",
@@ -309,7 +309,8 @@ def _measure_case(
                     output = call()
                 record.flops = counter.get_total_flops()
                 if variant.name == "none":
-                    importance = cfg_importance(output[0], info.noise_channels, info.cond_first)
+                    noise_pred = output[0].movedim(info.channel_dim, 1)  # [n, C, ...]; SVD: [n, F, C, ...]
+                    importance = cfg_importance(noise_pred, info.noise_channels, info.cond_first)
                 if device.type == "cuda":
                     for _ in range(2):
                         call()

@@ -222,8 +222,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
         source = check_model(args.model)
     except FileNotFoundError as error:  # the bundled model is not installed
         raise CliError(f"{error}; or pass --model FOLDER") from None
-    if args.device is not None:
-        check_device(args.device)
+    check_device(args.device)
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
     out = Path(args.out).expanduser().resolve()

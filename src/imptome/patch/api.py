@@ -99,9 +99,9 @@ def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool
     if not has_blocks:
         return (
             f"imptome found nothing to merge in this {name}: it has no transformer blocks over the image "
-            "tokens. imptome merges the Transformer2DModel blocks of Stable Diffusion-style UNets and the "
-            "blocks of PixArt and DiT; UNets whose attention sits in SimpleCrossAttn blocks (DeepFloyd IF, "
-            "Kandinsky, unCLIP) are not supported."
+            "tokens. imptome merges those of Stable Diffusion-style UNets (AnimateDiff and Stable Video "
+            "Diffusion included), PixArt and DiT; UNets whose attention sits in SimpleCrossAttn blocks "
+            "(DeepFloyd IF, Kandinsky, unCLIP) are not supported."
         )
     return (
         f"imptome found nothing to merge in this {name}: its transformer blocks have none of the sub-layers "

@@ -16,6 +16,7 @@ the T5 tokenizer to PixArt's ``max_sequence_length`` (120 by default, a call-tim
 | ``tiny_pixart_pipeline``       | PixArtTransformer2DModel | 4 x 16 x 16      | 64 (patch 2: 8x8)           |
 | ``tiny_pixart_sigma_pipeline`` | PixArtTransformer2DModel | 4 x 16 x 16      | 64                          |
 | ``tiny_dit_pipeline``          | DiTTransformer2DModel    | 4 x 16 x 16      | 64                          |
+| ``tiny_sd3_pipeline``          | SD3Transformer2DModel    | 16 x 16 x 16     | 64 (patch 2: 8x8)           |
 | ``tiny_animatediff_pipeline``  | UNetMotionModel          | 4 x F x 16 x 16  | 256 per frame               |
 | ``tiny_svd_pipeline``          | UNetSpatioTemporal...    | F x 4 x 16 x 16  | 256 per frame               |
 
@@ -38,10 +39,13 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     MotionAdapter,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     StableVideoDiffusionPipeline,
@@ -73,6 +77,7 @@ __all__ = [
     "tiny_dit_pipeline",
     "tiny_pixart_pipeline",
     "tiny_pixart_sigma_pipeline",
+    "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sd_unet",
     "tiny_sdxl_pipeline",
@@ -204,21 +209,24 @@ def tiny_t5(
     return tokenizer, encoder.eval()
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """4-level AutoencoderKL, 8 px per latent cell like SD's: image [B, 3, 8h, 8w] <-> latent [B, 4, h, w]."""
+def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
+    """4-level AutoencoderKL, 8 px per latent cell like SD's: image [B, 3, 8h, 8w] <-> latent [B, 4, h, w].
+
+    ``overrides`` go to the config (e.g. SD3's 16 ``latent_channels`` and ``shift_factor``)."""
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=128,
+        scaling_factor=SCALING_FACTOR,
+    )
     with _seeded(seed):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=128,
-            scaling_factor=SCALING_FACTOR,
-        )
+        vae = AutoencoderKL(**{**config, **overrides})
     return vae.eval()
 
 
@@ -407,6 +415,50 @@ def tiny_dit_pipeline(sample_size: int = 16, seed: int = 0) -> DiTPipeline:
         )
     pipe = DiTPipeline(
         transformer=transformer.eval(), vae=tiny_vae(seed), scheduler=sd_ddim_scheduler(), id2label=DIT_LABELS
+    )
+    return _finish(pipe)
+
+
+def tiny_sd3_pipeline(
+    sample_size: int = 16, dual_attention_layers: tuple[int, ...] = (0,), seed: int = 0
+) -> StableDiffusion3Pipeline:
+    """SD3-shaped pipeline: an MMDiT transformer of 3 joint blocks (32 wide, patch 2; blocks listed in
+    ``dual_attention_layers`` also have SD3.5's image self-attention ``attn2``), two CLIP encoders (32 wide,
+    pooled 32 + 32 -> 64) and a T5 encoder (64 wide, 32 tokens), a VAE with 16 latent channels, and the
+    flow-matching Euler scheduler.
+
+    Default call (pass ``max_sequence_length=32``): 128 x 128 px, latent [B, 16, 16, 16], 64 image tokens
+    (8x8) and 77 + 32 text tokens in every joint attention.
+    """
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    t5_tokenizer, t5 = tiny_t5(d_model=2 * TEXT_HIDDEN, max_length=32, seed=seed + 3)
+    with _seeded(seed + 4):
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size,
+            patch_size=2,
+            in_channels=16,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=2 * TEXT_HIDDEN,  # the T5 width; CLIP's 32 + 32 are padded to it
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * TEXT_HIDDEN,
+            out_channels=16,
+            pos_embed_max_size=2 * sample_size,
+            dual_attention_layers=dual_attention_layers,
+        )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(
+            seed, latent_channels=16, shift_factor=0.06, use_quant_conv=False, use_post_quant_conv=False
+        ),
+        text_encoder=tiny_clip_text_encoder(tokenizer, projection_dim=TEXT_HIDDEN, seed=seed + 1),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_encoder(tokenizer_2, projection_dim=TEXT_HIDDEN, seed=seed + 2),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
     )
     return _finish(pipe)
 

@@ -15,6 +15,7 @@ from tests.factories import (
     tiny_dit_pipeline,
     tiny_pixart_pipeline,
     tiny_pixart_sigma_pipeline,
+    tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
     tiny_svd_pipeline,
@@ -59,6 +60,7 @@ CASES: dict[str, tuple[Callable, dict, tuple[int, ...]]] = {
         (1, 128, 128, 3),
     ),
     "dit": (tiny_dit_pipeline, {}, (1, 128, 128, 3)),
+    "sd3": (tiny_sd3_pipeline, {"max_sequence_length": 32}, (1, 128, 128, 3)),
     "animatediff": (tiny_animatediff_pipeline, {"num_frames": 4}, (1, 4, 128, 128, 3)),
     "svd": (tiny_svd_pipeline, {"num_frames": 3, "output_type": "np"}, (1, 3, 128, 128, 3)),
 }

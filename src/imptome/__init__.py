@@ -21,8 +21,9 @@ from imptome.patch.state import PlanRecord
 # fallback; PAG without CFG ([cond, perturbed]) is no longer taken for a CFG batch; one-step generations
 # run back to back each start a generation (they used to count as one, so a seed's image depended on
 # how many had run before); images of other pipelines do not change.
-# 0.6.0: Stable Video Diffusion supported; torch.compile(denoiser, fullgraph=True) works; patches that
-# would merge nothing are refused at apply_patch; visualize.heatmap_overlay. Images do not change.
+# 0.6.0: Stable Video Diffusion and SD3 supported; torch.compile(denoiser, fullgraph=True) works; patches
+# that would merge nothing are refused at apply_patch; visualize.heatmap_overlay. Images of the pipelines
+# supported before do not change.
 __version__ = "0.6.0"
 
 __all__ = [

@@ -214,4 +214,7 @@ PRESETS: dict[str, MergeConfig] = {
     ),
     # DiT: the same transformer machinery; no published schedule, so PixArt's warm-up on all blocks.
     "dit": MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4),
+    # SD3 / SD3.5 (MMDiT): image tokens of every block's joint attention (and SD3.5's image self-attention);
+    # no published setting, so DiT's.
+    "sd3": MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4),
 }

@@ -60,7 +60,8 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
 
     Args:
         target: a diffusers pipeline or its denoiser (UNet2DConditionModel, UNetMotionModel,
-            UNetSpatioTemporalConditionModel, PixArtTransformer2DModel, DiTTransformer2DModel).
+            UNetSpatioTemporalConditionModel, PixArtTransformer2DModel, DiTTransformer2DModel,
+            SD3Transformer2DModel).
         config: a MergeConfig; None uses the preset of the denoiser's family.
         **options: MergeConfig fields overriding `config` (e.g. ratio=0.7, method="tome").
 
@@ -100,7 +101,7 @@ def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool
         return (
             f"imptome found nothing to merge in this {name}: it has no transformer blocks over the image "
             "tokens. imptome merges those of Stable Diffusion-style UNets (AnimateDiff and Stable Video "
-            "Diffusion included), PixArt and DiT; UNets whose attention sits in SimpleCrossAttn blocks "
+            "Diffusion included), PixArt, DiT and SD3; UNets whose attention sits in SimpleCrossAttn blocks "
             "(DeepFloyd IF, Kandinsky, unCLIP) are not supported."
         )
     return (

@@ -8,11 +8,13 @@ import torch
 from diffusers import (
     DiTTransformer2DModel,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     Transformer2DModel,
     UNet2DConditionModel,
     UNetMotionModel,
     UNetSpatioTemporalConditionModel,
 )
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from torch import nn
 
@@ -23,6 +25,7 @@ DENOISER_FAMILIES: dict[type[nn.Module], str] = {
     UNetSpatioTemporalConditionModel: "unet",
     PixArtTransformer2DModel: "pixart",
     DiTTransformer2DModel: "dit",
+    SD3Transformer2DModel: "sd3",
 }
 
 # Modules whose `transformer_blocks` attend over the 2-D token grid. Temporal attention (AnimateDiff's
@@ -34,6 +37,7 @@ SPATIAL_CONTAINERS: tuple[type[nn.Module], ...] = (
     PixArtTransformer2DModel,
     DiTTransformer2DModel,
     TransformerSpatioTemporalModel,
+    SD3Transformer2DModel,
 )
 
 
@@ -85,12 +89,18 @@ def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
 
 @dataclass(frozen=True)
 class BlockSite:
-    """A transformer block on the spatial token grid: `index` counts blocks in its container."""
+    """A transformer block on the spatial token grid: `index` counts blocks in its container.
+
+    `joint` marks SD3's MMDiT blocks: attention `attn` over text and image tokens together, and in SD3.5's
+    dual-attention blocks an image self-attention `attn2`; other blocks have self-attention `attn1` and
+    cross-attention `attn2`.
+    """
 
     name: str
     index: int
     block: nn.Module
     in_transformer_denoiser: bool
+    joint: bool = False
 
 
 def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
@@ -100,11 +110,11 @@ def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
         if not isinstance(module, SPATIAL_CONTAINERS):
             continue
         for index, block in enumerate(getattr(module, "transformer_blocks", ())):
-            if hasattr(block, "attn1"):
+            joint = isinstance(block, JointTransformerBlock)
+            if joint or hasattr(block, "attn1"):
                 prefix = f"{name}." if name else ""
-                sites.append(
-                    BlockSite(f"{prefix}transformer_blocks.{index}", index, block, module is denoiser)
-                )
+                site_name = f"{prefix}transformer_blocks.{index}"
+                sites.append(BlockSite(site_name, index, block, module is denoiser, joint))
     return sites
 
 

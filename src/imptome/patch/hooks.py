@@ -145,6 +145,12 @@ def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
             f"tokens, and {name} cannot take a mask whose length is not a multiple of 8. Use PyTorch's SDPA "
             "processor (pipe.disable_xformers_memory_efficient_attention()) or proportional_attention=False."
         )
+    if name.startswith("JointAttn"):
+        raise ValueError(
+            f"imptome: proportional_attention passes an additive attention mask, and {name} (SD3's attention "
+            "over text and image tokens) ignores attention masks, so it would have no effect. Use "
+            "proportional_attention=False."
+        )
     if name.startswith("PAG"):
         raise ValueError(
             f"imptome: proportional_attention passes an additive attention mask, and {name} (perturbed-"
@@ -162,11 +168,18 @@ def merged_layers(blocks: list[BlockSite], config: MergeConfig) -> list[MergedLa
             if not first <= site.index < stop:
                 continue
         block = site.block
-        candidates = (
-            ("attn1", config.merge_attn, True),
-            ("attn2", config.merge_crossattn, False),
-            ("ff", config.merge_mlp, False),
-        )
+        if site.joint:  # image tokens of the joint attention, and of SD3.5's image self-attention
+            candidates = (
+                ("attn", config.merge_attn, True),
+                ("attn2", config.merge_attn, True),
+                ("ff", config.merge_mlp, False),
+            )
+        else:
+            candidates = (
+                ("attn1", config.merge_attn, True),
+                ("attn2", config.merge_crossattn, False),
+                ("ff", config.merge_mlp, False),
+            )
         for attribute, selected, self_attention in candidates:
             module = getattr(block, attribute, None)
             if selected and module is not None:

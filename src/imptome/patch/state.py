@@ -98,9 +98,11 @@ class PatchState:
     # Split CFG (diffusers' guiders, modular pipelines): the conditional and unconditional passes are two
     # calls with the same sample at the same timestep. The second call of such a pair reuses the first's
     # plans, and the pair's two outputs make the map.
-    guided: bool = False  # this call merges with the importance map (a CFG batch, or split CFG)
+    guided: bool = False  # this call merges with the importance map (a CFG batch, split CFG, or a pass after
+    # a CFG batch at the same timestep, e.g. SD3's skip-layer guidance)
     paired: bool = False  # this call is the second pass of a split-CFG pair
     pair_step: int | None = None  # the step whose pair made the current map
+    cfg_step: int | None = None  # the step whose CFG batch made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
     last_output: torch.Tensor | None = None
     last_shape: torch.Size | None = None  # input shape of the last call
@@ -127,9 +129,10 @@ class PatchState:
         A new generation starts when the timestep goes up, or when a call at the first timestep of a
         generation repeats with the same input shape and is no split-CFG pair: one-step generations run
         back to back, whose plans must not depend on how many ran before. Other calls at the same timestep
-        belong to one step (e.g. Zero123++'s reference-image pass before the main pass, or the two passes of
-        split CFG). A call without CFG merges as `config.fallback` says, unless it belongs to split CFG, and
-        neither produces nor clears the map, so a later guided call of the same generation can still use it.
+        belong to one step (e.g. Zero123++'s reference-image pass before the main pass, the two passes of
+        split CFG, or SD3's skip-layer-guidance pass after the CFG batch). A call without CFG merges with the
+        map of its step's CFG batch or split-CFG pair when one came before it, else as `config.fallback`
+        says; it neither produces nor clears the map, so a later guided call of the generation can use it.
         """
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         same_timestep = t == self.last_timestep
@@ -144,7 +147,7 @@ class PatchState:
             self.step = 0
             self.importance = None
             self.last_plans = []
-            self.pair_step = self.last_sample = self.last_output = None
+            self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
         else:
             new_generation = False
@@ -153,7 +156,11 @@ class PatchState:
         self.last_timestep = t
         self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
-        self.guided = self.cfg or (self.pair_step is not None and self.step - self.pair_step <= 1)
+        self.guided = (
+            self.cfg
+            or self.cfg_step == self.step
+            or (self.pair_step is not None and self.step - self.pair_step <= 1)
+        )
         patch = self.info.patch_size
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         self.rows = sample.shape[0] * self.info.frames(sample)
@@ -238,6 +245,7 @@ class PatchState:
         if self.cfg:
             chunks = noise_pred.chunk(self.copies)
             self.importance = guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels)
+            self.cfg_step = self.step
         elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
             self.importance = guidance_importance(self.last_output, noise_pred, channels)
             self.pair_step = self.step

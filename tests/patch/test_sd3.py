@@ -1,0 +1,150 @@
+"""Stable Diffusion 3 (StableDiffusion3Pipeline, SD3Transformer2DModel): the image tokens of every MMDiT
+block's joint attention (and of SD3.5's image self-attention) are merged; the text tokens of the joint
+attention are not; the map comes from the [uncond, cond] batch of flow predictions."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import imptome
+from tests.factories import tiny_sd3_pipeline
+
+PROMPTS = ["a red circle", "a blue square"]
+IMAGE_TOKENS, TEXT_TOKENS = 64, 77 + 32  # 8 x 8 patches; CLIP tokens, then T5's
+
+
+def generate(pipe, steps: int = 6, **kwargs) -> torch.Tensor:
+    """Final latents [2, 16, 16, 16]."""
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        generator=generator,
+        output_type="latent",
+        max_sequence_length=32,
+        **kwargs,
+    )
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3_pipeline()
+
+
+@pytest.fixture(autouse=True)
+def unpatched(sd3):
+    imptome.remove_patch(sd3)
+    yield
+    imptome.remove_patch(sd3)
+
+
+def _tokens_seen(transformer, run) -> dict[str, set[tuple[int, int]]]:
+    """(rows, tokens) at every image query projection (`to_q`), text query projection (`add_q_proj`) and
+    image feed-forward (`ff`) during `run()`."""
+    seen: dict[str, set[tuple[int, int]]] = {}
+    handles = []
+    for name, module in transformer.named_modules():
+        if name.endswith((".to_q", ".add_q_proj")) or name.endswith(".ff"):
+            record = lambda m, args, name=name: seen.setdefault(name, set()).add(tuple(args[0].shape[:2]))  # noqa: E731
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_image_tokens_of_joint_and_dual_attention_merged_text_tokens_untouched(sd3):
+    base = generate(sd3)
+    imptome.apply_patch(sd3)  # the sd3 preset: ratio 0.5, every block
+    seen = _tokens_seen(sd3.transformer, lambda: generate(sd3))
+    rows = 2 * len(PROMPTS)
+    image_queries = {name for name in seen if name.endswith(".to_q")}
+    assert image_queries == {
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn2.to_q",  # SD3.5's dual attention in block 0
+        "transformer_blocks.1.attn.to_q",
+        "transformer_blocks.2.attn.to_q",
+    }
+    for name in image_queries:
+        assert seen[name] == {(rows, IMAGE_TOKENS // 2)}, name
+    for name in (n for n in seen if n.endswith(".add_q_proj")):
+        assert seen[name] == {(rows, TEXT_TOKENS)}, name
+    for name in (n for n in seen if n.endswith(".ff")):
+        assert seen[name] == {(rows, IMAGE_TOKENS)}, name  # merge_mlp is off
+    merged = generate(sd3)
+    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
+    imptome.remove_patch(sd3)
+    assert torch.equal(generate(sd3), base)
+
+
+def test_map_is_the_cfg_difference_of_the_flow_prediction(sd3):
+    outputs = []
+    imptome.apply_patch(sd3)
+    handle = sd3.transformer.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="imptome")  # the CFG batch is found: no warning
+            generate(sd3)
+    finally:
+        handle.remove()
+    uncond, cond = outputs[-1].chunk(2)  # [2, 16, 16, 16] each
+    torch.testing.assert_close(imptome.importance_map(sd3), (cond - uncond).abs().mean(dim=1))
+    (record,) = imptome.merge_plan(sd3)
+    assert record.grid == (8, 8) and record.roles.shape == (4, 8, 8) and not record.pruned
+    assert record.importance.shape == (2, 8, 8)
+
+
+def test_skip_layer_guidance_pass_merges_with_its_steps_map(sd3):
+    """SD3.5's skip-layer guidance adds, at every step, a conditional-only call without the skipped blocks,
+    after the CFG batch: it merges with that step's map instead of the no-guidance fallback."""
+    imptome.apply_patch(sd3)
+    calls = []
+    handle = sd3.transformer.register_forward_hook(lambda *_: calls.append(imptome.merge_plan(sd3)))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="imptome")
+            generate(
+                sd3, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0
+            )
+    finally:
+        handle.remove()
+    skip_layer_passes = calls[2::2]  # step 0: the CFG batch; later steps: CFG batch, then skip-layer pass
+    assert len(calls) == 1 + 2 * len(skip_layer_passes) == 11
+    for records in skip_layer_passes:  # from step 1, the preset's first step with importance
+        (record,) = records
+        assert record.roles.shape[0] == len(PROMPTS) and record.importance is not None
+
+
+def test_proportional_attention_is_refused_on_joint_attention(sd3):
+    imptome.apply_patch(sd3, proportional_attention=True)
+    with pytest.raises(ValueError, match="JointAttnProcessor2_0 .* ignores attention masks"):
+        generate(sd3, steps=2)
+
+
+def test_torch_compile_fullgraph_one_graph_per_phase(sd3):
+    """The joint attention's tuple output traces too: no graph break, one graph per phase of the preset's
+    schedule (random cells, importance pruning, importance merging), reused by a second generation."""
+    from torch._dynamo.utils import counters
+
+    imptome.apply_patch(sd3)
+    eager = generate(sd3)
+    transformer = sd3.transformer
+    torch._dynamo.reset()
+    counters.clear()
+    sd3.transformer = torch.compile(transformer, fullgraph=True, backend="eager")
+    try:
+        first = generate(sd3)
+        graphs = counters["stats"]["unique_graphs"]
+        second = generate(sd3)
+        assert graphs == 3 and counters["stats"]["unique_graphs"] == graphs
+        assert not counters["graph_break"]
+        assert torch.equal(first, eager) and torch.equal(second, eager)
+    finally:
+        sd3.transformer = transformer
+        torch._dynamo.reset()

@@ -136,8 +136,9 @@ def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
     """Refuse processors that cannot take proportional attention's additive mask, with the fix, rather than
     fail deep inside them: xformers' kernels want a key count that is a multiple of 8 (diffusers' xformers
-    processors pass the mask unpadded, diffusers#9637), and perturbed-attention guidance's processors split
-    the batch into its copies and reshape the mask for fewer rows than it has."""
+    processors pass the mask unpadded, diffusers#9637), SD3's joint-attention processors ignore masks, and
+    perturbed-attention guidance's processors split the batch into its copies and reshape the mask for fewer
+    rows than it has."""
     name = processor_name(attention)
     if num_kept % 8 and "XFormers" in name:
         raise ValueError(
@@ -145,7 +146,7 @@ def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
             f"tokens, and {name} cannot take a mask whose length is not a multiple of 8. Use PyTorch's SDPA "
             "processor (pipe.disable_xformers_memory_efficient_attention()) or proportional_attention=False."
         )
-    if name.startswith("JointAttn"):
+    if "JointAttn" in name:  # SD3 processors: plain, IP-Adapter, PAG
         raise ValueError(
             f"imptome: proportional_attention passes an additive attention mask, and {name} (SD3's attention "
             "over text and image tokens) ignores attention masks, so it would have no effect. Use "

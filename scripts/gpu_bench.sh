@@ -18,6 +18,7 @@
 #   deepcache whole 20-step SD2 generations with imptome, DeepCache and both
 #   more      SDXL and the 512 px cases
 #   video     Stable Video Diffusion's UNet, 14 frames at 768 px square (SVD's native 9216 tokens a frame)
+#   sd3       SD3 Medium's transformer at 1024 px (joint attention over 4096 image and 333 text tokens)
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail
@@ -81,5 +82,9 @@ fi
 if wanted video; then
     timeout 120 $bench --arch svd --res 768 --frames 14 --ratios 0.5 --variants none tome importance --rounds 5 \
         $(md speed_gpu_svd)
+fi
+if wanted sd3; then
+    timeout 90 $bench --arch sd3 --res 1024 --ratios 0.5 0.7 --variants none tome importance --rounds 5 \
+        $(md speed_gpu_sd3)
 fi
 cat /tmp/md/*.md 2>/dev/null

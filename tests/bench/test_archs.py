@@ -23,6 +23,7 @@ def test_exact_counts_of_released_unets():
     assert count_params("sd15") == 859_520_964
     assert count_params("sd2") == 865_910_724
     assert count_params("sdxl") == 2_567_463_684
+    assert count_params("sd3") == 2_028_328_000
 
 
 def test_architecture_details():
@@ -39,6 +40,7 @@ def test_architecture_details():
     assert ARCHS["pixart-alpha"].top_level_tokens(1024) == 4096
     assert ARCHS["animatediff"].top_level_tokens(512) == 4096
     assert ARCHS["svd"].top_level_tokens(768) == 9216 == 72 * 128  # SVD's 576 x 1024 px per frame
+    assert ARCHS["sd3"].top_level_tokens(1024) == 4096
 
 
 @pytest.mark.parametrize(("name", "res"), CASES)
@@ -47,12 +49,13 @@ def test_example_inputs_fit_the_model(name: str, res: int):
     spec = ARCHS[name]
     kwargs = example_inputs(name, res, batch=1, device="meta")
     h = w = res // 8
-    first = kwargs["hidden_states"] if spec.family == "pixart" else kwargs["sample"]
+    first = kwargs["hidden_states"] if spec.family in ("pixart", "sd3") else kwargs["sample"]
     frames = spec.num_frames
     if spec.family == "svd":  # frames before channels; 4 channels of image latents after the noisy ones
         assert first.shape == (2, frames, 8, h, w)
     else:
-        assert first.shape == ((2, 4, frames, h, w) if frames else (2, 4, h, w))
+        channels = spec.latent_channels
+        assert first.shape == ((2, channels, frames, h, w) if frames else (2, channels, h, w))
     text_batch = 2 * frames if spec.family == "animatediff" else 2
     assert kwargs["encoder_hidden_states"].shape == (text_batch, spec.text_seq_len, spec.text_embed_dim)
     if spec.family == "sdxl":
@@ -65,7 +68,7 @@ def test_example_inputs_fit_the_model(name: str, res: int):
     if spec.family == "svd":
         assert out.shape == (2, frames, 4, h, w)
     else:
-        out_channels = 8 if spec.family == "pixart" else 4
+        out_channels = {"pixart": 8, "sd3": 16}.get(spec.family, 4)
         assert out.shape == first.shape[:1] + (out_channels,) + first.shape[2:]
 
 
@@ -91,7 +94,7 @@ def test_example_inputs_options():
     with pytest.raises(ValueError):
         example_inputs("sd2", 500)
     with pytest.raises(KeyError):
-        example_inputs("sd3", 512)
+        example_inputs("flux", 512)
 
 
 def test_materialize_is_deterministic_and_finite():

@@ -225,12 +225,13 @@ def test_channels_last_memory_format(tiny_archs, tmp_path):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--arch", "sd3"], "unknown --arch sd3"),
+        (["--arch", "flux"], "unknown --arch flux"),
         (["--ratios", "0.8"], "allowed 0 < ratio <= 0.75"),
         (["--variants", "fast"], "unknown --variants fast"),
         (["--res", "500"], "multiples of 8"),
         (["--rounds", "0"], "at least 1"),
         (["--generation-steps", "2"], "at least 4"),
+        (["--arch", "sd3", "--attention", "math"], "sd3 has SDPA joint attention only"),
     ],
 )
 def test_bad_input_is_a_clear_error(option, message, capsys):

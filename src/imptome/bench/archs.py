@@ -11,6 +11,7 @@ depend on their values). Parameter counts, built on the meta device:
 | ``pixart-alpha`` | PixArtTransformer2DModel | 611,349,152   | PixArt-XL-2-1024-MS ``transformer``     |
 | ``animatediff``  | UNetMotionModel          | 1,312,730,244 | SD 1.5 ``unet`` + motion adapter v1-5-2 |
 | ``svd``          | UNetSpatioTemporal...    | 1,524,623,082 | Stable Video Diffusion ``unet``         |
+| ``sd3``          | SD3Transformer2DModel    | 2,028,328,000 | SD3 Medium ``transformer``              |
 
 Usage::
 
@@ -30,6 +31,7 @@ import torch
 from diffusers import (
     MotionAdapter,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNetMotionModel,
     UNetSpatioTemporalConditionModel,
@@ -144,6 +146,21 @@ SVD_UNET: dict[str, Any] = {
 }
 
 
+SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,  # T5-XXL width; the CLIP-L + CLIP-G hidden states are padded to it
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,  # pooled CLIP-L (768) + CLIP-G (1280)
+    "pos_embed_max_size": 192,
+}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One benchmark architecture and the conditioning its pipeline sends to the denoiser.
@@ -155,7 +172,7 @@ class ArchSpec:
     """
 
     name: str
-    family: str  # "sd" | "sdxl" | "pixart" | "animatediff" | "svd"
+    family: str  # "sd" | "sdxl" | "pixart" | "animatediff" | "svd" | "sd3"
     model_class: type[torch.nn.Module]
     config: dict[str, Any]
     resolutions: tuple[int, ...]  # default square image sizes in px
@@ -180,10 +197,10 @@ class ArchSpec:
         """Image tokens seen by the highest-resolution attention (per frame for video).
 
         UNets: SD 1.x/2.x attend at the full latent grid; SDXL has no attention there, so its first
-        attention level is 2x downsampled. PixArt: one token per ``patch_size``^2 latent patch.
+        attention level is 2x downsampled. PixArt, SD3: one token per ``patch_size``^2 latent patch.
         """
         h, w = self.latent_hw(res)
-        if self.family == "pixart":
+        if self.family in ("pixart", "sd3"):
             p = self.config["patch_size"]
             return (h // p) * (w // p)
         if self.family == "sdxl":
@@ -264,6 +281,19 @@ ARCHS: dict[str, ArchSpec] = {
             published_params=1_524_623_082,
             notes="Stable Video Diffusion UNet (spatial + temporal blocks at 3 levels); CLIP image embeds.",
         ),
+        ArchSpec(
+            name="sd3",
+            family="sd3",
+            model_class=SD3Transformer2DModel,
+            config=SD3_MEDIUM_TRANSFORMER,
+            resolutions=(1024,),
+            text_seq_len=77 + 256,  # CLIP tokens, then T5's
+            text_embed_dim=4096,
+            pooled_embed_dim=2048,
+            latent_channels=16,
+            published_params=2_028_328_000,
+            notes="SD3 Medium MMDiT: 24 joint blocks, 1536 wide, patch 2; CLIP-L/G + T5-XXL text: 333 x 4096",
+        ),
     )
 }
 
@@ -275,6 +305,7 @@ PUBLISHED_SOURCES: dict[str, str] = {
     "pixart-alpha": "~611M: 0.6B in the PixArt-alpha paper; ~2.45 GB fp32 transformer checkpoint",
     "animatediff": "SD 1.5 UNet + ~453M motion modules (mm_sd_v15_v2 fp32 checkpoint: ~1.82 GB)",
     "svd": "count of diffusers' UNetSpatioTemporalConditionModel with its default config, written for SVD",
+    "sd3": "exact count of the released SD3 Medium transformer config ('2B' in its model card)",
 }
 
 
@@ -393,6 +424,8 @@ def example_inputs(
       ``resolution`` [n, 2] and ``aspect_ratio`` [n, 1] because ``sample_size == 128`` (else both ``None``).
     - animatediff: ``sample`` [n, 4, F, h, w]; ``encoder_hidden_states`` [n * F, 77, 768]: the pipeline
       repeats each prompt embedding per frame (``repeat_interleave``), UNetMotionModel does not.
+    - sd3: ``hidden_states`` [n, 16, h, w], ``timestep`` [n], ``encoder_hidden_states`` [n, 333, 4096],
+      ``pooled_projections`` [n, 2048].
     - svd: ``sample`` [n, F, 8, h, w] (frames first): the noisy latents, then the conditioning image's
       latents, zeros in the unconditional half; ``encoder_hidden_states`` [n, 1, 1024] (zeros in the
       unconditional half); ``added_time_ids`` [n, 3] (fps 6, motion bucket 127, noise augmentation 0.02).
@@ -437,6 +470,13 @@ def example_inputs(
             "sample": latents(spec.latent_channels, frames, h, w),
             "timestep": timestep,
             "encoder_hidden_states": text.repeat_interleave(frames, dim=0),
+        }
+    elif spec.family == "sd3":
+        kwargs = {
+            "hidden_states": latents(spec.latent_channels, h, w),
+            "timestep": timestep[None].expand(n).to(dtype),
+            "encoder_hidden_states": text,
+            "pooled_projections": randn(n, spec.pooled_embed_dim),
         }
     elif spec.family == "svd":
         frames = num_frames or spec.num_frames

@@ -207,6 +207,9 @@ def _parse(args: argparse.Namespace) -> Settings:
         for res in values:
             if res <= 0 or res % ARCHS[name].vae_scale_factor:
                 raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
+    joint = [name for name in archs if ARCHS[name].family == "sd3"]
+    if joint and args.attention == "math":
+        raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
     names = _split(args.variants) or list(VARIANTS)
     bad = [name for name in names if name not in VARIANTS]
     if bad:
@@ -253,9 +256,16 @@ class _Record:
 
 
 def _set_attention(model: torch.nn.Module, attention: str) -> None:
+    """SDPA or math processors everywhere; SD3's joint-attention processors (always SDPA, text and image
+    tokens together) are kept, `_parse` refuses "math" for them."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+    if not _has_joint_attention(model):
+        model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def _has_joint_attention(model: torch.nn.Module) -> bool:
+    return any("JointAttn" in type(p).__name__ for p in model.attn_processors.values())
 
 
 def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:

@@ -37,13 +37,6 @@ def anim():
     return tiny_animatediff_pipeline()
 
 
-@pytest.fixture(autouse=True)
-def unpatched(anim):
-    imptome.remove_patch(anim)
-    yield
-    imptome.remove_patch(anim)
-
-
 def test_spatial_self_attention_merged_per_frame_motion_modules_untouched(anim):
     base = generate(anim)
     imptome.apply_patch(anim, ratio=0.5)

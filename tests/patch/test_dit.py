@@ -26,13 +26,6 @@ def dit():
     return tiny_dit_pipeline()
 
 
-@pytest.fixture(autouse=True)
-def unpatched(dit):
-    imptome.remove_patch(dit)
-    yield
-    imptome.remove_patch(dit)
-
-
 def test_preset_merges_self_attention_of_every_block(dit):
     base = generate(dit)
     imptome.apply_patch(dit)  # the DiT preset: ratio 0.5, all blocks, self-attention only

@@ -44,14 +44,6 @@ def alpha():
     return tiny_pixart_pipeline()
 
 
-@pytest.fixture(autouse=True)
-def unpatched(request):
-    yield
-    for name in ("pipe", "alpha"):
-        if name in request.fixturenames:
-            imptome.remove_patch(request.getfixturevalue(name))
-
-
 def test_selected_blocks_merge_self_and_cross_attention_queries(pipe):
     base = generate(pipe, steps=6)
     imptome.apply_patch(pipe, block_range=MERGED_BLOCKS)  # otherwise the PixArt preset

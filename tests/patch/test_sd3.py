@@ -35,13 +35,6 @@ def sd3():
     return tiny_sd3_pipeline()
 
 
-@pytest.fixture(autouse=True)
-def unpatched(sd3):
-    imptome.remove_patch(sd3)
-    yield
-    imptome.remove_patch(sd3)
-
-
 def _tokens_seen(transformer, run) -> dict[str, set[tuple[int, int]]]:
     """(rows, tokens) at every image query projection (`to_q`), text query projection (`add_q_proj`) and
     image feed-forward (`ff`) during `run()`."""

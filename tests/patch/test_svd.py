@@ -42,13 +42,6 @@ def svd():
     return tiny_svd_pipeline()
 
 
-@pytest.fixture(autouse=True)
-def unpatched(svd):
-    imptome.remove_patch(svd)
-    yield
-    imptome.remove_patch(svd)
-
-
 def test_spatial_self_attention_merged_per_frame_temporal_blocks_untouched(svd):
     base = generate(svd)
     imptome.apply_patch(svd, ratio=0.5)

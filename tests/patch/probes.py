@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+import torch
 from torch import nn
+
+import imptome
 
 
 def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[tuple[int, int]]]:
@@ -28,3 +31,12 @@ def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[
         for handle in handles:
             handle.remove()
     return dict(shapes)
+
+
+def assert_merged_then_restored(pipe, run: Callable[[], torch.Tensor], base: torch.Tensor) -> None:
+    """`run()` on the patched `pipe` is finite and differs from the unmerged `base`; after `remove_patch`
+    it gives `base` again, bit for bit."""
+    merged = run()
+    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
+    imptome.remove_patch(pipe)
+    assert torch.equal(run(), base)

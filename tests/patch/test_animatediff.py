@@ -11,7 +11,7 @@ import torch
 import imptome
 from imptome.merge import DESTINATION, MERGED
 from tests.factories import tiny_animatediff_pipeline
-from tests.patch.probes import token_shapes
+from tests.patch.probes import assert_merged_then_restored, token_shapes
 
 PROMPT = "a red circle on the left"
 FRAMES = 3
@@ -53,10 +53,7 @@ def test_spatial_self_attention_merged_per_frame_motion_modules_untouched(anim):
     for name, shapes in motion.items():  # temporal: pixels folded into the batch, all frames as tokens
         pixels = TOP if name.startswith(("down_blocks.0.", "up_blocks.1.")) else SECOND
         assert shapes == [(2 * pixels, FRAMES)] * 3, name
-    merged = generate(anim)
-    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
-    imptome.remove_patch(anim)
-    assert torch.equal(generate(anim), base)
+    assert_merged_then_restored(anim, lambda: generate(anim), base)
 
 
 def test_importance_map_and_plans_are_per_frame(anim):

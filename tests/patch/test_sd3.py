@@ -11,6 +11,7 @@ import torch
 
 import imptome
 from tests.factories import tiny_sd3_pipeline
+from tests.patch.probes import assert_merged_then_restored
 
 PROMPTS = ["a red circle", "a blue square"]
 IMAGE_TOKENS, TEXT_TOKENS = 64, 77 + 32  # 8 x 8 patches; CLIP tokens, then T5's
@@ -70,10 +71,7 @@ def test_image_tokens_of_joint_and_dual_attention_merged_text_tokens_untouched(s
         assert seen[name] == {(rows, TEXT_TOKENS)}, name
     for name in (n for n in seen if n.endswith(".ff")):
         assert seen[name] == {(rows, IMAGE_TOKENS)}, name  # merge_mlp is off
-    merged = generate(sd3)
-    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
-    imptome.remove_patch(sd3)
-    assert torch.equal(generate(sd3), base)
+    assert_merged_then_restored(sd3, lambda: generate(sd3), base)
 
 
 def test_map_is_the_cfg_difference_of_the_flow_prediction(sd3):

@@ -13,7 +13,7 @@ from PIL import Image
 
 import imptome
 from tests.factories import tiny_svd_pipeline
-from tests.patch.probes import token_shapes
+from tests.patch.probes import assert_merged_then_restored, token_shapes
 
 FRAMES = 3
 TOP = 256  # tokens per frame at the top level: 16 x 16 latent
@@ -57,10 +57,7 @@ def test_spatial_self_attention_merged_per_frame_temporal_blocks_untouched(svd):
         assert shapes == [(rows, TOP // 2)] * 3, name
     for name, shapes in temporal.items():  # pixels folded into the batch, all frames as tokens
         assert all(tokens == FRAMES for _, tokens in shapes), name
-    merged = generate(svd)
-    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
-    imptome.remove_patch(svd)
-    assert torch.equal(generate(svd), base)
+    assert_merged_then_restored(svd, lambda: generate(svd), base)
 
 
 def test_cfg_found_despite_zero_image_latents_and_the_map_is_per_frame(svd):

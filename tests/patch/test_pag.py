@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     AnimateDiffPAGPipeline,
     PixArtSigmaPAGPipeline,
+    StableDiffusion3PAGPipeline,
     StableDiffusionPAGPipeline,
     StableDiffusionXLPAGPipeline,
 )
@@ -20,6 +21,7 @@ from imptome.merge import guidance_importance
 from tests.factories import (
     tiny_animatediff_pipeline,
     tiny_pixart_sigma_pipeline,
+    tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
@@ -100,10 +102,10 @@ def test_pag_on_a_merged_layer():
         run(pipe, guidance_scale=5.0, steps=2)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "pixart-sigma", "animatediff"])
+@pytest.mark.parametrize("family", ["sdxl", "pixart-sigma", "animatediff", "sd3"])
 def test_pag_pipelines_of_other_families(family):
     """The PAG pipelines of the other supported families: three copies per image, one plan for them, the map
-    from the cond and uncond copies, no fallback warning (PAG on a merged layer for PixArt-Sigma)."""
+    from the cond and uncond copies, no fallback warning (PAG on a merged layer for PixArt-Sigma and SD3)."""
     kwargs = {"num_inference_steps": 4, "guidance_scale": 5.0, "pag_scale": 3.0, "output_type": "latent"}
     if family == "sdxl":
         pipe = StableDiffusionXLPAGPipeline(**tiny_sdxl_pipeline().components, pag_applied_layers=["mid"])
@@ -113,10 +115,16 @@ def test_pag_pipelines_of_other_families(family):
         pipe = PixArtSigmaPAGPipeline(**components, pag_applied_layers=["transformer_blocks.1"])
         options = {"block_range": None}
         kwargs |= {"use_resolution_binning": False, "clean_caption": False}
-    else:
+    elif family == "animatediff":
         pipe = AnimateDiffPAGPipeline(**tiny_animatediff_pipeline().components, pag_applied_layers=["mid"])
         options = {}
         kwargs["num_frames"] = 4
+    else:
+        components = tiny_sd3_pipeline().components
+        del components["image_encoder"], components["feature_extractor"]  # not parts of the PAG pipeline
+        pipe = StableDiffusion3PAGPipeline(**components, pag_applied_layers=["blocks.1"])
+        options = {}
+        kwargs["max_sequence_length"] = 32
     imptome.apply_patch(pipe, ratio=0.5, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="imptome")

@@ -69,11 +69,13 @@ class MergeConfig:
             level that has attention: 1 on SD 1.x/2.x (the same as ToMeSD), 2 on SDXL, whose top level has
             no attention, so ToMeSD's 1 would merge nothing there. Transformers have one grid.
         block_range: (first, stop) transformer-block indices to merge in transformer denoisers
-            (PixArt/DiT), stop exclusive; None merges all blocks. Indices are absolute, not scaled to the
+            (PixArt/DiT/SD3), stop exclusive; None merges all blocks. Indices are absolute, not scaled to the
             model's depth: the PixArt preset's (7, 21) is the paper's blocks 7-20 of the 28 that every
             PixArt-alpha/sigma checkpoint has. apply_patch rejects a range past the model's depth and any
             range on a UNet.
-        merge_attn / merge_crossattn / merge_mlp: which sub-layers of a transformer block are merged.
+        merge_attn / merge_crossattn / merge_mlp: which sub-layers of a transformer block are merged. In
+            SD3's blocks merge_attn selects the image tokens of the joint attention (and of SD3.5's image
+            self-attention); they have no cross-attention, so merge_crossattn changes nothing there.
         matching: "feature" matches sources to destinations by cosine similarity of the layer's tokens;
             "grid" by distance on the token grid (the authors' PixArt code; on the bundled model it took
             images 1.6-3.8 dB further from the unmerged ones, docs/RESULTS.md).

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from imptome.bench.archs import build_denoiser, example_inputs
-from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention
-from imptome.merge import cfg_importance
+from imptome.bench.archs import ARCHS, build_denoiser, example_inputs
+from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention, step_importance
 from imptome.patch.families import denoiser_info
 
 
@@ -48,11 +47,11 @@ def build_case(args: argparse.Namespace) -> DenoiserCase:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     model = build_denoiser(args.arch, dtype=dtype, device=device)
-    _set_attention(model, "sdpa")
+    _set_attention(model, ARCHS[args.arch], "sdpa")
     inputs = example_inputs(args.arch, args.res, dtype=dtype, device=device)
     call = _denoiser_call(model, inputs)
     info = denoiser_info(model)
     with torch.inference_mode():
-        importance = cfg_importance(call()[0], info.noise_channels, info.cond_first)
+        importance = step_importance(call()[0], info)
     timestep = float(inputs["timestep"].flatten()[0])
     return DenoiserCase(device, model, inputs, call, timestep, importance)

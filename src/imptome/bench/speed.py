@@ -54,7 +54,7 @@ from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
 from imptome.patch.api import _state
-from imptome.patch.families import denoiser_info, finest_attention_downsample
+from imptome.patch.families import DenoiserInfo, denoiser_info, finest_attention_downsample
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 DEFAULT_RATIOS = (0.5, 0.7)
@@ -255,17 +255,18 @@ class _Record:
     error: str | None = None
 
 
-def _set_attention(model: torch.nn.Module, attention: str) -> None:
-    """SDPA or math processors everywhere; SD3's joint-attention processors (always SDPA, text and image
-    tokens together) are kept, `_parse` refuses "math" for them."""
+def _set_attention(model: torch.nn.Module, spec: ArchSpec, attention: str) -> None:
+    """SDPA or math processors everywhere; SD3 keeps its joint-attention processors (always SDPA, text and
+    image tokens together; `_parse` refuses "math" for it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    if not _has_joint_attention(model):
+    if spec.family != "sd3":
         model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
-def _has_joint_attention(model: torch.nn.Module) -> bool:
-    return any("JointAttn" in type(p).__name__ for p in model.attn_processors.values())
+def step_importance(noise_pred: torch.Tensor, info: DenoiserInfo) -> torch.Tensor:
+    """The CFG map a step's output [n, C, ...] (SVD: [n, F, C, ...]) leaves for the next step."""
+    return cfg_importance(noise_pred.movedim(info.channel_dim, 1), info.noise_channels, info.cond_first)
 
 
 def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
@@ -319,8 +320,7 @@ def _measure_case(
                     output = call()
                 record.flops = counter.get_total_flops()
                 if variant.name == "none":
-                    noise_pred = output[0].movedim(info.channel_dim, 1)  # [n, C, ...]; SVD: [n, F, C, ...]
-                    importance = cfg_importance(noise_pred, info.noise_channels, info.cond_first)
+                    importance = step_importance(output[0], info)
                 if device.type == "cuda":
                     for _ in range(2):
                         call()
@@ -588,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
         model = build_denoiser(name, dtype=DTYPES[settings.dtype], device=settings.device)
         model.to(memory_format=MEMORY_FORMATS[settings.memory_format])
-        _set_attention(model, settings.attention)
+        _set_attention(model, spec, settings.attention)
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)
             rows += _rows(records, spec, res, settings, model)

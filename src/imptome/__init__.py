@@ -24,7 +24,10 @@ from imptome.patch.state import PlanRecord
 # 0.6.0: Stable Video Diffusion and SD3 supported; torch.compile(denoiser, fullgraph=True) works; patches
 # that would merge nothing are refused at apply_patch; visualize.heatmap_overlay. Images of the pipelines
 # supported before do not change.
-__version__ = "0.6.0"
+# 0.6.1: the importance map and the call's key stay at one address (CUDA graphs re-recorded the model every
+# step); importance_map() returns a copy; a generation outside torch.inference_mode after one inside it no
+# longer fails. Images do not change.
+__version__ = "0.6.1"
 
 __all__ = [
     "PRESETS",

@@ -131,7 +131,7 @@ def denoiser_calls(unet, maps: list[torch.Tensor] | None = None):
             outputs.append(unet(latent, timestep, encoder_hidden_states=text).sample.float())
             (record,) = imptome.merge_plan(unet)
             plans.append((record.roles, record.source))
-            left.append(state.importance)
+            left.append(imptome.importance_map(unet))  # a copy: the patch overwrites its map
     return outputs, plans, left
 
 

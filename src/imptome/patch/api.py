@@ -178,9 +178,11 @@ def importance_map(target: Any) -> torch.Tensor | None:
     U is the number of images (for video: images x frames); each merged layer area-pools it to its own token
     grid (PixArt/DiT: H / patch x W / patch). None before the first guided call of a generation (throughout a
     generation without CFG) or when `target` is not patched; calls without CFG keep the last guided map.
+    A copy: the patch overwrites its own map in place.
     """
     state = _state(target)
-    return None if state is None else state.importance
+    importance = None if state is None else state.importance
+    return None if importance is None else importance.clone()
 
 
 def merge_plan(target: Any) -> list[PlanRecord]:

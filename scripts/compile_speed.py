@@ -116,6 +116,9 @@ def main() -> None:
             f"| {base['eager_s'] / row['compiled_s']:.2f}x | {row['compile_s']:.0f} |"
         )
     print(f"graphs compiled while timing: {graphs_while_timed}")
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
+    if args.mode == "reduce-overhead":  # why, when not 0: run with TORCH_LOGS=perf_hints
+        print(f"graphs that Inductor did not capture as CUDA graphs: {cudagraph_skips}")
     if args.json:
         meta = dict(
             mode=mode,
@@ -125,6 +128,7 @@ def main() -> None:
             device=name,
             calls=args.calls,
             torch=torch.__version__,
+            cudagraph_skips=cudagraph_skips,
         )
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

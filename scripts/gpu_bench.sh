@@ -9,7 +9,8 @@
 #   tests     the CUDA-only tests (no host sync per layer, offload to the GPU, fp16, Inductor vs eager)
 #   targets   the efficiency targets: SD2 and PixArt-alpha at 1024 px, fp16, SDPA, ratios 0.5 and 0.7
 #   profiles  torch.profiler summaries of the SD2 and PixArt steps and of planning alone
-#   compile   torch.compile, unmerged vs merged, default mode and CUDA graphs (about 6 minutes)
+#   compile   torch.compile, unmerged vs merged, default mode and CUDA graphs (about 8 minutes; narrow it
+#             with COMPILE_ARCHS="sd2" and COMPILE_MODES="reduce-overhead", both lists)
 #   prop      proportional attention (an additive SDPA mask): each SDPA backend with and without the mask at
 #             the merged shapes (scripts/sdpa_bias.py), then against plain importance, 1024 px, ratio 0.7
 #   layout    SD2 at 1024 px with the UNet and latent in channels_last (NHWC) against contiguous, same
@@ -42,7 +43,8 @@ bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention 
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
 if wanted tests; then
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
+    # 7 tests; on an H100 with 0.6.0, 150 s ended the last of them (Inductor, importance) unfinished
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
 fi
 if wanted targets; then  # 7 alternating rounds
     timeout 200 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --variants none tome importance tomesd \
@@ -54,9 +56,10 @@ if wanted profiles; then
     done
 fi
 if wanted compile; then
-    for mode in default reduce-overhead; do
-        for arch in sd2 pixart-alpha; do
-            timeout 150 python3 scripts/compile_speed.py --arch $arch --res 1024 --calls 10 --mode $mode \
+    for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+        for arch in ${COMPILE_ARCHS:-sd2 pixart-alpha}; do
+            # SD2 on an H100: about 60 s of compiling per variant
+            timeout 200 python3 scripts/compile_speed.py --arch $arch --res 1024 --calls 10 --mode $mode \
                 --variants none importance --json "$OUT/compile_${arch}_1024_${mode}.json"
         done
     done

@@ -5,7 +5,8 @@
 # There:        device run, carry [".whl"], timeout_s 600:   STAGES="..." bash scripts/gpu_bench.sh
 #
 # Installs diffusers, tomesd, DeepCache and imptome from .whl/ (the machine has PyTorch but no package
-# index), then runs the stages named in STAGES, in this order (default: all but compile, about 10 minutes):
+# index), then runs the stages named in STAGES, in the order named (default: all but compile, about 10
+# minutes):
 #   tests     the CUDA-only tests (no host sync per layer, offload to the GPU, fp16, Inductor vs eager)
 #   targets   the efficiency targets: SD2 and PixArt-alpha at 1024 px, fp16, SDPA, ratios 0.5 and 0.7
 #   profiles  torch.profiler summaries of the SD2 and PixArt steps and of planning alone
@@ -36,26 +37,25 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, diffusers, imptome; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'imptome', imptome.__version__)" \
     || exit 1
 echo "stages: $STAGES"
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # Markdown tables go to /tmp/md (rebuilt from the JSON here); progress goes to the log.
 bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention sdpa"  # a variable: timeout runs no functions
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
-if wanted tests; then
+stage_tests() {
     # 7 tests; on an H100 with 0.6.0, 150 s ended the last of them (Inductor, importance) unfinished
     timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
-fi
-if wanted targets; then  # 7 alternating rounds
+}
+stage_targets() {  # 7 alternating rounds
     timeout 200 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --variants none tome importance tomesd \
         --rounds 7 $(md speed_gpu_1024)
-fi
-if wanted profiles; then
+}
+stage_profiles() {
     for arch in sd2 pixart-alpha; do
         timeout 60 python3 scripts/profile_step.py --arch $arch --res 1024 --out "$OUT/profile_${arch}_1024.txt" > /dev/null
     done
-fi
-if wanted compile; then
+}
+stage_compile() {
     for mode in ${COMPILE_MODES:-default reduce-overhead}; do
         for arch in ${COMPILE_ARCHS:-sd2 pixart-alpha}; do
             # SD2 on an H100: about 60 s of compiling per variant
@@ -63,31 +63,40 @@ if wanted compile; then
                 --variants none importance --json "$OUT/compile_${arch}_1024_${mode}.json"
         done
     done
-fi
-if wanted prop; then  # the SDPA kernels alone first (seconds), then the whole step
+}
+stage_prop() {  # the SDPA kernels alone first (seconds), then the whole step
     timeout 60 python3 scripts/sdpa_bias.py --device cuda --dtype float16 --json "$OUT/sdpa_bias.json"
     timeout 150 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.7 --variants none importance importance-prop \
         --rounds 5 $(md speed_gpu_prop)
-fi
-if wanted layout; then
+}
+stage_layout() {
     for memory_format in contiguous channels_last; do
         timeout 60 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none tome importance --rounds 7 \
             --memory-format $memory_format $(md speed_gpu_sd2_1024_$memory_format)
     done
-fi
-if wanted deepcache; then
+}
+stage_deepcache() {
     timeout 90 $bench --arch sd2 --res 1024 --ratios 0.7 --variants none importance --rounds 3 --generation-steps 20 \
         $(md generation_gpu)
-fi
-if wanted more; then
+}
+stage_more() {
     timeout 60 $bench --arch sdxl sd15 --res 1024 512 --ratios 0.7 --rounds 5 $(md speed_gpu_more)
-fi
-if wanted video; then
+}
+stage_video() {
     timeout 120 $bench --arch svd --res 768 --frames 14 --ratios 0.5 --variants none tome importance --rounds 5 \
         $(md speed_gpu_svd)
-fi
-if wanted sd3; then
+}
+stage_sd3() {
     timeout 90 $bench --arch sd3 --res 1024 --ratios 0.5 0.7 --variants none tome importance --rounds 5 \
         $(md speed_gpu_sd3)
-fi
+}
+for stage in $STAGES; do
+    if declare -F "stage_$stage" > /dev/null; then
+        echo "== stage $stage, $(date +%T)"
+        "stage_$stage"
+    else
+        echo "== unknown stage $stage (skipped)"
+    fi
+done
+echo "== done, $(date +%T)"
 cat /tmp/md/*.md 2>/dev/null

@@ -43,7 +43,8 @@ bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention 
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
 stage_tests() {
-    # 7 tests; on an H100 with 0.6.0, 150 s ended the last of them (Inductor, importance) unfinished
+    # 8 tests; on an H100 with 0.6.0, 150 s ended the 7th (Inductor, importance) unfinished; the 8th (CUDA
+    # graphs) compiles a tiny UNet once more
     timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
 }
 stage_targets() {  # 7 alternating rounds

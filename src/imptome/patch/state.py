@@ -382,12 +382,14 @@ class PatchState:
         return _Built(plan, layer, record)
 
     def records(self) -> list[PlanRecord]:
-        """The last call's plans, expanded to one entry per denoiser row."""
+        """The last call's plans, expanded to one entry per denoiser row. New tensors: under CUDA graphs the
+        plans are the graph's outputs, which its next replay overwrites."""
         out = []
         for built in self.last_plans:
             plan = built.plan
             rows = plan.slot.shape[0]
             roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
             source = plan.source()
-            out.append(PlanRecord(plan.grid, built.layer, built.importance, roles, source, plan.pruned))
+            importance = None if built.importance is None else built.importance.clone()
+            out.append(PlanRecord(plan.grid, built.layer, importance, roles, source, plan.pruned))
         return out

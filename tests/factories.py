@@ -230,6 +230,30 @@ def tiny_vae(seed: int = 0, **overrides) -> AutoencoderKL:
     return vae.eval()
 
 
+def tiny_sd_unet_config(
+    sample_size: int = 16,
+    cross_attention_dim: int = TEXT_HIDDEN,
+    top_level_attention: bool = True,
+    **overrides,
+) -> dict:
+    """The config of `tiny_sd_unet` (see there), for code that builds the model itself."""
+    top_down = "CrossAttnDownBlock2D" if top_level_attention else "DownBlock2D"
+    top_up = "CrossAttnUpBlock2D" if top_level_attention else "UpBlock2D"
+    config = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(top_down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", top_up),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        norm_num_groups=16,
+        attention_head_dim=(2, 4),  # diffusers' name for the number of heads
+        cross_attention_dim=cross_attention_dim,
+    )
+    return {**config, **overrides}
+
+
 def tiny_sd_unet(
     sample_size: int = 16,
     cross_attention_dim: int = TEXT_HIDDEN,
@@ -245,21 +269,7 @@ def tiny_sd_unet(
     ``top_level_attention=False`` makes the top level attention-free (DownBlock2D / UpBlock2D), as in SDXL.
     ``overrides`` go to the UNet config (e.g. the SDXL ``addition_embed_type`` keys).
     """
-    top_down = "CrossAttnDownBlock2D" if top_level_attention else "DownBlock2D"
-    top_up = "CrossAttnUpBlock2D" if top_level_attention else "UpBlock2D"
-    config = dict(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=(top_down, "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", top_up),
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        norm_num_groups=16,
-        attention_head_dim=(2, 4),  # diffusers' name for the number of heads
-        cross_attention_dim=cross_attention_dim,
-    )
-    config.update(overrides)
+    config = tiny_sd_unet_config(sample_size, cross_attention_dim, top_level_attention, **overrides)
     with _seeded(seed):
         unet = UNet2DConditionModel(**config)
     return unet.eval()

@@ -19,22 +19,11 @@ from imptome.bench.flops import count_flops
 from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
 from imptome.cli import main
 from imptome.merge import cfg_importance
-from tests.factories import PIXART_CONFIG
+from tests.factories import PIXART_CONFIG, tiny_sd_unet_config
 
 # The tiny UNet of tests/factories.py: top level 16 x 16 = 256 tokens, 32 channels, 2 heads; five
 # self-attentions there (2 down, 3 up).
-TINY_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    norm_num_groups=16,
-    attention_head_dim=(2, 4),
-    cross_attention_dim=32,
-)
+TINY_UNET = tiny_sd_unet_config()
 # PixArt-shaped with PixArt-alpha's 28 blocks (the preset merges blocks 7-20), 32 wide.
 TINY_PIXART = {**PIXART_CONFIG, "num_layers": 28}
 TINY_ARCHS = {

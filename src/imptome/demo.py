@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.cli import CliError, add_set_argument, merge_options
-from imptome.loading import DTYPES, check_device, check_model, load_pipeline
+from imptome.loading import DTYPES, load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not os.access(out.parent.resolve(), os.W_OK):
         raise CliError(f"cannot write {out}: folder {out.parent.resolve()} is not writable")
-    check_model(args.model)
-    check_device(args.device)
     prompts = args.prompt or default_prompts()
 
     pipe = load_pipeline(args.model, args.device, args.dtype)

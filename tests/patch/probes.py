@@ -12,8 +12,9 @@ import imptome
 
 
 def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[tuple[int, int]]]:
-    """(rows, tokens) seen by every attention query projection (`<attn>`) and every feed-forward input
-    (`<block>.ff`) during `run()`, one entry per call, by module name."""
+    """(rows, tokens) seen by every attention query projection (`<attn>`), the text query projection of a
+    joint attention (`<attn>.add_q_proj`, SD3) and every feed-forward input (`<block>.ff`) during `run()`,
+    one entry per call, by module name."""
     shapes: dict[str, list[tuple[int, int]]] = defaultdict(list)
 
     def record(name: str):
@@ -23,6 +24,8 @@ def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[
     for name, module in model.named_modules():
         if hasattr(module, "to_q"):
             handles.append(module.to_q.register_forward_pre_hook(record(name)))
+            if getattr(module, "add_q_proj", None) is not None:
+                handles.append(module.add_q_proj.register_forward_pre_hook(record(f"{name}.add_q_proj")))
         elif name.endswith(".ff"):
             handles.append(module.register_forward_pre_hook(record(name)))
     try:

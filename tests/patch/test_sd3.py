@@ -11,7 +11,7 @@ import torch
 
 import imptome
 from tests.factories import tiny_sd3_pipeline
-from tests.patch.probes import assert_merged_then_restored
+from tests.patch.probes import assert_merged_then_restored, token_shapes
 
 PROMPTS = ["a red circle", "a blue square"]
 IMAGE_TOKENS, TEXT_TOKENS = 64, 77 + 32  # 8 x 8 patches; CLIP tokens, then T5's
@@ -36,41 +36,24 @@ def sd3():
     return tiny_sd3_pipeline()
 
 
-def _tokens_seen(transformer, run) -> dict[str, set[tuple[int, int]]]:
-    """(rows, tokens) at every image query projection (`to_q`), text query projection (`add_q_proj`) and
-    image feed-forward (`ff`) during `run()`."""
-    seen: dict[str, set[tuple[int, int]]] = {}
-    handles = []
-    for name, module in transformer.named_modules():
-        if name.endswith((".to_q", ".add_q_proj")) or name.endswith(".ff"):
-            record = lambda m, args, name=name: seen.setdefault(name, set()).add(tuple(args[0].shape[:2]))  # noqa: E731
-            handles.append(module.register_forward_pre_hook(record))
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def test_image_tokens_of_joint_and_dual_attention_merged_text_tokens_untouched(sd3):
     base = generate(sd3)
     imptome.apply_patch(sd3)  # the sd3 preset: ratio 0.5, every block
-    seen = _tokens_seen(sd3.transformer, lambda: generate(sd3))
+    seen = token_shapes(sd3.transformer, lambda: generate(sd3))
     rows = 2 * len(PROMPTS)
-    image_queries = {name for name in seen if name.endswith(".to_q")}
+    image_queries = {name for name in seen if not name.endswith((".add_q_proj", ".ff"))}
     assert image_queries == {
-        "transformer_blocks.0.attn.to_q",
-        "transformer_blocks.0.attn2.to_q",  # SD3.5's dual attention in block 0
-        "transformer_blocks.1.attn.to_q",
-        "transformer_blocks.2.attn.to_q",
+        "transformer_blocks.0.attn",
+        "transformer_blocks.0.attn2",  # SD3.5's dual attention in block 0
+        "transformer_blocks.1.attn",
+        "transformer_blocks.2.attn",
     }
     for name in image_queries:
-        assert seen[name] == {(rows, IMAGE_TOKENS // 2)}, name
+        assert set(seen[name]) == {(rows, IMAGE_TOKENS // 2)}, name
     for name in (n for n in seen if n.endswith(".add_q_proj")):
-        assert seen[name] == {(rows, TEXT_TOKENS)}, name
+        assert set(seen[name]) == {(rows, TEXT_TOKENS)}, name
     for name in (n for n in seen if n.endswith(".ff")):
-        assert seen[name] == {(rows, IMAGE_TOKENS)}, name  # merge_mlp is off
+        assert set(seen[name]) == {(rows, IMAGE_TOKENS)}, name  # merge_mlp is off
     assert_merged_then_restored(sd3, lambda: generate(sd3), base)
 
 

@@ -36,6 +36,22 @@ def token_shapes(model: nn.Module, run: Callable[[], object]) -> dict[str, list[
     return dict(shapes)
 
 
+def outputs_and_plans(denoiser: nn.Module, run: Callable[[], object]) -> list[tuple[torch.Tensor, list]]:
+    """Each denoiser call's output (the first element of what it returns) and `imptome.merge_plan` records,
+    read after imptome's own hook, during `run()`."""
+    calls = []
+
+    def record(module: nn.Module, args: tuple, output: object) -> None:
+        calls.append((output[0], imptome.merge_plan(module)))
+
+    handle = denoiser.register_forward_hook(record)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
 def assert_merged_then_restored(pipe, run: Callable[[], torch.Tensor], base: torch.Tensor) -> None:
     """`run()` on the patched `pipe` is finite and differs from the unmerged `base`; after `remove_patch`
     it gives `base` again, bit for bit."""

@@ -25,6 +25,7 @@ from tests.factories import (
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
 )
+from tests.patch.probes import outputs_and_plans
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -36,18 +37,17 @@ def pag_pipeline(layers: list[str]) -> StableDiffusionPAGPipeline:
 
 def run(pipe, guidance_scale: float, steps: int = 4) -> list[tuple[torch.Tensor, list]]:
     """Each denoiser call's output and merge plans."""
-    calls = []
-
-    def record(module, args, kwargs, output) -> None:  # after imptome's own hook
-        calls.append((output[0], imptome.merge_plan(module)))
-
-    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
-    try:
-        pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance_scale, pag_scale=3.0,
-             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
-    finally:
-        handle.remove()
-    return calls
+    return outputs_and_plans(
+        pipe.unet,
+        lambda: pipe(
+            PROMPTS,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            pag_scale=3.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ),
+    )
 
 
 def test_pag_with_cfg_takes_importance_from_the_cond_and_uncond_copies():

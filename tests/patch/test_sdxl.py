@@ -10,7 +10,7 @@ import torch
 
 import imptome
 from tests.factories import tiny_sdxl_pipeline
-from tests.patch.probes import token_shapes
+from tests.patch.probes import outputs_and_plans, token_shapes
 
 
 def test_default_merges_self_attention_at_the_finest_attention_level_only():
@@ -47,21 +47,21 @@ def test_modular_pipeline_with_split_cfg_gets_importance():
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(**{name: part for name, part in classic.components.items() if part is not None})
     imptome.apply_patch(pipe, ratio=0.5)  # a modular pipeline holds its UNet as `unet` too
-    outputs, plans = [], []
-
-    def record(module, args, kwargs, output) -> None:  # runs after imptome's own hook
-        outputs.append(output[0])  # return_dict=False
-        plans.append(imptome.merge_plan(module))
-
-    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
     steps = 4
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="imptome")
-            pipe(prompt="a red circle", num_inference_steps=steps, height=128, width=128,
-                 generator=torch.Generator().manual_seed(0), output="latents")  # fmt: skip
-    finally:
-        handle.remove()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        calls = outputs_and_plans(
+            pipe.unet,
+            lambda: pipe(
+                prompt="a red circle",
+                num_inference_steps=steps,
+                height=128,
+                width=128,
+                generator=torch.Generator().manual_seed(0),
+                output="latents",
+            ),
+        )
+    outputs, plans = [output for output, _ in calls], [plan for _, plan in calls]
     assert len(outputs) == 2 * steps  # two passes per step
     for first, second in zip(plans[::2], plans[1::2], strict=True):
         (first,), (second,) = first, second

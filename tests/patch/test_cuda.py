@@ -1,6 +1,6 @@
 """Checks that need a CUDA device (skipped elsewhere; scripts/gpu_bench.sh runs them on a lent GPU):
 no host synchronisation in the per-layer path, model CPU offload to a real GPU, fp16, torch.compile with
-Inductor."""
+Inductor, CUDA graphs (with the CFG batch and with split CFG)."""
 
 from __future__ import annotations
 
@@ -199,5 +199,56 @@ def test_cuda_graphs_replay_without_re_recording(full_float32):
     assert skipped == 0, "Inductor ran a graph without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     assert re_recorded == 0, f"{re_recorded} CUDA graph re-recordings"
     assert all(torch.isfinite(output).all() for output in compiled)
+    for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"
+
+
+def split_cfg_calls(unet, maps: list[torch.Tensor] | None = None):
+    """Outputs and plans of one generation with guidance as two calls per step (diffusers' guiders), and
+    the map each pair left. `maps` (one per step) replaces the map each pair left for the next step, as in
+    `denoiser_calls`."""
+    state = _state(unet)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).cuda()
+    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator).cuda()
+    outputs, plans, left = [], [], []
+    with torch.inference_mode():
+        for step, timestep in enumerate(TIMESTEPS):
+            if maps is not None and step > 0:
+                state.importance = maps[step - 1]
+            for text in (cond, uncond):
+                output = unet(latent, timestep, encoder_hidden_states=text).sample
+                outputs.append(output.to(torch.float32, copy=True))
+                (record,) = imptome.merge_plan(unet)
+                plans.append((record.roles, record.source))
+            left.append(imptome.importance_map(unet))
+    return outputs, plans, left
+
+
+def test_cuda_graphs_with_split_cfg(full_float32):
+    """Split CFG under CUDA graphs: the patch keeps the first pass's output (graph memory) and makes the
+    map from it after the second pass has run. The map must be |first - second| of the outputs the model
+    returned, the plans must equal eager mode's, and no CUDA graph is re-recorded or skipped."""
+    unet = tiny_sd_unet(layers_per_block=1).cuda()
+    imptome.apply_patch(unet, ratio=0.7)
+    _, eager_plans, eager_maps = split_cfg_calls(unet)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled_unet = torch.compile(unet, mode="reduce-overhead")
+        outputs, plans, maps = split_cfg_calls(compiled_unet, eager_maps)
+        split_cfg_calls(compiled_unet)  # a second generation
+        manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        assert manager is not None, "no CUDA graph was made"
+        re_recorded = sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
+        skipped = counters["inductor"]["cudagraph_skips"]
+    finally:
+        torch._dynamo.reset()
+    assert skipped == 0, "Inductor ran a graph without CUDA graphs (TORCH_LOGS=perf_hints says why)"
+    assert re_recorded == 0, f"{re_recorded} CUDA graph re-recordings"
+    for step, made in enumerate(maps):
+        first, second = outputs[2 * step], outputs[2 * step + 1]
+        expected = (first - second).abs().mean(dim=1)
+        torch.testing.assert_close(made.float(), expected, msg=lambda m, s=step: f"step {s}: {m}")
     for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import imptome
 import imptome.generate as generate
 from imptome.cli import CliError, main
 from imptome.generate import WorkItem, pending_items, read_metadata, save_image, work_items
@@ -171,6 +172,43 @@ def test_set_options_change_the_images_are_recorded_and_must_match_on_resume(
         "imptome: error: block_range=(7, 21) selects blocks of transformer"
     )
     assert "Traceback" not in error
+
+
+def test_compile_option_compiles_the_patched_denoiser_and_is_recorded(
+    tmp_path, model_dir, prompts_file, one_thread, capsys, monkeypatch
+):
+    """`--compile MODE` hands the patched UNet to torch.compile in that mode (here with Dynamo's eager
+    backend, which computes exactly what eager mode does: Inductor's own checks are in tests/patch); the
+    images equal an uncompiled run's and resume into its folder."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, *, mode=None):
+        compiled.append((type(model).__name__, imptome.is_patched(model), mode))
+        return real_compile(model, backend="eager")
+
+    def run(out: str, *options: str) -> int:
+        arguments = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), *FAST]
+        return main([*arguments, "--out", str(tmp_path / out), "--ratio", "0.7", *options])
+
+    assert run("plain") == 0
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    try:
+        assert run("compiled", "--compile", "reduce-overhead") == 0
+    finally:
+        torch._dynamo.reset()
+    assert compiled == [("UNet2DConditionModel", True, "reduce-overhead")]
+    for path in sorted((tmp_path / "plain").glob("*.png")):  # same pixels (the PNGs' metadata differs)
+        with Image.open(path) as plain, Image.open(tmp_path / "compiled" / path.name) as other:
+            assert plain.tobytes() == other.tobytes(), path.name
+    assert read_metadata(tmp_path / "compiled/00000_0.png")["compile"] == "reduce-overhead"
+    assert read_metadata(tmp_path / "plain/00000_0.png")["compile"] is None
+    capsys.readouterr()
+    try:
+        assert run("plain", "--compile", "default") == 0  # compiling is not part of what an image is
+    finally:
+        torch._dynamo.reset()
+    assert "wrote 0 image(s)" in capsys.readouterr().out
 
 
 def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):

@@ -27,7 +27,8 @@ from imptome.patch.state import PlanRecord
 # 0.6.1: the importance map and the call's key stay at one address (CUDA graphs re-recorded the model every
 # step); importance_map() returns a copy; a generation outside torch.inference_mode after one inside it no
 # longer fails. Images do not change.
-__version__ = "0.6.1"
+# 0.6.2: `imptome generate --compile MODE`. Images do not change.
+__version__ = "0.6.2"
 
 __all__ = [
     "PRESETS",

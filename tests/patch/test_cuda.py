@@ -176,20 +176,16 @@ def test_inductor_compile_matches_eager_without_recompiling(method, full_float32
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=lambda m, c=call: f"call {c}: {m}")
 
 
-def test_cuda_graphs_replay_without_re_recording(full_float32):
-    """torch.compile(mode="reduce-overhead"): CUDA graphs replay in every call of two generations, none is
-    re-recorded (imptome 0.6.0 made them re-record every call by replacing its importance map, a static
-    input of the graph: 2.6x slower than the compiled unmerged SD2 step on an H100), and the plans equal
-    eager mode's."""
-    unet = tiny_sd_unet().cuda()
-    imptome.apply_patch(unet, ratio=0.7)
-    _, eager_plans, eager_maps = denoiser_calls(unet)
+def under_cuda_graphs(unet, generation, maps: list[torch.Tensor]):
+    """`generation(model, maps)` through torch.compile(unet, mode="reduce-overhead"), then a second generation
+    with the model's own maps; checks that Inductor ran every graph as a CUDA graph and re-recorded none.
+    Returns the first generation's results."""
     torch._dynamo.reset()
     counters.clear()
     try:
         compiled_unet = torch.compile(unet, mode="reduce-overhead")
-        compiled, plans, _ = denoiser_calls(compiled_unet, eager_maps)
-        denoiser_calls(compiled_unet)  # a second generation
+        results = generation(compiled_unet, maps)
+        generation(compiled_unet)
         manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         assert manager is not None, "no CUDA graph was made"
         re_recorded = sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
@@ -198,6 +194,18 @@ def test_cuda_graphs_replay_without_re_recording(full_float32):
         torch._dynamo.reset()
     assert skipped == 0, "Inductor ran a graph without CUDA graphs (TORCH_LOGS=perf_hints says why)"
     assert re_recorded == 0, f"{re_recorded} CUDA graph re-recordings"
+    return results
+
+
+def test_cuda_graphs_replay_without_re_recording(full_float32):
+    """torch.compile(mode="reduce-overhead"): CUDA graphs replay in every call of two generations, none is
+    re-recorded (imptome 0.6.0 made them re-record every call by replacing its importance map, a static
+    input of the graph: 2.6x slower than the compiled unmerged SD2 step on an H100), and the plans equal
+    eager mode's."""
+    unet = tiny_sd_unet().cuda()
+    imptome.apply_patch(unet, ratio=0.7)
+    _, eager_plans, eager_maps = denoiser_calls(unet)
+    compiled, plans, _ = under_cuda_graphs(unet, denoiser_calls, eager_maps)
     assert all(torch.isfinite(output).all() for output in compiled)
     for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"
@@ -232,20 +240,7 @@ def test_cuda_graphs_with_split_cfg(full_float32):
     unet = tiny_sd_unet(layers_per_block=1).cuda()
     imptome.apply_patch(unet, ratio=0.7)
     _, eager_plans, eager_maps = split_cfg_calls(unet)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compiled_unet = torch.compile(unet, mode="reduce-overhead")
-        outputs, plans, maps = split_cfg_calls(compiled_unet, eager_maps)
-        split_cfg_calls(compiled_unet)  # a second generation
-        manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
-        assert manager is not None, "no CUDA graph was made"
-        re_recorded = sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
-        skipped = counters["inductor"]["cudagraph_skips"]
-    finally:
-        torch._dynamo.reset()
-    assert skipped == 0, "Inductor ran a graph without CUDA graphs (TORCH_LOGS=perf_hints says why)"
-    assert re_recorded == 0, f"{re_recorded} CUDA graph re-recordings"
+    outputs, plans, maps = under_cuda_graphs(unet, split_cfg_calls, eager_maps)
     for step, made in enumerate(maps):
         first, second = outputs[2 * step], outputs[2 * step + 1]
         expected = (first - second).abs().mean(dim=1)

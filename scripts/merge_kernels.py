@@ -185,8 +185,8 @@ def main() -> None:
             shown = "-" if error is None else f"{error:.2e}"
             print(f"| {label} | {ms * 1e3:.1f} | {row['gb_per_s']:.0f} | {shown} |")
             results.append(row)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": results}, indent=1) + "\n")
+        if args.json:  # after every case, so a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,28 @@ def test_compile_option_compiles_the_patched_denoiser_and_is_recorded(
     assert "wrote 0 image(s)" in capsys.readouterr().out
 
 
+def test_a_failing_compiler_is_one_clear_error(tmp_path, model_dir, prompts_file, capsys, monkeypatch):
+    real_compile = torch.compile
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=no_compiler))
+    arguments = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), *FAST]
+    try:
+        assert main([*arguments, "--out", str(tmp_path / "out"), "--compile", "default"]) == 2
+    finally:
+        torch._dynamo.reset()
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        "imptome: error: torch.compile (--compile default) failed: RuntimeError: no C++ compiler found. Run "
+        "without --compile, or fix the compiler set-up (Inductor needs a C++ compiler on the CPU and Triton "
+        "on a GPU)."
+    )
+    assert list((tmp_path / "out").glob("*.png")) == []
+
+
 def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_arguments(tmp_path):
     items = work_items(["a red cat", "a blue dog", "a green tree"], range(7, 8))
     settings = {"model": "/m", "weights": "sha256:aa", "method": "importance", "ratio": 0.5, "steps": 2}

@@ -304,14 +304,22 @@ def _generate(
     written = 0
     with tqdm(total=total, desc=label, unit="image", position=state.process_index) as progress:
         for batch in batches:
-            images = pipe(
-                [item.prompt for item in batch],
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.height,
-                width=args.width,
-                generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
-            ).images
+            try:
+                images = pipe(
+                    [item.prompt for item in batch],
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance,
+                    height=args.height,
+                    width=args.width,
+                    generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+                ).images
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # only with --compile
+                cause = error.inner_exception
+                raise CliError(
+                    f"torch.compile (--compile {args.compile}) failed: {type(cause).__name__}: {cause}. "
+                    "Run without --compile, or fix the compiler set-up (Inductor needs a C++ compiler on "
+                    "the CPU and Triton on a GPU)."
+                ) from None
             for item, image in zip(batch, images, strict=True):
                 if item not in pending:  # a batch is generated whole; its images already done stay untouched
                     continue

@@ -21,8 +21,9 @@
 #   more      SDXL and the 512 px cases
 #   video     Stable Video Diffusion's UNet, 14 frames at 768 px square (SVD's native 9216 tokens a frame)
 #   sd3       SD3 Medium's transformer at 1024 px (joint attention over 4096 image and 333 text tokens)
-#   merge     ways to compute the merge (embedding_bag as shipped, index_add, segment_reduce, sparse CSR,
-#             compiled), timed alone at the SD2, PixArt and SD3 1024 px shapes (scripts/merge_kernels.py)
+#   merge     ways to compute the merge (embedding_bag as shipped, index_add, segment_reduce, sparse CSR, a
+#             Triton kernel, compiled), timed alone at the SD2, PixArt and SD3 1024 px shapes
+#             (scripts/merge_kernels.py, at most 3 minutes)
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail

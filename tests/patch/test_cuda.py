@@ -112,28 +112,32 @@ def test_fp16_pipeline_on_the_gpu():
 TIMESTEPS = (900, 800, 700, 600, 500, 400)  # one generation: random cells, pruning, then merging
 
 
-def denoiser_calls(unet, maps: list[torch.Tensor] | None = None):
-    """Outputs, plans (roles, sources) and importance maps of one generation's CFG calls on fixed inputs.
+def denoiser_calls(unet, maps: list[torch.Tensor] | None = None, split_cfg: bool = False):
+    """Outputs, plans (roles, sources) and importance maps of one generation's guided calls on fixed inputs:
+    one call per step on the CFG batch, or with `split_cfg` two (conditional, then unconditional, as
+    diffusers' guiders call the model). Outputs and plans are per call, maps per step.
 
     The latents are not updated between calls, so a small numerical difference is not amplified by the
-    sampler. `maps` (one per call) replaces the map each call left for the next one, so that two runs rank
+    sampler. `maps` (one per step) replaces the map each step left for the next one, so that two runs rank
     tokens from the same importance: the CFG difference of a random model is small, and Inductor's rounding
     alone reorders about a seventh of its tokens (measured on the CPU).
     """
     state = _state(unet)
     generator = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1).cuda()
+    latent = torch.randn(1, 4, 16, 16, generator=generator).cuda()
     text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator).cuda()
+    batches = [(latent, text[:1]), (latent, text[1:])] if split_cfg else [(latent.repeat(2, 1, 1, 1), text)]
     outputs, plans, left = [], [], []
     with torch.inference_mode():
-        for call, timestep in enumerate(TIMESTEPS):
-            if maps is not None and call > 0:
-                state.importance = maps[call - 1]
-            output = unet(latent, timestep, encoder_hidden_states=text).sample
-            # a copy: with CUDA graphs the output is the graph's memory, overwritten by its next replay
-            outputs.append(output.to(torch.float32, copy=True))
-            (record,) = imptome.merge_plan(unet)
-            plans.append((record.roles, record.source))
+        for step, timestep in enumerate(TIMESTEPS):
+            if maps is not None and step > 0:
+                state.importance = maps[step - 1]
+            for sample, hidden in batches:
+                output = unet(sample, timestep, encoder_hidden_states=hidden).sample
+                # a copy: with CUDA graphs the output is the graph's memory, overwritten by its next replay
+                outputs.append(output.to(torch.float32, copy=True))
+                (record,) = imptome.merge_plan(unet)
+                plans.append((record.roles, record.source))
             left.append(imptome.importance_map(unet))  # a copy: the patch overwrites its map
     return outputs, plans, left
 
@@ -176,16 +180,16 @@ def test_inductor_compile_matches_eager_without_recompiling(method, full_float32
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=lambda m, c=call: f"call {c}: {m}")
 
 
-def under_cuda_graphs(unet, generation, maps: list[torch.Tensor]):
-    """`generation(model, maps)` through torch.compile(unet, mode="reduce-overhead"), then a second generation
-    with the model's own maps; checks that Inductor ran every graph as a CUDA graph and re-recorded none.
-    Returns the first generation's results."""
+def under_cuda_graphs(unet, maps: list[torch.Tensor], split_cfg: bool = False):
+    """`denoiser_calls` through torch.compile(unet, mode="reduce-overhead") with the given maps, then a second
+    generation with the model's own maps; checks that Inductor ran every graph as a CUDA graph and re-recorded
+    none. Returns the first generation's results."""
     torch._dynamo.reset()
     counters.clear()
     try:
         compiled_unet = torch.compile(unet, mode="reduce-overhead")
-        results = generation(compiled_unet, maps)
-        generation(compiled_unet)
+        results = denoiser_calls(compiled_unet, maps, split_cfg)
+        denoiser_calls(compiled_unet, split_cfg=split_cfg)
         manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
         assert manager is not None, "no CUDA graph was made"
         re_recorded = sum(count for per_node in manager.num_rerecord.values() for count in per_node.values())
@@ -205,32 +209,10 @@ def test_cuda_graphs_replay_without_re_recording(full_float32):
     unet = tiny_sd_unet().cuda()
     imptome.apply_patch(unet, ratio=0.7)
     _, eager_plans, eager_maps = denoiser_calls(unet)
-    compiled, plans, _ = under_cuda_graphs(unet, denoiser_calls, eager_maps)
+    compiled, plans, _ = under_cuda_graphs(unet, eager_maps)
     assert all(torch.isfinite(output).all() for output in compiled)
     for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"
-
-
-def split_cfg_calls(unet, maps: list[torch.Tensor] | None = None):
-    """Outputs and plans of one generation with guidance as two calls per step (diffusers' guiders), and
-    the map each pair left. `maps` (one per step) replaces the map each pair left for the next step, as in
-    `denoiser_calls`."""
-    state = _state(unet)
-    generator = torch.Generator().manual_seed(0)
-    latent = torch.randn(1, 4, 16, 16, generator=generator).cuda()
-    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator).cuda()
-    outputs, plans, left = [], [], []
-    with torch.inference_mode():
-        for step, timestep in enumerate(TIMESTEPS):
-            if maps is not None and step > 0:
-                state.importance = maps[step - 1]
-            for text in (cond, uncond):
-                output = unet(latent, timestep, encoder_hidden_states=text).sample
-                outputs.append(output.to(torch.float32, copy=True))
-                (record,) = imptome.merge_plan(unet)
-                plans.append((record.roles, record.source))
-            left.append(imptome.importance_map(unet))
-    return outputs, plans, left
 
 
 def test_cuda_graphs_with_split_cfg(full_float32):
@@ -239,8 +221,8 @@ def test_cuda_graphs_with_split_cfg(full_float32):
     returned, the plans must equal eager mode's, and no CUDA graph is re-recorded or skipped."""
     unet = tiny_sd_unet(layers_per_block=1).cuda()
     imptome.apply_patch(unet, ratio=0.7)
-    _, eager_plans, eager_maps = split_cfg_calls(unet)
-    outputs, plans, maps = under_cuda_graphs(unet, split_cfg_calls, eager_maps)
+    _, eager_plans, eager_maps = denoiser_calls(unet, split_cfg=True)
+    outputs, plans, maps = under_cuda_graphs(unet, eager_maps, split_cfg=True)
     for step, made in enumerate(maps):
         first, second = outputs[2 * step], outputs[2 * step + 1]
         expected = (first - second).abs().mean(dim=1)

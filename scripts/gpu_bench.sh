@@ -48,7 +48,8 @@ mkdir -p /tmp/md
 stage_tests() {
     # 9 tests; on an H100 the first 8 took 209 s with 0.6.1; the 9th (split CFG under CUDA graphs)
     # compiles a tiny UNet once more
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py
+    # TESTS_K: a pytest -k expression to run some of them
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py ${TESTS_K:+-k "$TESTS_K"}
 }
 stage_targets() {  # 7 alternating rounds
     timeout 200 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --variants none tome importance tomesd \

@@ -28,7 +28,10 @@ from imptome.patch.state import PlanRecord
 # step); importance_map() returns a copy; a generation outside torch.inference_mode after one inside it no
 # longer fails. Images do not change.
 # 0.6.2: `imptome generate --compile MODE`. Images do not change.
-__version__ = "0.6.2"
+# 0.6.3: split CFG under CUDA graphs: the second pass of a pair copies the first pass's plans and output
+# (graph memory its own replay overwrote: torch.compile(mode="reduce-overhead") failed on it). Images do not
+# change.
+__version__ = "0.6.3"
 
 __all__ = [
     "PRESETS",

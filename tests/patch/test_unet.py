@@ -518,6 +518,55 @@ def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
     assert imptome.importance_map(unet) is None
 
 
+def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
+    """Under CUDA graphs (torch.compile(mode="reduce-overhead")) the second pass of a split-CFG pair replays
+    into the memory of the first pass's output and of the plans built in it. Simulated by overwriting both
+    as the second pass's first layer starts: the pair must give the same outputs and plan records as
+    without the overwrite, and the map must be |first - second| of the outputs as they were returned."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5)
+    state = _state(unet)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(1, 4, 16, 16, generator=generator)
+    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
+
+    def pairs(overwrite: bool) -> list[torch.Tensor]:
+        results, latent = [], start
+        for t in (900, 700, 500, 300):
+            first = unet(latent, t, encoder_hidden_states=cond).sample
+            returned = first.clone()
+            first_plans = list(state.plans.values())
+
+            def reuse_memory(*_, first=first, first_plans=first_plans):
+                first.fill_(float("nan"))
+                for built in first_plans:
+                    plan = built.plan
+                    for tensor in (plan.kept_idx, plan.slot, plan.flat_slot, plan.flat_kept, plan.bag_order):
+                        if tensor is not None:  # bag_order: None while the warm-up prunes
+                            tensor.zero_()
+                    if built.importance is not None:
+                        built.importance.fill_(float("nan"))
+
+            handle = unet.conv_in.register_forward_pre_hook(reuse_memory) if overwrite else None
+            second = unet(latent, t, encoder_hidden_states=uncond).sample
+            if handle is not None:
+                handle.remove()
+            expected_map = (returned - second).abs().mean(dim=1)
+            torch.testing.assert_close(imptome.importance_map(unet), expected_map)
+            (record,) = imptome.merge_plan(unet)
+            results += [returned, second.clone(), record.roles, record.source]
+            if record.importance is not None:
+                results.append(record.importance)
+            latent = latent - 0.1 * (second + 3 * (returned - second))
+        return results
+
+    with torch.inference_mode():
+        clean = pairs(overwrite=False)
+        reused = pairs(overwrite=True)
+    for call, (got, want) in enumerate(zip(reused, clean, strict=True)):
+        assert torch.equal(got, want), f"call {call}"
+
+
 def _variant_pipeline(sd, variant: str):
     """The tiny SD pipeline's parts as another pipeline of the SD family, with its call arguments."""
     from diffusers import (

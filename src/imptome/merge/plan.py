@@ -6,7 +6,7 @@ a sample share one plan), N tokens, D destinations, R removed tokens, K = N - R 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,11 @@ class MergePlan:
         roles = torch.full((units, num_tokens), MERGED, dtype=torch.int8, device=self.kept_idx.device)
         roles.scatter_(1, self.kept_idx[:, : self.num_dst], DESTINATION)
         return roles.scatter_(1, self.kept_idx[:, self.num_dst :], INDEPENDENT)
+
+    def clone(self) -> MergePlan:
+        """The same plan in new memory (e.g. to keep it past a CUDA graph replay that reuses its memory)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning)."""

@@ -86,6 +86,10 @@ class _Built:
     layer: str
     importance: torch.Tensor | None
 
+    def clone(self) -> _Built:
+        importance = None if self.importance is None else self.importance.clone()
+        return _Built(self.plan.clone(), self.layer, importance)
+
 
 @dataclass
 class PatchState:
@@ -201,7 +205,13 @@ class PatchState:
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         self.rows = sample.shape[0] * self.info.frames(sample)
         self.enter_step(self.step)
-        if not self.paired:  # the second pass of a pair keeps the first pass's draws and plans
+        if self.paired:  # the second pass of a pair keeps the first pass's draws and plans
+            # Copies of the first pass's plans and output: under CUDA graphs they are graph memory that this
+            # call's replay overwrites (torch.compile(mode="reduce-overhead") starts a new generation of its
+            # graphs at every call in inference), and the plans are read and the map made after it.
+            self.plans = {key: built.clone() for key, built in self.plans.items()}
+            self.last_output = self.last_output.clone()
+        else:
             self.calls = 0 if new_generation else self.calls + 1
             self._set_call_key(sample.device)
             self.plans = {}

@@ -13,8 +13,10 @@ much of that work, which is what this measures.
 
 Each round also times --back-to-back compiled calls with one synchronisation at the end (the time per
 call), as a pipeline runs its steps: the host may then run ahead of the GPU, except where it has to wait
-for it. imptome's denoiser hook waits once per call (it reads the timestep and compares the CFG halves on
-the host), the unmerged model does not; what that wait costs shows here and not in the synchronised calls.
+for it. Up to imptome 0.6.3 the denoiser hook waited in every call (it read the timestep and compared the
+CFG halves on the host), since 0.6.4 only in a generation's first two; what such a wait costs shows here
+and not in the synchronised calls. The inputs are made outside torch.inference_mode, as a pipeline's are,
+so the timestep has a version counter and is read from a host copy.
 """
 
 from __future__ import annotations

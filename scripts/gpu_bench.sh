@@ -46,8 +46,7 @@ bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention 
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
 stage_tests() {
-    # 9 tests; on an H100 the first 8 took 209 s with 0.6.1; the 9th (split CFG under CUDA graphs)
-    # compiles a tiny UNet once more
+    # 10 tests; on an H100 the first 9 took 243 s with 0.6.2 (the two CUDA-graph tests alone 220 s)
     # TESTS_K: a pytest -k expression to run some of them
     timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py ${TESTS_K:+-k "$TESTS_K"}
 }

@@ -31,7 +31,10 @@ from imptome.patch.state import PlanRecord
 # 0.6.3: split CFG under CUDA graphs: the second pass of a pair copies the first pass's plans and output
 # (graph memory its own replay overwrote: torch.compile(mode="reduce-overhead") failed on it). Images do not
 # change.
-__version__ = "0.6.3"
+# 0.6.4: the denoiser hook waits for the GPU only in the first two calls of a generation: the timestep is
+# read from a host copy of the scheduler's timesteps, and the CFG layout of a batch shape is kept once two
+# calls in a row agree on it. Images do not change.
+__version__ = "0.6.4"
 
 __all__ = [
     "PRESETS",

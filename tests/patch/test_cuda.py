@@ -1,6 +1,7 @@
 """Checks that need a CUDA device (skipped elsewhere; scripts/gpu_bench.sh runs them on a lent GPU):
-no host synchronisation in the per-layer path, model CPU offload to a real GPU, fp16, torch.compile with
-Inductor, CUDA graphs (with the CFG batch and with split CFG)."""
+no host synchronisation in the per-layer path nor, after a generation's first two calls, per call; model
+CPU offload to a real GPU, fp16, torch.compile with Inductor, CUDA graphs (with the CFG batch and with
+split CFG)."""
 
 from __future__ import annotations
 
@@ -32,11 +33,16 @@ def generate(pipe, steps: int = 4, **kwargs) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def sync_is_an_error(owner: type, name: str):
-    """Make any host-device synchronisation inside `owner.name` raise."""
+def sync_is_an_error(owner: type, name: str, after_calls: int = 0):
+    """Make any host-device synchronisation inside `owner.name` raise, after its first `after_calls` calls."""
     original = getattr(owner, name)
+    calls = 0
 
     def strict(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls <= after_calls:
+            return original(*args, **kwargs)
         torch.cuda.set_sync_debug_mode("error")
         try:
             return original(*args, **kwargs)
@@ -52,8 +58,7 @@ def sync_is_an_error(owner: type, name: str):
 
 @pytest.mark.parametrize("plan_scope", ["step", "layer"])
 def test_no_host_sync_in_the_per_layer_path(plan_scope):
-    """Planning, merge, unmerge and the importance map never wait for the GPU (begin_call reads the timestep
-    and compares the CFG halves once per denoiser call; that is allowed)."""
+    """Planning, merge, unmerge and the importance map never wait for the GPU (begin_call: the next test)."""
     pipe = tiny_sd_pipeline().to("cuda")
     imptome.apply_patch(pipe, ratio=0.7, plan_scope=plan_scope)
     with contextlib.ExitStack() as stack:
@@ -62,6 +67,19 @@ def test_no_host_sync_in_the_per_layer_path(plan_scope):
         stack.enter_context(sync_is_an_error(MergePlan, "unmerge"))
         generate(pipe, steps=4)  # steps 0-1 random cells and pruning, 2-3 importance merging
     assert not imptome.merge_plan(pipe)[0].pruned
+
+
+def test_no_host_sync_per_call_after_a_generations_first_two():
+    """From the third call of a generation begin_call does not wait for the GPU: the timestep (a view of
+    the scheduler's timesteps on the GPU) is read from a host copy, and the CFG layout found by the first two
+    calls is kept. The pipeline runs under no_grad, as diffusers' pipelines do (not inference_mode, whose
+    tensors have no version counter)."""
+    pipe = tiny_sd_pipeline().to("cuda")
+    imptome.apply_patch(pipe, ratio=0.7)
+    for _ in range(2):  # a second generation: a new schedule is copied again, its first two calls compare
+        with sync_is_an_error(PatchState, "begin_call", after_calls=2):
+            generate(pipe, steps=5)
+    assert _state(pipe.unet).copies == 2 and not imptome.merge_plan(pipe)[0].pruned
 
 
 @contextlib.contextmanager

@@ -567,6 +567,47 @@ def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
         assert torch.equal(got, want), f"call {call}"
 
 
+def test_cfg_layout_is_compared_until_two_calls_agree(sd, monkeypatch):
+    """Comparing the CFG halves waits for the GPU, so each input shape's layout is compared only until two
+    calls in a row agree, then kept for the generation: 2 comparisons for a CFG generation, 2 more after a
+    CFG cut-off (a new batch shape), and 3 for two images without CFG that start from equal noise (taken
+    for a CFG batch at their first step, as always, and told apart from their second)."""
+    imptome.apply_patch(sd, ratio=0.5)
+    state = _state(sd.unet)
+    compared = []
+    compare = type(state)._compare_chunks
+    monkeypatch.setattr(
+        type(state),
+        "_compare_chunks",
+        lambda self, sample: compared.append(sample.shape[0]) or compare(self, sample),
+    )
+    generate(sd, steps=5)
+    assert compared == [2, 2] and state.copies == 2
+
+    def cut_cfg_after_step_2(pipe, step, timestep, callback_kwargs):
+        if step == 2:
+            pipe._guidance_scale = 0.0
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[1]
+        return callback_kwargs
+
+    compared.clear()
+    with pytest.warns(UserWarning, match="no classifier-free guidance"):
+        generate(
+            sd,
+            steps=6,
+            callback_on_step_end=cut_cfg_after_step_2,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
+    assert compared == [2, 2, 1, 1] and state.copies == 1
+
+    compared.clear()
+    same_noise = [torch.Generator().manual_seed(0) for _ in range(2)]
+    prompts = ["a red circle", "a blue square"]
+    sd(prompts, num_inference_steps=5, guidance_scale=1.0, generator=same_noise, output_type="latent")
+    assert compared == [2, 2, 2]
+    assert state.layouts[torch.Size([2, 4, 16, 16])] == ((1, 0, None), True)
+
+
 def _variant_pipeline(sd, variant: str):
     """The tiny SD pipeline's parts as another pipeline of the SD family, with its call arguments."""
     from diffusers import (

@@ -23,6 +23,7 @@ from imptome.merge import (
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import DenoiserInfo, check_no_output_cache, perturbed_attention_layout
+from imptome.patch.timestep import TimestepReader
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
@@ -109,6 +110,10 @@ class PatchState:
     copies: int = 1
     cond_copy: int = 0
     uncond_copy: int | None = None
+    # The layout (copies, cond_copy, uncond_copy) found for each input shape this generation, and whether two
+    # calls in a row found it (then it is kept without comparing again; see _detect_copies).
+    layouts: dict[torch.Size, tuple[tuple[int, int, int | None], bool]] = field(default_factory=dict)
+    read_timestep: TimestepReader = field(default_factory=TimestepReader)
     perturbed_attention: str | None = None  # PAG's layout this generation: perturbed_attention_layout
     attention_modules: list[nn.Module] = field(default_factory=list)  # every attention of the denoiser
     importance_buffer: torch.Tensor | None = None  # holds `importance` at one address (see _reusable)
@@ -174,7 +179,7 @@ class PatchState:
         map of its step's CFG batch or split-CFG pair when one came before it, else as `config.fallback`
         says; it neither produces nor clears the map, so a later guided call of the generation can use it.
         """
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        t = self.read_timestep(timestep)
         same_timestep = t == self.last_timestep
         self.paired = same_timestep and self._pairs_with_last_call(sample)
         repeated_start = (
@@ -189,6 +194,7 @@ class PatchState:
             self.last_plans = []
             self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
+            self.layouts = {}
         else:
             new_generation = False
             if t < self.last_timestep:
@@ -245,20 +251,35 @@ class PatchState:
     def _detect_copies(self, sample: torch.Tensor) -> None:
         """Set copies / cond_copy / uncond_copy from the batch: chunks with equal noisy latents are copies of
         one image (their conditioning channels may differ: Stable Video Diffusion's unconditional copy has
-        zeros for the image latents)."""
+        zeros for the image latents).
+
+        Comparing the chunks waits for the GPU, which keeps the host from queueing the next call early (under
+        CUDA graphs on an H100, 0.6.3's waits in every call, this one and reading the timestep, cost SD2 at
+        1024 px about 1 ms a step). So the chunks are compared only
+        until two calls in a row of the same input shape find the same layout, normally the generation's
+        first two; that layout is then kept for the rest of the generation. A CFG batch repeats every image in
+        every call, and images without CFG that start from equal noise part after their first step, once
+        their different conditioning has acted (with equal conditioning they stay equal, and comparing would
+        keep finding copies too). A change of batch shape (a CFG cut-off, another pass) is compared anew."""
+        known = self.layouts.get(sample.shape)
+        if known is not None and known[1]:
+            self.copies, self.cond_copy, self.uncond_copy = known[0]
+            return
+        layout = self._compare_chunks(sample)
+        self.layouts[sample.shape] = (layout, known is not None and known[0] == layout)
+        self.copies, self.cond_copy, self.uncond_copy = layout
+
+    def _compare_chunks(self, sample: torch.Tensor) -> tuple[int, int, int | None]:
         copies = 3 if self.perturbed_attention == "cfg" else 2
         chunks = self.info.latents(sample).chunk(copies) if sample.shape[0] % copies == 0 else ()
-        if len(chunks) == copies and all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
-            self.copies = copies
-            if self.perturbed_attention == "cfg":
-                self.cond_copy, self.uncond_copy = 1, 0
-            elif self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
-                self.cond_copy, self.uncond_copy = 0, None
-            else:
-                self.cond_copy = 0 if self.cond_first else 1
-                self.uncond_copy = 1 - self.cond_copy
-        else:
-            self.copies, self.cond_copy, self.uncond_copy = 1, 0, None
+        if len(chunks) < copies or not all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
+            return 1, 0, None
+        if self.perturbed_attention == "cfg":
+            return copies, 1, 0
+        if self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
+            return copies, 0, None
+        cond_copy = 0 if self.cond_first else 1
+        return copies, cond_copy, 1 - cond_copy
 
     def enter_step(self, step: int) -> None:
         """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""

@@ -1,0 +1,55 @@
+"""The host copy of a pipeline's timesteps (imptome.patch.timestep), on CPU tensors treated as if they were
+on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imptome.patch.timestep import TimestepReader
+
+
+@pytest.fixture
+def reader(monkeypatch):
+    """A reader that copies CPU tensors too, counting its copies."""
+    reader = TimestepReader(read_directly=())
+    copy = reader._copy
+    reader.copies = 0
+
+    def counted(timestep):
+        reader.copies += 1
+        return copy(timestep)
+
+    monkeypatch.setattr(reader, "_copy", counted)
+    return reader
+
+
+def test_views_of_one_schedule_are_read_from_one_copy(reader):
+    timesteps = torch.tensor([999, 750, 500, 250, 1])
+    assert [reader(t) for t in timesteps] == [999.0, 750.0, 500.0, 250.0, 1.0]
+    expanded = [reader(t[None].expand(2)) for t in timesteps]  # PixArt's and SD3's timestep [batch]
+    assert expanded == [999.0, 750.0, 500.0, 250.0, 1.0]
+    assert reader.copies == 1
+
+
+def test_a_write_or_a_new_schedule_is_read_again(reader):
+    timesteps = torch.tensor([999.0, 500.0, 1.0])
+    assert reader(timesteps[1]) == 500.0
+    timesteps[1] = 400.0  # in place: the version counter moves
+    assert reader(timesteps[1]) == 400.0
+    timesteps.mul_(2)  # through the base: its views share the counter
+    assert reader(timesteps[2]) == 2.0
+    assert reader(torch.tensor([999.0, 500.0, 1.0])[1]) == 500.0  # a new schedule
+    assert reader.copies == 4
+    assert reader(timesteps[0]) == 1998.0  # and back: the first schedule is copied again
+    assert reader.copies == 5
+
+
+def test_inference_tensors_numbers_and_large_storages_are_read_directly(reader):
+    with torch.inference_mode():
+        timesteps = torch.tensor([999, 500])
+    assert reader(timesteps[1]) == 500.0
+    assert reader(42) == 42.0
+    large = torch.arange(10_000.0)
+    assert reader(large[7]) == 7.0
+    assert reader.copies == 1  # tried for the large storage, refused

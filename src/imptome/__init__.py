@@ -33,7 +33,9 @@ from imptome.patch.state import PlanRecord
 # change.
 # 0.6.4: the denoiser hook waits for the GPU only in the first two calls of a generation: the timestep is
 # read from a host copy of the scheduler's timesteps, and the CFG layout of a batch shape is kept once two
-# calls in a row agree on it. Images do not change.
+# calls in a row agree on it; the second pass of split CFG on the same latent tensor is found without
+# comparing values, and a latent tensor written in place between two calls at one timestep is no longer taken
+# for a split-CFG pair. Images do not change otherwise.
 __version__ = "0.6.4"
 
 __all__ = [

@@ -518,6 +518,31 @@ def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
     assert imptome.importance_map(unet) is None
 
 
+def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
+    """Two passes on the same latent tensor are a pair without comparing values (which waits for the GPU),
+    unless the tensor was written between them; equal values in another tensor are compared."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5)
+    state = _state(unet)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator)
+    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
+    compared = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a.shape) or equal(a, b))
+    with torch.no_grad():
+        unet(latent, 900, encoder_hidden_states=cond)
+        unet(latent, 900, encoder_hidden_states=uncond)
+        assert state.paired and compared == []
+        unet(latent, 700, encoder_hidden_states=cond)
+        unet(latent.clone(), 700, encoder_hidden_states=uncond)
+        assert state.paired and len(compared) == 1
+        unet(latent, 500, encoder_hidden_states=cond)
+        latent.mul_(0.5)  # written in place: not the sample of the first pass any more
+        unet(latent, 500, encoder_hidden_states=uncond)
+        assert not state.paired and len(compared) == 1
+
+
 def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
     """Under CUDA graphs (torch.compile(mode="reduce-overhead")) the second pass of a split-CFG pair replays
     into the memory of the first pass's output and of the plans built in it. Simulated by overwriting both

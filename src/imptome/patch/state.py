@@ -133,6 +133,7 @@ class PatchState:
     pair_step: int | None = None  # the step whose pair made the current map
     cfg_step: int | None = None  # the step whose CFG batch made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
+    last_sample_version: int | None = None  # last_sample's version counter then (None: an inference tensor)
     last_output: torch.Tensor | None = None
     last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
@@ -202,6 +203,7 @@ class PatchState:
         self.last_timestep = t
         self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
+        self.last_sample_version = None if sample.is_inference() else sample._version
         self.guided = (
             self.cfg
             or self.cfg_step == self.step
@@ -239,14 +241,16 @@ class PatchState:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample
         as the last call, which had no copies in its batch (`last_sample` is kept only then, so this one has
         none either), and no pair yet in this step (a third pass, e.g. PAG's, merges with the pair's map but
-        makes none)."""
+        makes none). The same tensor object is decided without comparing values, which would wait for the
+        GPU: it is the same sample unless its version counter shows a write since the last call (an inference
+        tensor has none, and is taken for the same sample)."""
         previous = self.last_sample
-        return (
-            self.pair_step != self.step
-            and previous is not None
-            and (previous.shape, previous.device) == (sample.shape, sample.device)
-            and torch.equal(previous, sample)
-        )
+        if self.pair_step == self.step or previous is None:
+            return False
+        if previous is sample:
+            return self.last_sample_version is None or sample._version == self.last_sample_version
+        same_kind = (previous.shape, previous.device) == (sample.shape, sample.device)
+        return same_kind and torch.equal(previous, sample)
 
     def _detect_copies(self, sample: torch.Tensor) -> None:
         """Set copies / cond_copy / uncond_copy from the batch: chunks with equal noisy latents are copies of

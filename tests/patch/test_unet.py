@@ -518,15 +518,21 @@ def test_split_cfg_pairs_make_the_map_and_later_passes_do_not():
     assert imptome.importance_map(unet) is None
 
 
-def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
-    """Two passes on the same latent tensor are a pair without comparing values (which waits for the GPU),
-    unless the tensor was written between them; equal values in another tensor are compared."""
+def split_cfg_case():
+    """A tiny UNet patched at ratio 0.5, its patch state, a latent [1, 4, 16, 16] and two text embeddings
+    [1, 77, D] for split CFG by hand."""
     unet = tiny_sd_unet()
     imptome.apply_patch(unet, ratio=0.5)
-    state = _state(unet)
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 4, 16, 16, generator=generator)
     cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
+    return unet, _state(unet), latent, cond, uncond
+
+
+def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
+    """Two passes on the same latent tensor are a pair without comparing values (which waits for the GPU),
+    unless the tensor was written between them; equal values in another tensor are compared."""
+    unet, state, latent, cond, uncond = split_cfg_case()
     compared = []
     equal = torch.equal
     monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a.shape) or equal(a, b))
@@ -548,12 +554,7 @@ def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
     into the memory of the first pass's output and of the plans built in it. Simulated by overwriting both
     as the second pass's first layer starts: the pair must give the same outputs and plan records as
     without the overwrite, and the map must be |first - second| of the outputs as they were returned."""
-    unet = tiny_sd_unet()
-    imptome.apply_patch(unet, ratio=0.5)
-    state = _state(unet)
-    generator = torch.Generator().manual_seed(0)
-    start = torch.randn(1, 4, 16, 16, generator=generator)
-    cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
+    unet, state, start, cond, uncond = split_cfg_case()
 
     def pairs(overwrite: bool) -> list[torch.Tensor]:
         results, latent = [], start

@@ -218,7 +218,8 @@ class PatchState:
             # call's replay overwrites (torch.compile(mode="reduce-overhead") starts a new generation of its
             # graphs at every call in inference), and the plans are read and the map made after it.
             self.plans = {key: built.clone() for key, built in self.plans.items()}
-            self.last_output = self.last_output.clone()
+            if self.last_output is not None:  # None when the first pass failed before its end
+                self.last_output = self.last_output.clone()
         else:
             self.calls = 0 if new_generation else self.calls + 1
             self._set_call_key(sample.device)
@@ -259,12 +260,12 @@ class PatchState:
 
         Comparing the chunks waits for the GPU, which keeps the host from queueing the next call early (under
         CUDA graphs on an H100, 0.6.3's waits in every call, this one and reading the timestep, cost SD2 at
-        1024 px about 1 ms a step). So the chunks are compared only
-        until two calls in a row of the same input shape find the same layout, normally the generation's
-        first two; that layout is then kept for the rest of the generation. A CFG batch repeats every image in
-        every call, and images without CFG that start from equal noise part after their first step, once
-        their different conditioning has acted (with equal conditioning they stay equal, and comparing would
-        keep finding copies too). A change of batch shape (a CFG cut-off, another pass) is compared anew."""
+        1024 px about 1 ms a step). So the chunks are compared only until two calls in a row of the same
+        input shape find the same layout, normally the generation's first two; that layout is then kept for
+        the rest of the generation. A CFG batch repeats every image in every call, and images without CFG that
+        start from equal noise part after their first step, once their different conditioning has acted (with
+        equal conditioning they stay equal, and comparing would keep finding copies too). A new batch shape
+        (a CFG cut-off, another pass) is compared anew."""
         known = self.layouts.get(sample.shape)
         if known is not None and known[1]:
             self.copies, self.cond_copy, self.uncond_copy = known[0]

@@ -20,8 +20,11 @@ ratio --ratio, feature matching on random tokens, CFG batch 2) before any of the
 - "compiled ..." rows: the same functions under `torch.compile` (Inductor's own kernels where it has a
   lowering; index_add becomes one atomic-add kernel fused with the division).
 
-Each row: median time (CUDA events on a GPU), effective bandwidth (bytes read and written once), and the
-largest difference from the float64 mean of the same groups. A way that cannot run says why.
+Each row: the median time of one call started on an idle GPU (CUDA events around the call, so it includes
+the host's time to launch it: for the compiled rows Dynamo's guards and Inductor's wrapper as well), the
+summed kernel time per call from torch.profiler (the GPU's work alone, what a CUDA graph replays), the
+bandwidth that kernel time gives (bytes read and written once), and the largest difference from the
+float64 mean of the same groups. A way that cannot run says why.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from profile_step import self_device_time
 from sdpa_bias import median_ms
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from imptome.merge.noise import stream_id
 from imptome.merge.partition import cell_partition
@@ -72,6 +78,18 @@ def triton_segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torc
     block = min(triton.next_power_of_2(channels), 512)
     _segment_mean[(slots, triton.cdiv(channels, block))](tokens, order, offsets, out, channels, BLOCK=block)
     return out
+
+
+def kernel_us(fn: Callable[[], object], iters: int) -> float:
+    """Microseconds of GPU kernels (and memsets or copies) per call of `fn`, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [event for event in prof.key_averages() if event.device_type == DeviceType.CUDA]
+    return sum(self_device_time(event) for event in kernels) / iters
 
 
 CASES = {  # rows (CFG batch 2), token grid, channels at the merged level
@@ -167,7 +185,8 @@ def main() -> None:
         reference = F.embedding_bag(plan.bag_order, flat.double(), plan.bag_offsets, mode="mean")
         moved = (flat.numel() + reference.numel()) * flat.element_size()
         print(f"\n{case}: tokens {tuple(tokens.shape)} {args.dtype}, kept {plan.num_kept} per row, {name}")
-        print("| way | median us | GB/s | max abs diff vs float64 |\n| --- | ---: | ---: | ---: |")
+        print("| way | median us, one call | kernel us | GB/s | max abs diff vs float64 |")
+        print("| --- | ---: | ---: | ---: | ---: |")
         for label, way in ways(plan, dtype).items():
             row = {"case": case, "way": label, "device": name, "dtype": args.dtype, "ratio": args.ratio}
             try:
@@ -175,15 +194,21 @@ def main() -> None:
                 ms = median_ms(lambda way=way, flat=flat: way(flat), args.iters, device)
             except Exception as error:  # a way this build or device cannot run
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                print(f"| {label} | cannot run: {row['error']} | | |")
+                print(f"| {label} | cannot run: {row['error']} | | | |")
                 results.append(row)
                 continue
             error = None
             if not label.startswith("unmerge"):
                 error = (out.double() - reference).abs().max().item()
-            row |= {"median_us": ms * 1e3, "gb_per_s": moved / (ms * 1e-3) / 1e9, "max_abs_diff": error}
+            gpu_us = None
+            if device.type == "cuda":
+                gpu_us = kernel_us(lambda way=way, flat=flat: way(flat), args.iters)
+            busy_us = ms * 1e3 if gpu_us is None else gpu_us  # on the CPU the call's time is the work
+            row |= {"median_us": ms * 1e3, "kernel_us": gpu_us, "gb_per_s": moved / busy_us / 1e3}
+            row["max_abs_diff"] = error
             shown = "-" if error is None else f"{error:.2e}"
-            print(f"| {label} | {ms * 1e3:.1f} | {row['gb_per_s']:.0f} | {shown} |")
+            kernel = "-" if gpu_us is None else f"{gpu_us:.1f}"
+            print(f"| {label} | {ms * 1e3:.1f} | {kernel} | {row['gb_per_s']:.0f} | {shown} |")
             results.append(row)
         if args.json:  # after every case, so a run cut short keeps what it measured
             args.json.write_text(json.dumps({"rows": results}, indent=1) + "\n")

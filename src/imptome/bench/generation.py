@@ -125,19 +125,21 @@ def measure_generations(
 
     variants = generation_variants(ratios)
     seconds: dict[GenerationVariant, list[float]] = {variant: [] for variant in variants}
-    with torch.inference_mode():
-        generate(1)
-        for round_index in range(rounds):
-            shift = round_index % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                with variant.applied(pipe):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    generate(steps)
-                    synchronize(device)
-                    elapsed = time.perf_counter() - start
-                seconds[variant].append(elapsed)
-                say(f"{tag} generation round {round_index + 1}/{rounds} {variant.label}: {elapsed:.3f} s")
+    # Called as users call a pipeline: under its own no_grad, not inference_mode (whose tensors, the
+    # scheduler's timesteps among them, have no version counter, so imptome would read each timestep
+    # from the GPU and wait for it).
+    generate(1)
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            with variant.applied(pipe):
+                synchronize(device)
+                start = time.perf_counter()
+                generate(steps)
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+            seconds[variant].append(elapsed)
+            say(f"{tag} generation round {round_index + 1}/{rounds} {variant.label}: {elapsed:.3f} s")
     base = statistics.median(seconds[variants[0]])
     rows = []
     for variant in variants:

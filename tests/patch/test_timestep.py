@@ -1,12 +1,15 @@
-"""The host copy of a pipeline's timesteps (imptome.patch.timestep), on CPU tensors treated as if they were
-on a GPU."""
+"""The host copy of a pipeline's timesteps (imptome.patch.timestep), with CPU tensors treated as if they
+were on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import imptome
+from imptome.patch.api import _state
 from imptome.patch.timestep import TimestepReader
+from tests.factories import tiny_sd_pipeline
 
 
 @pytest.fixture
@@ -53,3 +56,26 @@ def test_inference_tensors_numbers_and_large_storages_are_read_directly(reader):
     large = torch.arange(10_000.0)
     assert reader(large[7]) == 7.0
     assert reader.copies == 1  # tried for the large storage, refused
+
+
+def test_a_pipeline_through_the_host_copy_makes_the_same_images(monkeypatch):
+    """A whole pipeline with its timesteps read through the host copy (as on a GPU): one copy per generation
+    (each sets new timesteps), and the same latents as reading every timestep directly."""
+
+    def run(pipe) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a red circle", num_inference_steps=5, generator=generator, output_type="latent").images
+
+    pipe = tiny_sd_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    direct = [run(pipe) for _ in range(2)]
+    state = _state(pipe.unet)
+    reader = TimestepReader(read_directly=())
+    copy = reader._copy
+    copies = []
+    monkeypatch.setattr(reader, "_copy", lambda timestep: copies.append(timestep) or copy(timestep))
+    state.read_timestep = reader
+    through_copy = [run(pipe) for _ in range(2)]
+    assert len(copies) == 2
+    for got, want in zip(through_copy, direct, strict=True):
+        assert torch.equal(got, want)

@@ -463,25 +463,32 @@ def test_unet_without_transformer_blocks_is_refused_at_patch_time():
     assert not imptome.is_patched(unet)
 
 
+def generate_with_cfg_cut_off(pipe, steps: int, on_step=None) -> np.ndarray:
+    """`generate` with diffusers' documented CFG cut-off: the unconditional half is dropped after step 2.
+    `on_step(pipe)` runs at the end of every step, before the cut."""
+
+    def cut_cfg_after_step_2(pipe, step, timestep, callback_kwargs):
+        if on_step is not None:
+            on_step(pipe)
+        if step == 2:
+            pipe._guidance_scale = 0.0
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+        return callback_kwargs
+
+    return generate(
+        pipe,
+        steps=steps,
+        callback_on_step_end=cut_cfg_after_step_2,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
+
+
 def test_cfg_cut_off_merges_the_unguided_steps_without_a_map(sd):
     imptome.apply_patch(sd, ratio=0.7, importance_start_step=1)
     records = []
-
-    def cut_cfg_after_step_2(pipe, i, t, kwargs):
-        records.append(imptome.merge_plan(pipe)[0])
-        if i == 2:  # diffusers' documented CFG cut-off: drop the unconditional half from here on
-            pipe._guidance_scale = 0.0
-            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
-        return kwargs
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        generate(
-            sd,
-            steps=5,
-            callback_on_step_end=cut_cfg_after_step_2,
-            callback_on_step_end_tensor_inputs=["prompt_embeds"],
-        )
+        generate_with_cfg_cut_off(sd, 5, on_step=lambda pipe: records.append(imptome.merge_plan(pipe)[0]))
     assert [r.roles.shape[0] for r in records] == [2, 2, 2, 1, 1]
     assert [r.importance is not None for r in records] == [False, True, True, False, False]
 
@@ -610,20 +617,9 @@ def test_cfg_layout_is_compared_until_two_calls_agree(sd, monkeypatch):
     generate(sd, steps=5)
     assert compared == [2, 2] and state.copies == 2
 
-    def cut_cfg_after_step_2(pipe, step, timestep, callback_kwargs):
-        if step == 2:
-            pipe._guidance_scale = 0.0
-            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[1]
-        return callback_kwargs
-
     compared.clear()
     with pytest.warns(UserWarning, match="no classifier-free guidance"):
-        generate(
-            sd,
-            steps=6,
-            callback_on_step_end=cut_cfg_after_step_2,
-            callback_on_step_end_tensor_inputs=["prompt_embeds"],
-        )
+        generate_with_cfg_cut_off(sd, 6)
     assert compared == [2, 2, 1, 1] and state.copies == 1
 
     compared.clear()

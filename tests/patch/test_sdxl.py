@@ -11,6 +11,7 @@ import torch
 import imptome
 from tests.factories import tiny_sdxl_pipeline
 from tests.patch.probes import outputs_and_plans, token_shapes
+from tests.versions import needs_diffusers
 
 
 def test_default_merges_self_attention_at_the_finest_attention_level_only():
@@ -34,14 +35,14 @@ def test_default_merges_self_attention_at_the_finest_attention_level_only():
     assert np.array_equal(generate(), base)
 
 
+# diffusers 0.35's modular pipelines take only components loaded through a ComponentSpec
+@needs_diffusers("0.36", "a modular pipeline built from components made in memory")
 def test_modular_pipeline_with_split_cfg_gets_importance():
     """diffusers' modular SDXL pipeline runs classifier-free guidance as two denoiser calls per step (its
     guider's conditional pass, then the unconditional one) with the same latents. imptome recognises the
     pair: no "no CFG" warning, the second pass reuses the first pass's plans, and the map is the channel
     mean of |cond - uncond| from the pair's outputs."""
-    from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
-        StableDiffusionXLAutoBlocks,
-    )
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
     classic = tiny_sdxl_pipeline()
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()

@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 import imptome
 from imptome.patch.api import _state
 from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
+from tests.versions import has_accelerator, needs_diffusers
 
 PROMPT = "a red circle on the left"
 TOP_SELF_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -301,20 +302,17 @@ def test_attention_output_caches_on_merged_layers_are_refused():
         generate(patched_first, steps=2)
 
 
-@pytest.mark.parametrize("cache", ["FasterCache", "TaylorSeer"])
+@pytest.mark.parametrize(
+    "cache", ["FasterCache", pytest.param("TaylorSeer", marks=needs_diffusers("0.36", "TaylorSeer's cache"))]
+)
 def test_other_attention_caches_on_merged_layers_are_refused(cache):
     """The same rule for diffusers' other caches that hook attention modules: FasterCache's attention hook,
     and TaylorSeer once its patterns name a merged layer (its default patterns name modules called `attn`,
     which the supported models do not have)."""
-    from diffusers.hooks import (
-        FasterCacheConfig,
-        TaylorSeerCacheConfig,
-        apply_faster_cache,
-        apply_taylorseer_cache,
-    )
-
     pipe = tiny_pixart_pipeline()
     if cache == "FasterCache":
+        from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
         config = FasterCacheConfig(
             spatial_attention_block_skip_range=2,
             current_timestep_callback=lambda: 500,
@@ -322,6 +320,8 @@ def test_other_attention_caches_on_merged_layers_are_refused(cache):
         )
         apply_faster_cache(pipe.transformer, config)
     else:
+        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
         patterns = [r"transformer_blocks\.\d+\.attn1"]
         apply_taylorseer_cache(pipe.transformer, TaylorSeerCacheConfig(cache_identifiers=patterns))
     with pytest.raises(ValueError, match=f"{cache}\\w*Hook on transformer_blocks.0.attn1 reuses"):
@@ -344,7 +344,13 @@ def test_attention_cache_off_the_merged_layers_stacks():
         imptome.apply_patch(pipe, ratio=0.7, merge_crossattn=True)
 
 
-@pytest.mark.parametrize("feature", ["layerwise-casting", "group-offload"])
+# diffusers before 0.41 asks torch.accelerator for a device when group offloading, and fails without one
+OFFLOAD_WITHOUT_ACCELERATOR = needs_diffusers("0.41", "group offloading without a GPU", not has_accelerator())
+
+
+@pytest.mark.parametrize(
+    "feature", ["layerwise-casting", pytest.param("group-offload", marks=OFFLOAD_WITHOUT_ACCELERATOR)]
+)
 def test_stateless_diffusers_hooks_inside_merged_layers_are_accepted(feature):
     """diffusers' memory savers hook the linear layers inside the merged attention (to_q, ...) without
     keeping outputs between calls: accepted, merging as usual. fp8 storage follows the fp32 result;
@@ -369,6 +375,7 @@ def test_stateless_diffusers_hooks_inside_merged_layers_are_accepted(feature):
         assert cosine > 0.99 and not torch.equal(both, merged)
 
 
+@needs_diffusers("0.37", "MagCache")
 def test_magcache_and_imptome_stack():
     """MagCache skips whole transformer blocks and reuses their unmerged residual; the blocks that run
     merge as usual."""

@@ -14,6 +14,7 @@ import torch
 from imptome.bench.archs import ARCHS, build_denoiser, example_inputs
 from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention, step_importance
 from imptome.patch.families import denoiser_info
+from imptome.patch.state import PatchState
 
 
 def add_case_arguments(parser: argparse.ArgumentParser, calls: int) -> None:
@@ -55,3 +56,27 @@ def build_case(args: argparse.Namespace) -> DenoiserCase:
         importance = step_importance(call()[0], info)
     timestep = float(inputs["timestep"].flatten()[0])
     return DenoiserCase(device, model, inputs, call, timestep, importance)
+
+
+def first_plan_builds(call: Callable[[], Any]) -> dict[tuple[int, int], tuple[PatchState, tuple]]:
+    """Run `call` once on a patched model and keep the arguments of the first `PatchState.plan_for` of each
+    token grid: (state, (layer, layer_index, grid, tokens)), to build those plans again alone."""
+    first: dict[tuple[int, int], tuple[PatchState, tuple]] = {}
+    original = PatchState.plan_for
+
+    def capture(state: PatchState, *args: Any) -> Any:
+        first.setdefault(args[2], (state, args))
+        return original(state, *args)
+
+    PatchState.plan_for = capture
+    try:
+        call()
+    finally:
+        PatchState.plan_for = original
+    return first
+
+
+def build_plan_again(state: PatchState, args: tuple) -> Any:
+    """Build one plan as its denoiser call would: `plan_for` with the call's plan cache emptied."""
+    state.plans = {}
+    return PatchState.plan_for(state, *args)

@@ -24,6 +24,8 @@
 #   merge     ways to compute the merge (embedding_bag as shipped, index_add, segment_reduce, sparse CSR, a
 #             Triton kernel, compiled), timed alone at the SD2, PixArt and SD3 1024 px shapes
 #             (scripts/merge_kernels.py, at most 3 minutes)
+#   planning  planning alone, eager against replayed from a CUDA graph, SD2 and PixArt-alpha at 1024 px
+#             (scripts/planning_graph.py): what a graphed planner could save an eager step
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail
@@ -96,6 +98,11 @@ stage_sd3() {
 }
 stage_merge() {
     timeout 180 python3 scripts/merge_kernels.py --device cuda --dtype float16 --json "$OUT/merge_kernels.json"
+}
+stage_planning() {
+    for arch in sd2 pixart-alpha; do
+        timeout 90 python3 scripts/planning_graph.py --arch $arch --res 1024 --json "$OUT/planning_graph_${arch}.json"
+    done
 }
 for stage in $STAGES; do
     if declare -F "stage_$stage" > /dev/null; then

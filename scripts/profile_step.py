@@ -25,9 +25,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from imptome.bench.speed import Variant
 from imptome.bench.timing import IMPTOME_WORK, synchronize
-from imptome.patch.state import PatchState
 
-from denoiser_case import add_case_arguments, build_case
+from denoiser_case import add_case_arguments, build_case, build_plan_again, first_plan_builds
 
 
 @contextlib.contextmanager
@@ -52,24 +51,12 @@ def planning_table(call, device: torch.device, calls: int, top: int) -> str:
     """The operators inside planning alone: capture the arguments of the first plan_for of each grid in one
     call, then profile only the plan builds (partition, matching, plan) `calls` times: plan_for with the
     call's plan cache emptied, so it builds as in a real call."""
-    first: dict[tuple[int, int], tuple] = {}
-    original = PatchState.plan_for
-
-    def capture(state, *args):
-        first.setdefault(args[2], (state, args))  # args: layer, layer_index, grid, tokens
-        return original(state, *args)
-
-    PatchState.plan_for = capture
-    try:
-        call()
-    finally:
-        PatchState.plan_for = original
+    first = first_plan_builds(call)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):
             for state, args in first.values():
-                state.plans = {}
-                original(state, *args)
+                build_plan_again(state, args)
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     grids = ", ".join(f"{h}x{w} ({tuple(args[3].shape)})" for (h, w), (_, args) in first.items())

@@ -17,6 +17,12 @@ for it. Up to imptome 0.6.3 the denoiser hook waited in every call (it read the 
 CFG halves on the host), since 0.6.4 only in a generation's first two; what such a wait costs shows here
 and not in the synchronised calls. The inputs are made outside torch.inference_mode, as a pipeline's are,
 so the timestep has a version counter and is read from a host copy.
+
+With --profile-calls N, after the rounds each compiled variant runs N more calls under torch.profiler, and
+the kernels are summed by name. Kernels inside CUDA graphs have no profiler ranges, so imptome's own work
+cannot be attributed by function there; instead a merged variant's kernels whose names the unmerged model
+never runs (planning's sorts and top-k, the merge, kernels into which Inductor fused the unmerge gather) are
+summed as an upper bound on its own work: a fused kernel counts whole, model work in it included.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from imptome.bench.speed import Variant, _denoiser_call
 from imptome.bench.timing import quartiles, synchronize
 
 from denoiser_case import add_case_arguments, build_case
+from profile_step import self_device_time
 
 
 def timed_calls(call, device: torch.device, calls: int) -> list[float]:
@@ -60,6 +69,29 @@ def back_to_back(call, device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def kernel_us(call, device: torch.device, calls: int) -> dict[str, float]:
+    """Microseconds per call of each kernel name over `calls` profiled calls (on the CPU: each operator)."""
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        synchronize(device)
+    device_type = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        range_ = event.is_user_annotation or event.key.startswith("Torch-Compiled Region")
+        if event.device_type == device_type and not range_:
+            us = self_device_time(event) if device.type == "cuda" else float(event.self_cpu_time_total)
+            times[event.key] = times.get(event.key, 0.0) + us / calls
+    return times
+
+
+def kernels_not_in(unmerged: dict[str, float], merged: dict[str, float]) -> dict[str, float]:
+    """The merged variant's kernels whose names the unmerged model never runs, most time first."""
+    new = {name: us for name, us in merged.items() if name not in unmerged}
+    return dict(sorted(new.items(), key=lambda item: -item[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, calls=20)
@@ -74,6 +106,9 @@ def main() -> None:
     names = ["none", "tome", "importance"]
     parser.add_argument("--variants", nargs="+", default=names, choices=names)
     parser.add_argument("--back-to-back", type=int, default=5, help="calls in a row per round (0: none)")
+    parser.add_argument(
+        "--profile-calls", type=int, default=0, help="profiled compiled calls per variant after the rounds"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     case = build_case(args)
@@ -111,6 +146,9 @@ def main() -> None:
                 if args.back_to_back:
                     row["back_to_back"].append(back_to_back(compiled, device, args.back_to_back))
         graphs_while_timed = counters["stats"]["unique_graphs"] - graphs
+        if args.profile_calls:
+            for row, (_, compiled) in zip(rows, steps, strict=True):
+                row["kernel_us"] = kernel_us(compiled, device, args.profile_calls)
     kinds = ("eager", "compiled", "back_to_back") if args.back_to_back else ("eager", "compiled")
     for row in rows:
         for kind in kinds:
@@ -146,6 +184,19 @@ def main() -> None:
             + f"| {row['compile_s']:.0f} |"
         )
     print(f"graphs compiled while timing: {graphs_while_timed}")
+    if args.profile_calls and base["variant"] == "none":
+        unmerged_us = sum(base["kernel_us"].values())
+        print(f"\nkernel time per compiled call, {args.profile_calls} profiled calls per variant")
+        for row in rows[1:]:
+            new = kernels_not_in(base["kernel_us"], row["kernel_us"])
+            total, own = sum(row["kernel_us"].values()), sum(new.values())
+            row["kernel_total_us"], row["new_kernel_us"] = total, own
+            print(
+                f"{row['variant']}: kernels {total / 1e3:.2f} ms (unmerged {unmerged_us / 1e3:.2f} ms), "
+                f"not in the unmerged model {own / 1e3:.3f} ms, {own / total:.1%} (own work, at most)"
+            )
+            for name, us in list(new.items())[:12]:
+                print(f"  {us:8.1f} us  {name[:120]}")
     cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     if args.mode == "reduce-overhead":  # why, when not 0: run with TORCH_LOGS=perf_hints
         print(f"graphs that Inductor did not capture as CUDA graphs: {cudagraph_skips}")

@@ -66,7 +66,7 @@ stage_compile() {
         for arch in ${COMPILE_ARCHS:-sd2 pixart-alpha}; do
             # SD2 on an H100: about 60 s of compiling per variant
             timeout 200 python3 scripts/compile_speed.py --arch $arch --res 1024 --calls 10 --mode $mode \
-                --variants none importance --json "$OUT/compile_${arch}_1024_${mode}.json"
+                --variants none importance --profile-calls 5 --json "$OUT/compile_${arch}_1024_${mode}.json"
         done
     done
 }

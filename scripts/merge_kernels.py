@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from profile_step import self_device_time
 from sdpa_bias import median_ms
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -45,6 +44,8 @@ from torch.profiler import ProfilerActivity, profile
 from imptome.merge.noise import stream_id
 from imptome.merge.partition import cell_partition
 from imptome.merge.plan import MergePlan, build_plan
+
+from profile_step import self_device_time
 
 try:
     import triton

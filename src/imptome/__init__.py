@@ -36,7 +36,10 @@ from imptome.patch.state import PlanRecord
 # calls in a row agree on it; the second pass of split CFG on the same latent tensor is found without
 # comparing values, and a latent tensor written in place between two calls at one timestep is no longer taken
 # for a split-CFG pair. Images do not change otherwise.
-__version__ = "0.6.4"
+# 0.6.5: a call stopped by an exception inside a merged layer (Ctrl-C, out of memory) no longer leaves its
+# plan for that layer's next unmerged call to apply (a wrong output without an error), nor holds it until the
+# patch is removed; dependency floors raised to the versions CI runs. Images do not change otherwise.
+__version__ = "0.6.5"
 
 __all__ = [
     "PRESETS",

@@ -797,3 +797,31 @@ def test_split_cfg_plans_like_the_cfg_batch_on_the_bundled_model():
             latents = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, latents).prev_sample
     assert all(torch.equal(a, b) for a, b in zip(batched_plans, split_plans, strict=True))
     torch.testing.assert_close(latents, batched, rtol=0, atol=1e-4)
+
+
+def test_a_call_interrupted_inside_a_merged_layer_leaves_no_plan_behind(sd):
+    """A call that stops between a merged layer's input and its output (Ctrl-C, out of memory) never reaches
+    the unmerge. The plan it was merging with must not be applied to that layer's output in a later call
+    that does not merge there (here: a self-attention mask, which keeps a layer unmerged); that would move
+    attention results onto the wrong tokens without an error."""
+    attention = sd.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    imptome.apply_patch(sd, ratio=0.7)
+    handle = attention.to_q.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        generate(sd, steps=2)
+    handle.remove()
+    stacks = _state(sd).unmerge_stacks
+    assert [len(stack) for stack in stacks] == [1] + [0] * (len(stacks) - 1)  # the interrupted layer's plan
+    tokens = torch.randn(2, 256, attention.query_dim)  # the layer's tokens in `generate`: a 16 x 16 grid
+    mask = torch.zeros(2, 1, 256)  # an additive self-attention mask that changes nothing
+    with torch.no_grad():
+        patched = attention(tokens, attention_mask=mask)
+    generate(sd, steps=2)  # the next denoiser call lets go of the plan left behind
+    assert all(not stack for stack in stacks)
+    imptome.remove_patch(sd)
+    with torch.no_grad():
+        assert torch.equal(patched, attention(tokens, attention_mask=mask))

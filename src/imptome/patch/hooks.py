@@ -79,11 +79,29 @@ class _LayerHooks:
         self.block_name = block_name
         self.layer_index = layer_index
         self.self_attention = self_attention
-        self.pending: list[MergePlan] = []
+        # One entry per call of the module, its plan or None (not merged), popped by that call's unmerge: a
+        # plan left by a call that never reached its unmerge (an exception inside the module) is never
+        # applied to another call's output. The state empties the stack at each denoiser call's start.
+        self.pending: list[MergePlan | None] = []
+        state.unmerge_stacks.append(self.pending)
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.state.layers_ran = True
         tokens, where = _first_input(args, kwargs, ("hidden_states",))
+        plan = self._plan(module, tokens, kwargs)
+        self.pending.append(plan)
+        if plan is None:
+            return None
+        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
+            _check_mask_support(module, plan.num_kept)
+            kwargs = {**kwargs, "attention_mask": plan.key_bias}
+        merged = plan.merge(tokens)
+        if where == 0:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, where: merged}
+
+    def _plan(self, module: nn.Module, tokens: Any, kwargs: dict) -> MergePlan | None:
+        """The plan to merge this call's tokens with, or None when they are not merged."""
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
             return None
         # A mask over the query tokens themselves would no longer line up once they are merged: a
@@ -100,22 +118,12 @@ class _LayerHooks:
                 "AnimateDiff FreeNoise's enable_free_noise_split_inference), and imptome plans for the whole "
                 "batch. Merge without split inference (FreeNoise itself works) or remove the patch."
             )
-        plan = None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
-        if plan is None:
-            return None
-        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
-            _check_mask_support(module, plan.num_kept)
-            kwargs = {**kwargs, "attention_mask": plan.key_bias}
-        self.pending.append(plan)
-        merged = plan.merge(tokens)
-        if where == 0:
-            return (merged, *args[1:]), kwargs
-        return args, {**kwargs, where: merged}
+        return None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.pending:
+        plan = self.pending.pop() if self.pending else None
+        if plan is None:
             return None
-        plan = self.pending.pop()
         if isinstance(output, tuple):
             return (plan.unmerge(output[0]), *output[1:])
         return plan.unmerge(output)

@@ -140,6 +140,9 @@ class PatchState:
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
     checked_layers: bool = False
+    # Each layer hook's stack of the plans its calls merged with, popped at their unmerge. A call stopped by
+    # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
+    unmerge_stacks: list[list[MergePlan | None]] = field(default_factory=list)
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -180,6 +183,8 @@ class PatchState:
         map of its step's CFG batch or split-CFG pair when one came before it, else as `config.fallback`
         says; it neither produces nor clears the map, so a later guided call of the generation can use it.
         """
+        for stack in self.unmerge_stacks:
+            stack.clear()
         t = self.read_timestep(timestep)
         same_timestep = t == self.last_timestep
         self.paired = same_timestep and self._pairs_with_last_call(sample)

@@ -38,7 +38,9 @@ from imptome.patch.state import PlanRecord
 # for a split-CFG pair. Images do not change otherwise.
 # 0.6.5: a call stopped by an exception inside a merged layer (Ctrl-C, out of memory) no longer leaves its
 # plan for that layer's next unmerged call to apply (a wrong output without an error), nor holds it until the
-# patch is removed; dependency floors raised to the versions CI runs. Images do not change otherwise.
+# patch is removed; a generation without CFG rerun after one cancelled in its first call no longer fails
+# (its first call was taken for a split-CFG pass); dependency floors raised to the versions CI runs. Images
+# do not change otherwise.
 __version__ = "0.6.5"
 
 __all__ = [

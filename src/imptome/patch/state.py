@@ -143,6 +143,7 @@ class PatchState:
     # Each layer hook's stack of the plans its calls merged with, popped at their unmerge. A call stopped by
     # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
     unmerge_stacks: list[list[MergePlan | None]] = field(default_factory=list)
+    call_open: bool = False  # from begin_call to end_call; still set at a begin_call: the last call raised
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -185,6 +186,9 @@ class PatchState:
         """
         for stack in self.unmerge_stacks:
             stack.clear()
+        if self.call_open:  # the last call raised before its end: this one is not the second pass of its pair
+            self.last_sample = self.last_output = None
+        self.call_open = True
         t = self.read_timestep(timestep)
         same_timestep = t == self.last_timestep
         self.paired = same_timestep and self._pairs_with_last_call(sample)
@@ -223,8 +227,7 @@ class PatchState:
             # call's replay overwrites (torch.compile(mode="reduce-overhead") starts a new generation of its
             # graphs at every call in inference), and the plans are read and the map made after it.
             self.plans = {key: built.clone() for key, built in self.plans.items()}
-            if self.last_output is not None:  # None when the first pass failed before its end
-                self.last_output = self.last_output.clone()
+            self.last_output = self.last_output.clone()  # set: the first pass ended (else call_open)
         else:
             self.calls = 0 if new_generation else self.calls + 1
             self._set_call_key(sample.device)
@@ -328,6 +331,7 @@ class PatchState:
             self.pair_step = self.step
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
+        self.call_open = False
 
     # ---- called by the layer hooks ----------------------------------------------------------------
     def token_grid(self, num_tokens: int) -> tuple[int, int] | None:

@@ -37,15 +37,13 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from imptome.bench.speed import Variant, _denoiser_call
 from imptome.bench.timing import quartiles, synchronize
 
-from denoiser_case import add_case_arguments, build_case
-from profile_step import self_device_time
+from denoiser_case import add_case_arguments, back_to_back, build_case
+from profile_step import kernel_times
 
 
 def timed_calls(call, device: torch.device, calls: int) -> list[float]:
@@ -56,33 +54,6 @@ def timed_calls(call, device: torch.device, calls: int) -> list[float]:
         call()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times
-
-
-def back_to_back(call, device: torch.device, calls: int) -> float:
-    """Seconds per call of `calls` calls in a row, synchronised only before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    synchronize(device)
-    return (time.perf_counter() - start) / calls
-
-
-def kernel_us(call, device: torch.device, calls: int) -> dict[str, float]:
-    """Microseconds per call of each kernel name over `calls` profiled calls (on the CPU: each operator)."""
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        for _ in range(calls):
-            call()
-        synchronize(device)
-    device_type = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
-        range_ = event.is_user_annotation or event.key.startswith("Torch-Compiled Region")
-        if event.device_type == device_type and not range_:
-            us = self_device_time(event) if device.type == "cuda" else float(event.self_cpu_time_total)
-            times[event.key] = times.get(event.key, 0.0) + us / calls
     return times
 
 
@@ -148,7 +119,7 @@ def main() -> None:
         graphs_while_timed = counters["stats"]["unique_graphs"] - graphs
         if args.profile_calls:
             for row, (_, compiled) in zip(rows, steps, strict=True):
-                row["kernel_us"] = kernel_us(compiled, device, args.profile_calls)
+                row["kernel_us"] = kernel_times(compiled, device, args.profile_calls)
     kinds = ("eager", "compiled", "back_to_back") if args.back_to_back else ("eager", "compiled")
     for row in rows:
         for kind in kinds:

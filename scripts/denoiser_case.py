@@ -4,6 +4,7 @@ set-up of one real-size denoiser call with the importance map of an unmerged cal
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 
 from imptome.bench.archs import ARCHS, build_denoiser, example_inputs
 from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention, step_importance
+from imptome.bench.timing import synchronize
 from imptome.patch.families import denoiser_info
 from imptome.patch.state import PatchState
 
@@ -80,3 +82,13 @@ def build_plan_again(state: PatchState, args: tuple) -> Any:
     """Build one plan as its denoiser call would: `plan_for` with the call's plan cache emptied."""
     state.plans = {}
     return PatchState.plan_for(state, *args)
+
+
+def back_to_back(call: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Seconds per call of `calls` calls in a row, synchronised only before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls

@@ -38,14 +38,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from sdpa_bias import median_ms
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 from imptome.merge.noise import stream_id
 from imptome.merge.partition import cell_partition
 from imptome.merge.plan import MergePlan, build_plan
 
-from profile_step import self_device_time
+from profile_step import kernel_times
 
 try:
     import triton
@@ -84,13 +82,7 @@ def triton_segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torc
 def kernel_us(fn: Callable[[], object], iters: int) -> float:
     """Microseconds of GPU kernels (and memsets or copies) per call of `fn`, from the profiler."""
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [event for event in prof.key_averages() if event.device_type == DeviceType.CUDA]
-    return sum(self_device_time(event) for event in kernels) / iters
+    return sum(kernel_times(fn, torch.device("cuda"), iters).values())
 
 
 CASES = {  # rows (CFG batch 2), token grid, channels at the merged level

@@ -32,7 +32,7 @@ from imptome.bench.speed import Variant
 from imptome.bench.timing import synchronize
 from imptome.merge.plan import MergePlan
 
-from denoiser_case import add_case_arguments, build_case, build_plan_again, first_plan_builds
+from denoiser_case import add_case_arguments, back_to_back, build_case, build_plan_again, first_plan_builds
 
 
 def host_and_back_to_back_us(
@@ -45,12 +45,7 @@ def host_and_back_to_back_us(
         start = time.perf_counter()
         build()
         host.append(time.perf_counter() - start)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        build()
-    synchronize(device)
-    return statistics.median(host) * 1e6, (time.perf_counter() - start) / calls * 1e6
+    return statistics.median(host) * 1e6, back_to_back(build, device, calls) * 1e6
 
 
 def same_plan(a: MergePlan, b: MergePlan) -> bool:

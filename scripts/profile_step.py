@@ -75,6 +75,24 @@ def self_device_time(event) -> float:
     )
 
 
+def kernel_times(call, device: torch.device, calls: int) -> dict[str, float]:
+    """Microseconds per call of each kernel name over `calls` profiled calls of `call` (on the CPU: of each
+    operator); profiler ranges (user annotations, torch.compile's regions) are left out."""
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        synchronize(device)
+    device_type = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        range_ = event.is_user_annotation or event.key.startswith("Torch-Compiled Region")
+        if event.device_type == device_type and not range_:
+            us = self_device_time(event) if device.type == "cuda" else float(event.self_cpu_time_total)
+            times[event.key] = times.get(event.key, 0.0) + us / calls
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, calls=5)

@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import imptome
 from imptome.bench import archs
 from imptome.bench.flops import count_flops
+from imptome.bench.operators import count_operators
 from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
 from imptome.cli import main
 from imptome.merge import cfg_importance
@@ -153,6 +154,28 @@ def test_variants_run_as_in_mid_generation(unet):
             assert not imptome.is_patched(unet)
 
 
+@pytest.mark.parametrize(("arch", "merged_layers"), [("tiny-sd", LAYERS), ("tiny-pixart", 28)])
+def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merged_layers):
+    """On a GPU every operator is a launch that the host issues, and an eager step of a large model is often
+    bound by the host. A merged step adds one merge and one unmerge per merged layer, plus a per-step cost
+    (the importance map, one plan, call bookkeeping) that does not grow with the layers: 63 operators on
+    both models (PixArt's patch pools the map to its token grid; the UNet's plan record keeps a copy of the
+    map instead). A change that needs more should say why."""
+    with registered():
+        model = archs.build_denoiser(arch)
+        call = _denoiser_call(model, archs.example_inputs(arch, 128))
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], 4, cond_first=False)
+        unmerged = count_operators(call)
+        with Variant("importance", 0.7).applied(model, importance, timestep=500.0):
+            merged = count_operators(call)
+    added = merged.copy()
+    added.subtract(unmerged)
+    assert added["embedding_bag"] == added["index_select"] == merged_layers
+    fixed = added.total() - 2 * merged_layers
+    assert 0 < fixed <= 63, f"{fixed} operators: {+added}"
+
+
 def test_example_inputs_are_a_cfg_batch():
     for name in ("sd2", "pixart-alpha"):
         kwargs = archs.example_inputs(name, 64)
@@ -174,6 +197,7 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
         (arch, variant) for arch in ("tiny-sd", "tiny-pixart") for variant in VARIANTS
     ]
     fields = ("res", "ratio", "median_s", "speedup", "flops", "ideal_speedup", "efficiency", "overhead_frac")
+    fields += ("operators", "added_operators")
     for row in rows:
         assert row["device"] == "cpu" and row["res"] == 128
         assert all(key in row for key in (*fields, "peak_mem_bytes"))
@@ -183,6 +207,8 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
             assert row["median_s"] > 0 and row["flops"] > 0 and row["speedup"] > 0
             assert row["ideal_speedup"] > 1 or row["variant"] == "none"
             assert 0 <= row["overhead_frac"] < 1
+            assert row["operators"] > 0
+            assert row["added_operators"] > 0 or row["variant"] == "none"
     generations = results["generation_rows"]  # SD UNets only
     assert [(row["arch"], row["variant"], row["ratio"]) for row in generations] == [
         ("tiny-sd", "none", 0),

@@ -13,11 +13,14 @@ For every (architecture, resolution) the denoiser is built once from the configs
 - ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
   on PixArt, AnimateDiff or SVD); a failure is recorded in the row's ``error``.
 
-Every variant is called once as warm-up (under a FLOP counter), then ``--rounds`` rounds call each variant
-once, the order rotating every round, with the device synchronised around each call. Reported per row:
-median step seconds and spread, speedup = median(none) / median(variant) of the same run, FLOPs per step
-(merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant), efficiency = speedup / ideal,
-peak memory, and the seconds spent in the method's own work (``overhead_frac`` = own work / median step).
+Every variant is called once as warm-up (under a FLOP and an operator counter), then ``--rounds`` rounds call
+each variant once, the order rotating every round, with the device synchronised around each call. Reported
+per row: median step seconds and spread, speedup = median(none) / median(variant) of the same run, FLOPs
+per step (merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant), efficiency = speedup /
+ideal, peak memory, the seconds spent in the method's own work (``overhead_frac`` = own work / median
+step), and the tensor operators a step dispatches, views left out (``operators``; ``added_operators`` over
+``none``): on a GPU each is a launch the host issues, the cost of a method's own work when an eager step is
+host-bound.
 On the CPU own work is timed in the timed calls; on a GPU in one extra call with syncs around each function
 (see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest.
 """
@@ -48,6 +51,7 @@ import imptome
 from imptome.bench.archs import ARCHS, ArchSpec, build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import CACHE_INTERVAL, measure_generations
+from imptome.bench.operators import OperatorCounter
 from imptome.bench.timing import PeakMemory, WorkTimer, quartiles, synchronize
 from imptome.cli import CliError
 from imptome.config import PRESETS, MergeConfig
@@ -249,6 +253,7 @@ def _parse(args: argparse.Namespace) -> Settings:
 class _Record:
     variant: Variant
     flops: int | None = None
+    operators: int | None = None
     seconds: list[float] = field(default_factory=list)
     own_work: list[dict[str, float]] = field(default_factory=list)
     peak_mem: list[int] = field(default_factory=list)
@@ -316,9 +321,9 @@ def _measure_case(
         variant = record.variant
         try:
             with variant.applied(model, importance, timestep), torch.inference_mode():
-                with flop_counter() as counter:
+                with flop_counter() as counter, OperatorCounter() as operators:
                     output = call()
-                record.flops = counter.get_total_flops()
+                record.flops, record.operators = counter.get_total_flops(), operators.total
                 if variant.name == "none":
                     importance = step_importance(output[0], info)
                 if device.type == "cuda":
@@ -334,7 +339,8 @@ def _measure_case(
             record.error = f"{type(error).__name__}: {error}"
             say(f"{tag} {variant.label}: does not run ({record.error})")
             continue
-        say(f"{tag} warm-up {variant.label}: {record.flops / 1e9:.1f} GFLOP per step")
+        per_step = f"{record.flops / 1e9:.1f} GFLOP, {record.operators} operators per step"
+        say(f"{tag} warm-up {variant.label}: {per_step}")
 
     active = [record for record in records if record.error is None]
     for round_index in range(settings.rounds):
@@ -407,6 +413,8 @@ def _rows(
                 speedup=base_median / median if base_median else None,
                 flops=record.flops,
                 ideal_speedup=base.flops / record.flops if base.flops and record.flops else None,
+                operators=record.operators,
+                added_operators=record.operators - base.operators,
                 overhead_s=own_median,
                 overhead_frac=own_median / median,
                 overhead_breakdown_s={
@@ -427,6 +435,8 @@ def _rows(
                 speedup=None,
                 flops=record.flops,
                 ideal_speedup=None,
+                operators=record.operators,
+                added_operators=None,
                 efficiency=None,
                 overhead_frac=None,
                 peak_mem_bytes=None,
@@ -509,24 +519,28 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| arch | res | variant | ratio | median s | IQR s | speedup | GFLOP/step | ideal | efficiency "
-        "| own work | peak mem GiB |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| own work | operators (own) | peak mem GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         if row["error"] is not None:
             lines.append(
                 f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
-                f"| does not run: {row['error'][:60]} |||||||| "
+                f"| does not run: {row['error'][:60]} ||||||||| "
             )
             continue
         overhead = row.get("overhead_frac")
         memory = row.get("peak_mem_bytes")
         gflop = row["flops"] / 1e9 if row["flops"] else None
+        operators = row.get("operators")
+        if operators is not None and row["variant"] != "none":
+            operators = f"{operators} (+{row['added_operators']})"
         lines.append(
             f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
             f"| {_fmt(row['median_s'], 3)} | {_fmt(row.get('iqr_s'), 3)} | {_fmt(row['speedup'], 2, 'x')} "
             f"| {_fmt(gflop, 1)} | {_fmt(row['ideal_speedup'], 2, 'x')} "
             f"| {_fmt(row['efficiency'])} | {_fmt(None if overhead is None else 100 * overhead, 1, '%')} "
+            f"| {'-' if operators is None else operators} "
             f"| {_fmt(None if memory is None else memory / 2**30, 2)} |"
         )
     return "\n".join(lines)

@@ -40,8 +40,11 @@ def test_bad_values_are_refused_with_what_is_allowed(options, message):
 
 def test_max_ratio_depends_on_the_partition():
     assert MergeConfig().max_ratio == 0.75  # one destination per 2x2 cell
-    assert MergeConfig(dst_selection="random", dst_fraction=0.2).max_ratio == pytest.approx(0.8)
+    assert MergeConfig(dst_selection="random", dst_fraction=0.3).max_ratio == pytest.approx(0.7)
     assert MergeConfig(sx=3, sy=1).max_ratio == pytest.approx(2 / 3)
+    # Warm-up steps and ToMeSD fallbacks partition into cells whatever dst_selection says: their bound holds
+    assert MergeConfig(dst_selection="random", dst_fraction=0.2).max_ratio == 0.75
+    assert MergeConfig(dst_selection="topk", dst_fraction=0.1, sx=4, sy=4).max_ratio == pytest.approx(0.9)
 
 
 def test_presets_are_valid_and_replace_checks_names():

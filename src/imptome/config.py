@@ -174,10 +174,13 @@ class MergeConfig:
 
     @property
     def max_ratio(self) -> float:
-        """Largest allowed ratio: every destination must survive, so R <= N - D."""
+        """Largest allowed ratio: every destination must survive, so R <= N - D. The cells' bound holds for
+        every method: steps before `importance_start_step` and calls that fall back to ToMeSD's partition
+        use cells, whatever `dst_selection` says."""
+        cells = 1.0 - 1.0 / (self.sx * self.sy)
         if self.method == "tome" or self.dst_selection == "cells":
-            return 1.0 - 1.0 / (self.sx * self.sy)
-        return 1.0 - self.dst_fraction
+            return cells
+        return min(cells, 1.0 - self.dst_fraction)
 
     @property
     def fallback_partition(self) -> Literal["random", "tome"]:

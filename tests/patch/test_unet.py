@@ -335,6 +335,22 @@ def test_non_square_odd_grid_and_several_prompts(sd):
     assert torch.equal(record.roles[:2], record.roles[2:])  # [uncond x2, cond x2] rows share plans per image
 
 
+@pytest.mark.parametrize(
+    ("options", "tokens"),
+    [
+        ({"sx": 4, "sy": 4}, [15, 15, 15]),
+        # steps 0-1 (before importance_start_step) partition into 2 x 2 cells, which this grid has room for
+        ({"dst_selection": "random", "dst_fraction": 0.05}, [8, 8, 15]),
+    ],
+)
+def test_a_grid_without_room_for_a_destination_is_left_unmerged(sd, options, tokens):
+    """A 3 x 5 top level holds no full 4 x 4 cell, and 15 * 0.05 tokens round to no pool destination: that
+    grid is not merged (0.6.5 failed in the similarity's max over no destinations)."""
+    imptome.apply_patch(sd, ratio=0.5, **options)
+    counts = query_token_counts(sd.unet, lambda: generate(sd, steps=3, height=24, width=40))
+    assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == tokens
+
+
 def test_no_cfg_warns_once_and_makes_no_map(sd):
     imptome.apply_patch(sd, ratio=0.7)
     with warnings.catch_warnings(record=True) as caught:
@@ -448,6 +464,18 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     with pytest.raises(ValueError, match=r"seed=-1 must be a non-negative int"):
         imptome.apply_patch(sd, seed=-1)
     assert not imptome.is_patched(sd)
+
+
+@pytest.mark.parametrize("dst_selection", ["random", "topk"])
+def test_the_largest_allowed_ratio_runs_through_warm_up_and_fallback(sd, dst_selection):
+    """max_ratio bounds every partition of a generation: the warm-up step and calls without CFG use ToMeSD's
+    cells whatever dst_selection says (0.6.5 allowed 0.8 with dst_fraction=0.2 and failed in step 0)."""
+    config = imptome.MergeConfig(dst_selection=dst_selection, dst_fraction=0.2, fallback="tome")
+    imptome.apply_patch(sd, config.replace(ratio=config.max_ratio))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "imptome: this denoiser call has no classifier-free guidance")
+        for guidance in (7.5, 1.0):
+            assert np.isfinite(generate(sd, steps=3, guidance_scale=guidance)).all()
 
 
 def test_unet_without_transformer_blocks_is_refused_at_patch_time():

@@ -402,6 +402,8 @@ class PatchState:
             dst_idx = cell_partition(units, grid, config.sy, config.sx, draw_key)
             if importance is not None:
                 in_pool = importance_pool(importance, num_pool)
+        if dst_idx.shape[1] == 0:  # a grid smaller than one cell, or N * dst_fraction < 1: no destination
+            return None
         if per_row:  # one partition and pool per image, repeated for each copy of it
             dst_idx = dst_idx.repeat(self.copies, 1)
             in_pool = None if in_pool is None else in_pool.repeat(self.copies, 1)

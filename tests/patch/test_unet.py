@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
@@ -303,6 +304,22 @@ def test_proportional_attention_passes_log_group_sizes_to_merged_self_attention(
             assert all(mask is None for mask in seen), name  # cross-attention and unmerged levels: no mask
     assert sum(any(m is not None for m in seen) for seen in masks.values()) == 5  # the 5 top-level attn1
     assert not np.array_equal(merged, base) and np.isfinite(merged).all()
+
+
+def test_an_attn1_over_the_text_is_merged_as_cross_attention(sd):
+    """UNets built with only_cross_attention (the SD 2 x4 upscaler's) have an attn1 whose keys are the text:
+    its queries are merged, but proportional attention's mask over kept image tokens is not passed to it
+    (0.6.5 did, and diffusers failed on a 77-key attention given a 128-key mask). With CFG and no other
+    self-attention, proportional attention then changes nothing."""
+    pipe = StableDiffusionPipeline(**{**sd.components, "unet": tiny_sd_unet(only_cross_attention=True)})
+    pipe.set_progress_bar_config(disable=True)
+    latents = {}
+    for proportional in (False, True):
+        imptome.apply_patch(pipe, ratio=0.5, proportional_attention=proportional)
+        run = lambda proportional=proportional: latents.setdefault(proportional, generate(pipe))  # noqa: E731
+        counts = query_token_counts(pipe.unet, run)
+        assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [128] * 4
+    assert np.array_equal(latents[True], latents[False])
 
 
 def test_proportional_attention_with_xformers_and_an_unaligned_key_count_is_a_clear_error():

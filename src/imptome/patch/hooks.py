@@ -192,6 +192,8 @@ def merged_layers(blocks: list[BlockSite], config: MergeConfig) -> list[MergedLa
         for attribute, selected, self_attention in candidates:
             module = getattr(block, attribute, None)
             if selected and module is not None:
+                # A block built with only_cross_attention (the SD 2 x4 upscaler's) has an attn1 over the text
+                self_attention = self_attention and not getattr(module, "is_cross_attention", False)
                 layers.append(MergedLayer(f"{site.name}.{attribute}", site.name, module, self_attention))
     return layers
 

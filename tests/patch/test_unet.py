@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -43,6 +44,23 @@ def test_ratio_zero_and_remove_patch_are_bit_identical(sd):
     assert np.isfinite(merged).all()
     imptome.remove_patch(sd)
     assert np.array_equal(generate(sd), base)
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own(sd):
+    """copy.deepcopy (an EMA copy, a patched and a plain variant) gives a model that merges as the original
+    does, through its own state, and unpatches alone. In 0.6.5 the copy's denoiser hooks drove the
+    original's state while its layer hooks read the copy's, and the copy merged with stale plans."""
+    base = generate(sd)
+    imptome.apply_patch(sd, ratio=0.7)
+    merged = generate(sd)
+    copied = StableDiffusionPipeline(**{**sd.components, "unet": copy.deepcopy(sd.unet)})
+    copied.set_progress_bar_config(disable=True)
+    original_calls = _state(sd).calls
+    assert np.array_equal(generate(copied), merged)
+    assert _state(sd).calls == original_calls and _state(copied) is not _state(sd)
+    imptome.remove_patch(copied)
+    assert np.array_equal(generate(copied), base)
+    assert np.array_equal(generate(sd), merged)
 
 
 def test_patching_twice_equals_patching_once(sd):

@@ -48,27 +48,39 @@ def _timestep_position(denoiser: nn.Module) -> int:
     return list(inspect.signature(type(denoiser).forward).parameters).index("timestep") - 1  # minus self
 
 
-# The denoiser hooks hold host logic (timestep and batch checks) and run eagerly, once per call. Disabling
-# Dynamo on the hook functions themselves, not only on what they call, keeps them out of any trace: a model
-# compiled whole with `torch.compile(denoiser, fullgraph=True)` runs its hooks outside the compiled frame
-# (Dynamo would otherwise trace the hook frame and stop at its first eager call).
-def _denoiser_pre_hook(state: PatchState, timestep_position: int):
+class _DenoiserHooks:
+    """Start and end each denoiser call in the patch's state.
+
+    Methods of an object holding the state, not closures: `copy.deepcopy` of a patched model then gives a
+    copy whose every hook drives the copy's state (a closure is copied by reference, so the copy's denoiser
+    hooks drove the original's state while its layer hooks read the copy's).
+
+    The hooks hold host logic (timestep and batch checks) and run eagerly, once per call. Disabling Dynamo
+    on the hook functions themselves, not only on what they call, keeps them out of any trace: a model
+    compiled whole with `torch.compile(denoiser, fullgraph=True)` runs its hooks outside the compiled frame
+    (Dynamo would otherwise trace the hook frame and stop at its first eager call).
+    """
+
+    def __init__(self, state: PatchState, timestep_position: int) -> None:
+        self.state = state
+        self.timestep_position = timestep_position
+
     @torch.compiler.disable
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[timestep_position]
-        state.begin_call(sample, timestep)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[self.timestep_position]
+        self.state.begin_call(sample, timestep)
 
-    return hook
-
-
-def _denoiser_post_hook(state: PatchState):
     @torch.compiler.disable
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         noise_pred = output[0] if isinstance(output, tuple) else output.sample
-        state.end_call(noise_pred)
+        self.state.end_call(noise_pred)
 
-    return hook
+    def register(self, denoiser: nn.Module) -> list[RemovableHandle]:
+        return [
+            denoiser.register_forward_pre_hook(self.pre, with_kwargs=True),
+            denoiser.register_forward_hook(self.post, with_kwargs=True),
+        ]
 
 
 class _LayerHooks:
@@ -202,12 +214,7 @@ def register_hooks(
     denoiser: nn.Module, layers: list[MergedLayer], state: PatchState
 ) -> list[RemovableHandle]:
     """Hook the denoiser and each merged layer; returns the handles to remove."""
-    handles = [
-        denoiser.register_forward_pre_hook(
-            _denoiser_pre_hook(state, _timestep_position(denoiser)), with_kwargs=True
-        ),
-        denoiser.register_forward_hook(_denoiser_post_hook(state), with_kwargs=True),
-    ]
+    handles = _DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
     for index, layer in enumerate(layers):
         handles += _LayerHooks(state, layer.block_name, index, layer.self_attention).register(layer.module)
     return handles

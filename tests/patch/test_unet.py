@@ -21,10 +21,10 @@ PROMPT = "a red circle on the left"
 TOP_CROSS_ATTENTION = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
-def generate(pipe, steps: int = 4, seed: int = 0, **kwargs) -> np.ndarray:
+def generate(pipe, steps: int = 4, seed: int = 0, prompt=PROMPT, **kwargs) -> np.ndarray:
     """Final latents (decoding adds nothing to what is tested here)."""
     generator = torch.Generator().manual_seed(seed)
-    out = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
+    out = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
     return out.images.numpy()
 
 
@@ -908,3 +908,55 @@ def test_a_generation_rerun_after_an_interrupted_one_is_the_uninterrupted_one(sd
     uninterrupted = generate(sd, steps=3, guidance_scale=guidance_scale)
     interrupted_generation(sd, steps=3, guidance_scale=guidance_scale)
     assert np.array_equal(generate(sd, steps=3, guidance_scale=guidance_scale), uninterrupted)
+
+
+def stop_after_first_step(pipe, step, timestep, callback_kwargs):
+    """A callback_on_step_end that stops the generation (diffusers' `_interrupt`) after its first step."""
+    pipe._interrupt = True
+    return callback_kwargs
+
+
+def test_image_to_image_after_an_interrupted_generation_starts_afresh(sd):
+    """Stopping a generation and then running image-to-image, whose first timestep is lower than where the
+    stopped one ended: once taken for that generation's next step, with its map, step count and draws. The
+    new scheduler timesteps (set_timesteps makes them anew) tell the new generation."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    imptome.apply_patch(sd, ratio=0.7, importance_start_step=1, merge_start_step=1)
+    fresh = generate(img2img, image=image, strength=0.5)  # timesteps 501, 251 of 4 steps (DDIM)
+    generate(sd, callback_on_step_end=stop_after_first_step)  # stops after t = 751
+    assert np.array_equal(generate(img2img, image=image, strength=0.5), fresh)
+
+
+@pytest.mark.filterwarnings("ignore:imptome. this denoiser call has no classifier-free guidance")
+def test_back_to_back_one_step_generations_do_not_depend_on_each_other(sd):
+    """One-step generations without CFG (turbo models), the same seed: the second call, at the same timestep
+    with the same latents, was taken for the second pass of a split-CFG pair and reused the plans matched
+    on the first prompt's features; with another batch shape, it counted as another call of the first
+    generation's step. Each generation's one-element schedule is new memory, which a pair never has."""
+    imptome.apply_patch(sd, ratio=0.7, plan_scope="layer", importance_start_step=0, merge_start_step=0)
+    one_step = dict(steps=1, guidance_scale=1.0)
+    fresh_blue = generate(sd, prompt="a blue square", **one_step)
+    fresh_pair = generate(sd, prompt=["a blue square", "a red circle"], **one_step)
+    generate(sd, **one_step)
+    assert np.array_equal(generate(sd, prompt="a blue square", **one_step), fresh_blue)
+    assert np.array_equal(generate(sd, prompt=["a blue square", "a red circle"], **one_step), fresh_pair)
+
+
+@pytest.mark.parametrize("made_per_step", [True, False], ids=["tensor-per-step", "schedule-view"])
+def test_split_cfg_by_hand_steps_through_the_generation(made_per_step):
+    """Split CFG in a hand-written loop: a timestep tensor made for each step and passed to both passes
+    (e.g. t.expand(n).to(dtype)) is not taken for a new schedule at every step, and views of one schedule
+    are one generation."""
+    unet, state, latent, cond, uncond = split_cfg_case()
+    schedule = torch.tensor([900, 700, 500, 300])
+    with torch.no_grad():
+        for step, t in enumerate(schedule):
+            timestep = torch.full((1,), float(t)) if made_per_step else t.expand(1)
+            first = unet(latent, timestep, encoder_hidden_states=cond).sample
+            second = unet(latent, timestep, encoder_hidden_states=uncond).sample
+            assert state.step == step and state.paired
+            latent = latent - 0.1 * (second + 3 * (first - second))
+    assert state.calls == len(schedule) - 1  # one draw key per pair

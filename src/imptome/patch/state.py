@@ -58,6 +58,12 @@ def _reusable(
     )
 
 
+def _views_part_of_its_memory(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` reads fewer elements than its memory holds (e.g. one timestep of a schedule)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return span < tensor.untyped_storage().nbytes() // tensor.element_size()
+
+
 @dataclass
 class PlanRecord:
     """A plan used in the last denoiser call, with what it was built from (see `imptome.merge_plan`).
@@ -144,6 +150,14 @@ class PatchState:
     # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
     unmerge_stacks: list[list[MergePlan | None]] = field(default_factory=list)
     call_open: bool = False  # from begin_call to end_call; still set at a begin_call: the last call raised
+    # The memory of the last call's timestep, held (so no other tensor takes its address), and whether it is
+    # a schedule: the scheduler's `timesteps`, which set_timesteps makes anew for every generation. It is
+    # when the timestep is a view of part of it (`for t in timesteps`), or when it held two timesteps of the
+    # generation; a tensor made for one step (e.g. t.expand(n).to(dtype)) is neither, and neither is the
+    # one-element schedule of a one-step generation.
+    schedule: torch.Tensor | None = None
+    schedule_first_timestep: float | None = None
+    is_schedule: bool = False
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -176,9 +190,11 @@ class PatchState:
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
-        A new generation starts when the timestep goes up, or when a call at the first timestep of a
-        generation repeats with the same input shape and is no split-CFG pair: one-step generations run
-        back to back, whose plans must not depend on how many ran before. Other calls at the same timestep
+        A new generation starts when the timestep goes up, when it lives in other memory than the last
+        call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts lower),
+        or when a call at the first timestep of a generation repeats and is no split-CFG pair, with the same
+        input shape or a timestep in other memory: one-step generations run back to back, whose plans must
+        not depend on how many ran before. Other calls at the same timestep
         belong to one step (e.g. Zero123++'s reference-image pass before the main pass, the two passes of
         split CFG, or SD3's skip-layer-guidance pass after the CFG batch). A call without CFG merges with the
         map of its step's CFG batch or split-CFG pair when one came before it, else as `config.fallback`
@@ -190,13 +206,19 @@ class PatchState:
             self.last_sample = self.last_output = None
         self.call_open = True
         t = self.read_timestep(timestep)
+        same_memory, new_schedule = self._compare_timestep_memory(timestep, t)
         same_timestep = t == self.last_timestep
-        self.paired = same_timestep and self._pairs_with_last_call(sample)
+        # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
+        # one-step generation (with a one-element schedule, which `new_schedule` cannot tell)
+        self.paired = same_timestep and same_memory is not False and self._pairs_with_last_call(sample)
         repeated_start = (
-            same_timestep and self.step == 0 and not self.paired and self.last_shape == sample.shape
+            same_timestep
+            and self.step == 0
+            and not self.paired
+            and (self.last_shape == sample.shape or same_memory is False)
         )
         self.last_shape = sample.shape
-        if self.last_timestep is None or t > self.last_timestep or repeated_start:
+        if self.last_timestep is None or t > self.last_timestep or repeated_start or new_schedule:
             new_generation = True
             check_no_output_cache(self.merged_modules)  # a cache may have been enabled after patching
             self.step = 0
@@ -245,6 +267,29 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+
+    def _compare_timestep_memory(self, timestep: object, t: float) -> tuple[bool | None, bool]:
+        """(whether this call's timestep lives in the last call's timestep memory, None when either is no
+        tensor; whether it does not and the last call's was a schedule, see `schedule`). Comparing addresses
+        waits for nothing."""
+        if not isinstance(timestep, torch.Tensor):
+            self.schedule = None
+            return None, False
+        last = self.schedule
+        if last is None:
+            same = None
+        else:
+            same = (
+                last.device == timestep.device
+                and last.untyped_storage().data_ptr() == timestep.untyped_storage().data_ptr()
+            )
+        if same:
+            self.is_schedule |= t != self.schedule_first_timestep
+            return True, False
+        changed = same is False and self.is_schedule
+        self.schedule, self.schedule_first_timestep = timestep, t
+        self.is_schedule = _views_part_of_its_memory(timestep)
+        return same, changed
 
     def _pairs_with_last_call(self, sample: torch.Tensor) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample

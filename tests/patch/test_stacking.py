@@ -344,6 +344,34 @@ def test_attention_cache_off_the_merged_layers_stacks():
         imptome.apply_patch(pipe, ratio=0.7, merge_crossattn=True)
 
 
+def chunk_feed_forward(model, chunk_size: int | None, dim: int) -> None:
+    for module in model.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(chunk_size, dim)
+
+
+@pytest.mark.parametrize(("chunk_size", "dim"), [(64, 1), (1, 0)], ids=["tokens", "batch"])
+def test_feed_forward_chunking_on_a_merged_feed_forward_is_refused(chunk_size, dim):
+    """Chunked, a feed-forward runs on slices of the tokens or of the batch. With merge_mlp=True those slices
+    would be merged: 64 tokens of the 16 x 16 level were taken for the 8 x 8 grid and merged with its plan,
+    a wrong image without an error. Refused whether chunking came before or after patching; without
+    merge_mlp chunking stacks."""
+    pipe = tiny_sd_pipeline()
+    message = r"merges the tokens entering .*transformer_blocks.0.ff \(merge_mlp=True\).* is chunked"
+    chunk_feed_forward(pipe.unet, chunk_size, dim)  # enable_forward_chunking() on models that have it
+    with pytest.raises(ValueError, match=message):
+        imptome.apply_patch(pipe, ratio=0.5, merge_mlp=True)
+    imptome.apply_patch(pipe, ratio=0.5)
+    chunked = generate(pipe, steps=2)
+    chunk_feed_forward(pipe.unet, None, 0)
+    assert torch.equal(generate(pipe, steps=2), chunked)
+    imptome.apply_patch(pipe, ratio=0.5, merge_mlp=True)
+    generate(pipe, steps=2)
+    chunk_feed_forward(pipe.unet, chunk_size, dim)
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, steps=2)
+
+
 # diffusers before 0.41 asks torch.accelerator for a device when group offloading, and fails without one
 OFFLOAD_WITHOUT_ACCELERATOR = needs_diffusers("0.41", "group offloading without a GPU", not has_accelerator())
 

@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from imptome.config import PRESETS, MergeConfig
 from imptome.patch.families import (
     DENOISER_FAMILIES,
-    check_no_output_cache,
+    check_merged_layers,
     denoiser_info,
     finest_attention_downsample,
     spatial_blocks,
@@ -78,7 +78,8 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     if not layers:
         raise ValueError(_nothing_to_merge(denoiser, config, has_blocks=bool(blocks)))
     merged_modules = {layer.name: layer.module for layer in layers}
-    check_no_output_cache(merged_modules)
+    feed_forward_blocks = {layer.block_name: layer.block for layer in layers if layer.name.endswith(".ff")}
+    check_merged_layers(merged_modules, feed_forward_blocks)
     _unhook(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
     state = PatchState(
@@ -87,6 +88,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         cond_first=cond_first,
         max_downsample=config.max_downsample or finest_attention_downsample(denoiser),
         merged_modules=merged_modules,
+        feed_forward_blocks=feed_forward_blocks,
         attention_modules=[module for module in denoiser.modules() if hasattr(module, "processor")],
     )
     handles = register_hooks(denoiser, layers, state)

@@ -127,6 +127,32 @@ def finest_attention_downsample(denoiser: nn.Module) -> int:
     return 2 ** max(levels - 1, 0)
 
 
+def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[str, nn.Module]) -> None:
+    """Refuse what would make merging the layers go wrong: `check_no_output_cache` and
+    `check_no_chunked_feed_forward`. Run at patching and at every generation's start (either may be set on
+    the model after patching)."""
+    check_no_output_cache(merged)
+    check_no_chunked_feed_forward(feed_forward_blocks)
+
+
+def check_no_chunked_feed_forward(blocks: dict[str, nn.Module]) -> None:
+    """Refuse diffusers' feed-forward chunking in blocks whose feed-forward imptome merges (merge_mlp=True).
+
+    `set_chunk_feed_forward` / `enable_forward_chunking` call the feed-forward on slices of the tokens or
+    of the batch, so its merge would see a slice: a slice of tokens looks like a coarser grid and would be
+    merged with that grid's plan, a wrong image without any error.
+    """
+    for name, block in blocks.items():
+        if getattr(block, "_chunk_size", None) is not None:
+            raise ValueError(
+                f"imptome merges the tokens entering {name}.ff (merge_mlp=True), and that block's "
+                f"feed-forward is chunked (chunk size {block._chunk_size} along dim {block._chunk_dim}), so "
+                "it sees slices of the tokens or the batch that cannot be merged. Merging already shrinks "
+                "the feed-forward's input: turn chunking off (disable_forward_chunking() on the models that "
+                "have it, set_chunk_feed_forward(None) on the blocks) or use merge_mlp=False."
+            )
+
+
 def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
     """Refuse diffusers hooks that keep a merged layer's output between calls.
 

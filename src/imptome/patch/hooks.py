@@ -28,6 +28,7 @@ class MergedLayer:
 
     name: str
     block_name: str
+    block: nn.Module
     module: nn.Module
     self_attention: bool
 
@@ -206,7 +207,8 @@ def merged_layers(blocks: list[BlockSite], config: MergeConfig) -> list[MergedLa
             if selected and module is not None:
                 # A block built with only_cross_attention (the SD 2 x4 upscaler's) has an attn1 over the text
                 self_attention = self_attention and not getattr(module, "is_cross_attention", False)
-                layers.append(MergedLayer(f"{site.name}.{attribute}", site.name, module, self_attention))
+                name = f"{site.name}.{attribute}"
+                layers.append(MergedLayer(name, site.name, block, module, self_attention))
     return layers
 
 

@@ -22,7 +22,7 @@ from imptome.merge import (
 )
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
-from imptome.patch.families import DenoiserInfo, check_no_output_cache, perturbed_attention_layout
+from imptome.patch.families import DenoiserInfo, check_merged_layers, perturbed_attention_layout
 from imptome.patch.timestep import TimestepReader
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
@@ -145,6 +145,7 @@ class PatchState:
     warned_no_cfg: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
+    feed_forward_blocks: dict[str, nn.Module] = field(default_factory=dict)  # block name -> block, ff merged
     checked_layers: bool = False
     # Each layer hook's stack of the plans its calls merged with, popped at their unmerge. A call stopped by
     # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
@@ -220,7 +221,8 @@ class PatchState:
         self.last_shape = sample.shape
         if self.last_timestep is None or t > self.last_timestep or repeated_start or new_schedule:
             new_generation = True
-            check_no_output_cache(self.merged_modules)  # a cache may have been enabled after patching
+            # a cache or chunking may have been enabled after patching
+            check_merged_layers(self.merged_modules, self.feed_forward_blocks)
             self.step = 0
             self.importance = None
             self.last_plans = []

@@ -41,7 +41,13 @@ from imptome.patch.state import PlanRecord
 # patch is removed; a generation without CFG rerun after one cancelled in its first call no longer fails
 # (its first call was taken for a split-CFG pass); dependency floors raised to the versions CI runs. Images
 # do not change otherwise.
-__version__ = "0.6.5"
+# 0.6.6: a generation whose timesteps live in new memory is a new one (image-to-image after an interrupted
+# generation continued it; back-to-back one-step generations without CFG were taken for split-CFG pairs);
+# a deep copy of a patched model drives its own state; an attn1 over the text (only_cross_attention) gets no
+# proportional-attention mask; a grid with no room for a destination stays unmerged; max_ratio respects the
+# cells of warm-up steps with any dst_selection; feed-forward chunking on a merged feed-forward is refused;
+# `imptome bench speed` counts operators per step. Images of uninterrupted generations do not change.
+__version__ = "0.6.6"
 
 __all__ = [
     "PRESETS",

@@ -195,11 +195,11 @@ class PatchState:
         call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts lower),
         or when a call at the first timestep of a generation repeats and is no split-CFG pair, with the same
         input shape or a timestep in other memory: one-step generations run back to back, whose plans must
-        not depend on how many ran before. Other calls at the same timestep
-        belong to one step (e.g. Zero123++'s reference-image pass before the main pass, the two passes of
-        split CFG, or SD3's skip-layer-guidance pass after the CFG batch). A call without CFG merges with the
-        map of its step's CFG batch or split-CFG pair when one came before it, else as `config.fallback`
-        says; it neither produces nor clears the map, so a later guided call of the generation can use it.
+        not depend on how many ran before. Other calls at the same timestep belong to one step (e.g.
+        Zero123++'s reference-image pass before the main pass, the two passes of split CFG, or SD3's
+        skip-layer-guidance pass after the CFG batch). A call without CFG merges with the map of its step's
+        CFG batch or split-CFG pair when one came before it, else as `config.fallback` says; it neither
+        produces nor clears the map, so a later guided call of the generation can use it.
         """
         for stack in self.unmerge_stacks:
             stack.clear()

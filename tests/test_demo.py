@@ -17,14 +17,19 @@ def model_dir(tmp_path_factory):
 
 
 def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
-    out = tmp_path / "grid.png"
-    argv = ["demo", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "4", "--out", str(out)]
+    """Three steps: the middle one (1) comes before the map is used (from step 2), so the importance panels
+    show step 2. --out without a suffix in a folder that does not exist yet writes a PNG there."""
+    out = tmp_path / "figures" / "grid"
+    argv = ["demo", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "3", "--out", str(out)]
     assert main(argv) == 0
-    with Image.open(out) as image:
-        assert image.width > 7 * 100  # seven panels per row: 4 images, 2 token maps, 1 heatmap
+    with Image.open(out.with_suffix(".png")) as image:
+        assert image.format == "PNG"
+        assert image.width == round(7 * 2.1 * 110)  # 7 panels of 2.1 in: 4 images, 2 token maps, 1 heatmap
     printed = capsys.readouterr().out
     for variant in ("none", "tome", "importance", "importance+prop"):
         assert variant in printed
+    assert "batch 2 with CFG" in printed and "grid.png" in printed.replace("\n", "")
+    assert "No step of the importance variants used the CFG map" not in printed
 
 
 @pytest.mark.parametrize(
@@ -34,6 +39,10 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         (["demo", "--model", "./no/such/folder"], "does not exist"),
         (["demo", "--steps", "1"], "at least 2 steps"),
         (["demo", "--set", "fallback=cells"], "fallback='cells' is not supported; choose one of"),
+        (["demo", "--set", "method=tome"], "runs every method; the method cannot be set"),
+        (["demo", "--guidance", "-1"], "must be a number >= 0"),
+        (["demo", "--out", "grid.txt"], "cannot write a .txt figure; use one of .eps, "),
+        (["demo", "--out", "."], "--out . is a folder; name a file in it"),
     ],
 )
 def test_demo_rejects_bad_input(argv, message, capsys):

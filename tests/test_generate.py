@@ -138,6 +138,7 @@ def test_a_partly_done_batch_is_regenerated_whole_and_only_its_missing_image_wri
     metadata = read_metadata(out / "00002_0.png")
     assert metadata is not None
     assert (metadata["method"], metadata["batch_size"], metadata["prompt"]) == ("tome", 2, PROMPTS[2])
+    assert metadata["guidance"] == 7.5  # diffusers' usual scale for a --model; the bundled model's is 5
 
     (out / "00003_0.png").unlink()  # batches are [0, 1], [2, 3], [4]: batch [2, 3] is half done
     capsys.readouterr()
@@ -293,6 +294,7 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         ),
         "negative ratio": ([*args(), "--ratio", "-0.1"], "ratio=-0.1 is out of range"),
         "zero steps": ([*args(), "--steps", "0"], "--steps 0: must be at least 1"),
+        "negative guidance": ([*args(), "--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
         "unknown --set option": ([*args(), "--set", "speed=11"], "expected KEY=VALUE with KEY one of"),
@@ -315,3 +317,13 @@ def test_bad_input_exits_2_with_a_clear_message_before_loading(
         error = capsys.readouterr().err
         assert error.startswith("imptome: error: ") and message in error, (name, error)
         assert "Traceback" not in error
+
+
+def test_the_guidance_default_is_the_bundled_models_own_without_model(tmp_path, prompts_file):
+    from imptome.cli import build_parser
+    from imptome.miniature import GUIDANCE
+
+    argv = ["generate", "--prompts", str(prompts_file), "--out", str(tmp_path / "out")]
+    args = build_parser(argv).parse_args(argv)
+    generate._validate(args)
+    assert args.guidance == GUIDANCE == 5.0

@@ -18,6 +18,7 @@ import types
 import typing
 from typing import Any, Literal
 
+import imptome
 from imptome.config import MergeConfig
 
 # subcommand -> (module, one-line help); "bench" has its own subcommands.
@@ -45,15 +46,18 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
 
 
-def merge_options(pairs: list[str], ratio: float, method: str) -> dict[str, Any]:
+def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool = True) -> dict[str, Any]:
     """MergeConfig options from `--set KEY=VALUE` strings, typed as the fields are and checked together
-    with `ratio` and `method` (which have their own flags); a CliError names what is wrong."""
+    with `ratio` and `method` (which have their own flags; `method_flag=False` for a command that runs
+    every method); a CliError names what is wrong."""
     hints = typing.get_type_hints(MergeConfig)
     settable = [f.name for f in dataclasses.fields(MergeConfig) if f.name not in ("ratio", "method")]
     options: dict[str, Any] = {}
     for pair in pairs:
         key, equals, text = pair.partition("=")
         key = key.strip().replace("-", "_")
+        if key == "method" and not method_flag:
+            raise CliError(f"--set {pair}: this command runs every method; the method cannot be set")
         if key in ("ratio", "method"):
             raise CliError(f"--set {pair}: use --{key} for the {key}")
         if not equals or key not in settable:
@@ -103,8 +107,22 @@ def _describe(annotation: Any) -> str:
     return {bool: "true or false"}.get(annotation, annotation.__name__)
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that names each option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = any(default is none for none in (None, False, argparse.SUPPRESS)) or default == []
+        if unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser = subparsers.add_parser(
+        name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults
+    )
     parser.set_defaults(_module=module)
     if load:  # only the chosen subcommand's module is imported: `imptome demo` never imports the benchmarks
         importlib.import_module(module).add_arguments(parser)
@@ -115,6 +133,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     words = [word for word in argv if not word.startswith("-")]
     chosen = words[:2] if words[:1] == ["bench"] else words[:1]
     parser = argparse.ArgumentParser(prog="imptome", description="Importance-based token merging (diffusers)")
+    parser.add_argument("--version", action="version", version=f"imptome {imptome.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,bench}")
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text, load=chosen == [name])

@@ -4,11 +4,13 @@ attention), side by side, on the same seeds."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -17,6 +19,7 @@ import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.cli import CliError, add_set_argument, merge_options
 from imptome.loading import DTYPES, load_pipeline
+from imptome.miniature import GUIDANCE
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
@@ -41,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
     parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (1 or less: no CFG)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
-    parser.add_argument("--out", default="imptome-demo.png", help="PNG file to write")
+    parser.add_argument("--out", default="imptome-demo.png", help="figure to write (.png when no suffix)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
     add_set_argument(parser)
 
 
@@ -53,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Result:
     images: list
     step_seconds: float
-    importance: torch.Tensor | None = None  # [U, h, w] the map the middle step's plan was built from
-    roles: torch.Tensor | None = None  # [B, h, w] at the middle step
+    importance: torch.Tensor | None = None  # [U, h, w] the map the shown plan was built from
+    roles: torch.Tensor | None = None  # [B, h, w] token roles of the shown plan
+    step: int | None = None  # the step of the shown plan
 
 
 def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
@@ -68,14 +72,17 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
         except ValueError as error:
             raise CliError(str(error)) from None
     middle = args.steps // 2
-    captured: dict[str, torch.Tensor | None] = {}
+    captured: dict[str, torch.Tensor | int | None] = {}
 
     def on_step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
-        if step == middle and method is not None:
+        # the plan of the middle step; for importance, of the first step from there whose plan used the map
+        # (a short generation may reach the map only after its middle step, or never)
+        wanted = method is not None and step >= middle and captured.get("importance") is None
+        if wanted and (step == middle or method == "importance"):
             plans = imptome.merge_plan(pipeline)
             finest = max(plans, key=lambda p: p.grid[0] * p.grid[1], default=None)
             if finest is not None:
-                captured["roles"] = finest.roles.cpu()
+                captured["roles"], captured["step"] = finest.roles.cpu(), step
                 captured["importance"] = None if finest.importance is None else finest.importance.cpu()
         progress.update(1)
         return kwargs
@@ -92,17 +99,41 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
             ).images
     finally:
         imptome.remove_patch(pipe)
-    return _Result(images, timer.median, captured.get("importance"), captured.get("roles"))
+    return _Result(
+        images, timer.median, captured.get("importance"), captured.get("roles"), captured.get("step")
+    )
+
+
+def _output_file(name: str) -> Path:
+    """The figure's path: `name`, with .png added when it has no suffix; its folder is made. A CliError when
+    it cannot be written (checked before any image is generated)."""
+    out = Path(name).expanduser()
+    if out.is_dir():
+        raise CliError(f"--out {name} is a folder; name a file in it, e.g. {out / 'imptome-demo.png'}")
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise CliError(
+            f"--out {name}: cannot write a .{out.suffix[1:]} figure; use one of .{', .'.join(formats)}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"--out {name}: cannot make its folder ({error.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise CliError(f"--out {name}: folder {out.parent.resolve()} is not writable")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     for variant in ("tome", "importance"):  # --set options apply to both merged variants
-        args.options = merge_options(args.set, args.ratio, variant)
+        args.options = merge_options(args.set, args.ratio, variant, method_flag=False)
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
-    out = Path(args.out)
-    if not os.access(out.parent.resolve(), os.W_OK):
-        raise CliError(f"cannot write {out}: folder {out.parent.resolve()} is not writable")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CliError(f"--guidance {args.guidance}: must be a number >= 0 (1 or less turns CFG off)")
+    out = _output_file(args.out)
     prompts = args.prompt or default_prompts()
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
@@ -123,15 +154,17 @@ def run(args: argparse.Namespace) -> int:
             columns.append((title, results["importance+prop"].images, "image"))
         if result.roles is not None:
             cond_rows = result.roles[-n:]  # the plan is shared by both CFG halves
-            columns.append((f"{variant}: kept tokens", list(cond_rows), "roles"))
-    importance = results["importance"].importance
-    if importance is not None:
-        columns.append((f"CFG importance used at step {args.steps // 2}", list(importance[:n]), "heatmap"))
+            columns.append((f"{variant}: kept tokens, step {result.step}", list(cond_rows), "roles"))
+    guided = results["importance"]
+    if guided.importance is not None:
+        columns.append((f"CFG importance used at step {guided.step}", list(guided.importance[:n]), "heatmap"))
     title = f"{args.model or 'bundled miniature model'}: {args.steps} steps, guidance {args.guidance:g}"
     title += "".join(f", {key}={value}" for key, value in args.options.items())
     comparison_grid(out, prompts, columns, title=title)
 
-    table = Table(title=f"denoiser time per step ({pipe.device}, batch {2 * n} with CFG)")
+    cfg = args.guidance > 1
+    batch = f"batch {2 * n} with CFG" if cfg else f"batch {n} without CFG"
+    table = Table(title=f"denoiser time per step ({pipe.device}, {batch})")
     for name in ("variant", "ratio", "median s/step", "speedup"):
         table.add_column(name, justify="right" if name != "variant" else "left")
     base = results["none"].step_seconds
@@ -140,5 +173,10 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(variant, ratio, f"{result.step_seconds:.4f}", f"{base / result.step_seconds:.2f}x")
     console = Console()
     console.print(table)
+    if guided.importance is None:
+        console.print(
+            "No step of the importance variants used the CFG map: "
+            + ("it needs guidance above 1." if not cfg else "it is used from a later step; add --steps.")
+        )
     console.print(f"wrote {out}")
     return 0

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.cli import CliError, add_set_argument, merge_options
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
+from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
 METHODS = ("none", "tome", "importance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -80,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     parser.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)"
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale; 1 or less turns it off (default: 5 for the bundled model, "
+        "which suits it; 7.5, diffusers' usual, with --model)",
     )
     parser.add_argument("--height", type=int, help="image height in px (default: the model's)")
     parser.add_argument("--width", type=int, help="image width in px (default: the model's)")
@@ -90,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", help="e.g. cuda:0 or cpu (default: the device accelerate gives the process)"
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
     parser.add_argument(
         "--compile",
         choices=COMPILE_MODES,
@@ -219,8 +223,10 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.seed < 0:
         raise CliError(f"--seed {args.seed}: seeds must be >= 0")
-    if not math.isfinite(args.guidance):
-        raise CliError(f"--guidance {args.guidance}: must be a finite number")
+    if args.guidance is None:
+        args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CliError(f"--guidance {args.guidance}: must be a number >= 0 (1 or less turns CFG off)")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def comparison_grid(
             if r == 0:
                 ax.set_title(col_title, fontsize=8)
             if c == 0:
-                ax.set_ylabel(row_titles[r], fontsize=7, wrap=True)
+                ax.set_ylabel(textwrap.fill(row_titles[r], 32), fontsize=7)  # lines fit one panel's height
     if any(kind == "roles" for _, _, kind in columns):
         fig.legend(handles=role_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     if title:

@@ -492,10 +492,14 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
         imptome.apply_patch(sd, ratio=0.9)
     with pytest.raises(ValueError, match=r"method="):
         imptome.apply_patch(sd, method="random")
-    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+    with pytest.raises(TypeError, match="cannot patch Linear objects: .*UNet2DConditionModel"):
         imptome.apply_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="cannot unpatch Linear objects"):
+        imptome.remove_patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
+    with pytest.raises(TypeError, match=r"config must be an imptome.MergeConfig, got dict; pass options as"):
+        imptome.apply_patch(sd, {"ratio": 0.5})
     with pytest.raises(ValueError, match=r"seed=-1 must be a non-negative int"):
         imptome.apply_patch(sd, seed=-1)
     assert not imptome.is_patched(sd)

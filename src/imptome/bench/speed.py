@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the weights")
     parser.add_argument(
         "--attention",
         default="sdpa",

@@ -9,6 +9,9 @@ from pathlib import Path
 
 MODEL_DIR = Path(__file__).parent / "model"
 
+#: The CFG scale that suits the bundled model (prompt accuracy 95.7% at 5 against 87.0% at 7.5, see Results).
+GUIDANCE = 5.0
+
 
 def miniature_path() -> Path:
     """Folder of the shipped miniature StableDiffusionPipeline (save_pretrained layout, safetensors)."""
@@ -20,4 +23,4 @@ def miniature_path() -> Path:
     return MODEL_DIR
 
 
-__all__ = ["MODEL_DIR", "miniature_path"]
+__all__ = ["GUIDANCE", "MODEL_DIR", "miniature_path"]

@@ -38,9 +38,9 @@ _INNER = ("_orig_mod", "unet", "transformer")
 _MAX_WRAPPING = 4
 
 
-def find_denoiser(target: Any) -> nn.Module:
+def find_denoiser(target: Any, verb: str = "patch") -> nn.Module:
     """The denoiser of a pipeline (`unet` or `transformer`, looking through wrappers that keep the denoiser
-    under one of those names), a supported denoiser itself, or a TypeError."""
+    under one of those names), a supported denoiser itself, or a TypeError saying what cannot be `verb`ed."""
     module = target
     for _ in range(_MAX_WRAPPING + 1):
         if isinstance(module, tuple(DENOISER_FAMILIES)):
@@ -50,7 +50,7 @@ def find_denoiser(target: Any) -> nn.Module:
         if module is None:
             break
     raise TypeError(
-        f"imptome cannot patch a {type(target).__name__}: pass a diffusers pipeline with a `unet` or "
+        f"imptome cannot {verb} {type(target).__name__} objects: pass a diffusers pipeline with a `unet` or "
         f"`transformer`, or one of the supported denoisers: {supported_names()}"
     )
 
@@ -68,6 +68,11 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     Applying again replaces the previous patch.
     """
     denoiser = find_denoiser(target)
+    if config is not None and not isinstance(config, MergeConfig):
+        raise TypeError(
+            f"config must be an imptome.MergeConfig, got {type(config).__name__}; pass options as keywords "
+            "(apply_patch(pipe, ratio=0.5)) or apply_patch(pipe, **options)"
+        )
     info = denoiser_info(denoiser)
     config = config if config is not None else PRESETS[info.family]
     if options:
@@ -134,7 +139,7 @@ def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None)
 
 def remove_patch(target: T) -> T:
     """Remove imptome's hooks; the model computes exactly what it did before patching. Returns `target`."""
-    denoiser = find_denoiser(target)
+    denoiser = find_denoiser(target, "unpatch")
     if _unhook(denoiser):
         _drop_compiled_code(denoiser)
     return target

@@ -75,8 +75,8 @@ def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
     family = next((name for cls, name in DENOISER_FAMILIES.items() if isinstance(denoiser, cls)), None)
     if family is None:
         raise TypeError(
-            f"imptome cannot patch a {type(denoiser).__name__}; supported denoisers: {supported_names()} "
-            "(or a diffusers pipeline that has one as `unet` or `transformer`)"
+            f"imptome cannot patch {type(denoiser).__name__} objects; supported denoisers: "
+            f"{supported_names()} (or a diffusers pipeline that has one as `unet` or `transformer`)"
         )
     config = denoiser.config
     in_channels = config.in_channels

@@ -48,3 +48,16 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
 def test_demo_rejects_bad_input(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_without_guidance_says_so(model_dir, tmp_path, capsys):
+    """Guidance 1 turns CFG off: the table says so, the demo says why no importance panel is shown, and
+    imptome's warning about calls without CFG is one line, not Python's warning format."""
+    out = tmp_path / "grid.png"
+    argv = ["demo", "--model", str(model_dir), "--prompt", "a red circle", "--steps", "3", "--guidance", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "batch 1 without CFG" in captured.out
+    assert "used the CFG map: it needs guidance above 1" in captured.out.replace("\n", " ")
+    assert "imptome: warning: this denoiser call has no classifier-free guidance" in captured.err
+    assert "UserWarning" not in captured.err

@@ -16,6 +16,8 @@ import importlib
 import sys
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import imptome
@@ -145,14 +147,30 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` that shows imptome's own warnings as one `imptome: warning: ...` line, like
+    its errors (Python's format quotes the console script's line), and passes the others to `show`."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text.startswith("imptome: "):
+            print(f"imptome: warning: {text.removeprefix('imptome: ')}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    try:
-        return importlib.import_module(args._module).run(args) or 0
-    except CliError as error:
-        print(f"imptome: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        try:
+            return importlib.import_module(args._module).run(args) or 0
+        except CliError as error:
+            print(f"imptome: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

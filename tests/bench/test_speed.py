@@ -245,6 +245,8 @@ def test_channels_last_memory_format(tiny_archs, tmp_path):
         (["--variants", "fast"], "unknown --variants fast"),
         (["--res", "500"], "multiples of 8"),
         (["--rounds", "0"], "at least 1"),
+        (["--threads", "0"], "--threads 0: need at least 1"),
+        (["--arch", "SD3", "--attention", "math"], "sd3 has SDPA joint attention only"),  # any case
         (["--generation-steps", "2"], "at least 4"),
         (["--arch", "sd3", "--attention", "math"], "sd3 has SDPA joint attention only"),
     ],

@@ -197,7 +197,7 @@ class Settings:
 
 
 def _parse(args: argparse.Namespace) -> Settings:
-    archs = _split(args.arch) or list(ARCHS)
+    archs = [name.lower() for name in _split(args.arch)] or list(ARCHS)
     unknown = [name for name in archs if name not in ARCHS]
     if unknown:
         raise CliError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
@@ -214,7 +214,7 @@ def _parse(args: argparse.Namespace) -> Settings:
     joint = [name for name in archs if ARCHS[name].family == "sd3"]
     if joint and args.attention == "math":
         raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
-    names = _split(args.variants) or list(VARIANTS)
+    names = [name.lower() for name in _split(args.variants)] or list(VARIANTS)
     bad = [name for name in names if name not in VARIANTS]
     if bad:
         raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
@@ -223,6 +223,8 @@ def _parse(args: argparse.Namespace) -> Settings:
             raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
     if args.rounds < 1:
         raise CliError(f"--rounds {args.rounds}: need at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads {args.threads}: need at least 1")
     if args.batch < 1 or (args.frames is not None and args.frames < 1):
         raise CliError("--batch and --frames must be at least 1")
     if args.generation_steps < 0 or 0 < args.generation_steps < CACHE_INTERVAL + 1:
@@ -459,7 +461,8 @@ def _device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> str:

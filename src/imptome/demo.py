@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 import imptome
 from imptome.bench.measure import DenoiserTimer
+from imptome.bench.timing import busy_machine_note
 from imptome.cli import CliError, add_set_argument, merge_options
 from imptome.loading import DTYPES, load_pipeline
 from imptome.miniature import GUIDANCE
@@ -173,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(variant, ratio, f"{result.step_seconds:.4f}", f"{base / result.step_seconds:.2f}x")
     console = Console()
     console.print(table)
+    note = busy_machine_note()
+    if note is not None:
+        console.print(note)
     if guided.importance is None:
         console.print(
             "No step of the importance variants used the CFG map: "

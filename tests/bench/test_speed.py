@@ -254,3 +254,13 @@ def test_channels_last_memory_format(tiny_archs, tmp_path):
 def test_bad_input_is_a_clear_error(option, message, capsys):
     assert main(["bench", "speed", *option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):
+    from imptome.bench import timing
+
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert timing.busy_machine_note() is None
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (4.2, 1.0, 1.0))
+    assert "load average 4.2 on 2 cores" in timing.busy_machine_note()

@@ -52,7 +52,7 @@ from imptome.bench.archs import ARCHS, ArchSpec, build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import CACHE_INTERVAL, measure_generations
 from imptome.bench.operators import OperatorCounter
-from imptome.bench.timing import PeakMemory, WorkTimer, quartiles, synchronize
+from imptome.bench.timing import PeakMemory, WorkTimer, busy_machine_note, quartiles, synchronize
 from imptome.cli import CliError
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
@@ -629,5 +629,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     if generation_rows:
         print("\n" + generation_table(generation_rows))
+    note = busy_machine_note()
+    if note is not None:
+        say(note)
     say(f"wrote {args.json} and {markdown}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -44,6 +45,18 @@ def quartiles(values: list[float]) -> tuple[float, float]:
         return values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q3
+
+
+def busy_machine_note() -> str | None:
+    """A caution for printed timings when other work keeps the CPU busy (1-minute load average above the
+    core count): stalls then land in some timed calls and not others, so ratios of a few calls mislead."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (
+        f"note: the machine is busy (load average {load:.1f} on {cores} cores): other work stalls some timed "
+        "calls, so these times and speedups are unreliable; rerun on an idle machine or with more rounds"
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -40,6 +41,27 @@ def test_frechet_distance_of_identical_and_shifted_sets():
     shift[0] = 3.0
     # equal covariances: the distance is the squared mean shift
     assert math.isclose(frechet_distance(feats + shift, feats), 9.0, rel_tol=1e-6)
+
+
+def test_frechet_distance_needs_two_finite_rows_per_set():
+    feats = np.random.default_rng(0).normal(size=(5, 8))
+    # one image has no covariance: None at once, not a NaN matrix handed to sqrtm (which can hang)
+    assert frechet_distance(feats[:1], feats) is None and frechet_distance(feats, feats[:1]) is None
+    nan = feats.copy()
+    nan[0, 0] = np.nan
+    assert frechet_distance(nan, feats) is None
+
+
+def test_frechet_distance_of_singular_covariances_warns_nothing():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 8)), rng.normal(size=(20, 8)) + 0.5
+
+    def padded(x: np.ndarray) -> np.ndarray:  # constant features: singular covariances, the same distance
+        return np.concatenate([x, np.zeros((len(x), 3))], axis=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's LinAlgWarning included
+        assert math.isclose(frechet_distance(padded(a), padded(b)), frechet_distance(a, b), rel_tol=1e-6)
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_samples():

@@ -136,6 +136,30 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
         assert low <= comparison["psnr_diff_db"] <= high
 
 
+def test_prompts_outside_the_classifier_grammar_are_named_and_the_rest_scored(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("center: green square\ntop left: red circle\n")  # the first lacks its row
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--prompts", str(prompts), "--seeds", "1", "--methods", "none"]
+    assert main([*argv, "--steps", "2", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "'center: green square'" in warning[0]
+    assert "top left: red circle" not in warning[0].split(";")[0]  # names only the prompt it cannot score
+    assert all(word in warning[0] for word in ("middle", "center", "magenta", "cross"))  # the vocabulary
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["n_images"] == 2 and 0.0 <= row["accuracy"] <= 1.0  # the scorable prompt is scored
+    assert row["frechet"] is None  # one scored image has no covariance
+    # the table is printed whole on a stdout that is not a terminal, not wrapped at 80 columns
+    assert out.with_suffix(".md").read_text().splitlines()[0] in captured.out.splitlines()
+
+
+def test_plot_of_rows_without_values_has_no_legend(tmp_path):
+    row = quality.Row("none", 0.0, 1, None, None, None, None, None, None, None, None, None, None, 1e9)
+    quality.plot([row], tmp_path / "q.png")  # `--methods none` on prompts the classifier cannot score
+    assert (tmp_path / "q.png").exists()
+
+
 def test_shuffled_control_moves_the_map_and_keeps_its_values():
     pipe = tiny_sd_pipeline()
     outputs = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -33,16 +35,34 @@ def ssim(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return values.double().numpy()
 
 
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [n, d] (the FID formula)."""
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float | None:
+    """Frechet distance between Gaussians fitted to two feature sets [n, d] (the FID formula); None when a
+    set has fewer than 2 rows (no covariance) or its statistics are not finite."""
+    if len(features_a) < 2 or len(features_b) < 2:
+        return None
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
     cov_a = np.cov(features_a, rowvar=False)
     cov_b = np.cov(features_b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not all(np.isfinite(x).all() for x in (mu_a, mu_b, cov_a, cov_b)):
+        return None  # sqrtm of a non-finite matrix can run for many minutes
+    covmean = _sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():  # a singular product: retry with a tiny ridge, as pytorch-fid does
+        ridge = np.eye(len(cov_a)) * 1e-6
+        covmean = _sqrtm((cov_a + ridge) @ (cov_b + ridge))
+        if not np.isfinite(covmean).all():
+            return None
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
     return max(value, 0.0)
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root without its warning on singular or ill-conditioned input: covariances
+    of fewer images than feature dimensions are always singular, and FID takes their square root as is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(matrix)
 
 
 def bootstrap_ci(

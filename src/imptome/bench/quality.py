@@ -4,7 +4,8 @@ Every method runs in one process on the same prompts and seeds. Images are cache
 `--cache` as they are made, so an interrupted run resumes where it stopped. Metrics:
 
 - accuracy: prompted objects drawn with the right colour and shape (read by the bundled classifier);
-  position_accuracy: also in the prompted cell; both with 95% bootstrap intervals over images;
+  position_accuracy: also in the prompted cell; both with 95% bootstrap intervals over images; prompts
+  outside the bundled model's grammar are not scored (a warning names them);
 - frechet: Frechet distance between classifier features of the generated images and of real procedural
   images of the same prompts (the FID analogue);
 - psnr / ssim: each merged image against the unmerged image of the same prompt and seed;
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,9 +36,11 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
+from imptome.bench.timing import busy_machine_note
 from imptome.cli import CliError
 from imptome.config import MergeConfig
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
+from imptome.miniature import GUIDANCE
 from imptome.patch.api import _state, find_denoiser
 
 METHODS = ("none", "tome", "importance", "tomesd")
@@ -179,8 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"also run {', '.join(ABLATIONS)} (the *fallback ones only with --guidance <= 1)",
     )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (5 suits the bundled model)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale")
     parser.add_argument("--batch-size", type=int, default=36, help="prompts per pipeline call")
     parser.add_argument("--json", type=Path, default=Path("quality.json"), help="results JSON")
     parser.add_argument("--markdown", type=Path, help="results table (default: next to --json)")
@@ -251,14 +255,40 @@ def _has_tomesd() -> bool:
     return True
 
 
-def _parse_all(prompts: list[str]) -> list[list] | None:
-    """Object lists of the bundled model's prompts, or None when any prompt is outside its grammar."""
+def _parse_all(prompts: list[str]) -> list[list | None]:
+    """Object list of each prompt in the bundled model's grammar; None for a prompt outside it (the
+    classifier cannot score its images)."""
     from imptome.miniature.data import parse_prompt
 
-    try:
-        return [parse_prompt(prompt) for prompt in prompts]
-    except ValueError:
+    objects: list[list | None] = []
+    for prompt in prompts:
+        try:
+            objects.append(parse_prompt(prompt))
+        except ValueError:
+            objects.append(None)
+    return objects
+
+
+def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str | None:
+    """What the user is told when some prompts are outside the classifier's grammar; None when all are in."""
+    from imptome.miniature.data import COLOUR_NAMES, COLS, N_POS, ROWS, SHAPES, Obj, prompt_for
+
+    outside = [prompt for prompt, objs in zip(prompts, objects, strict=True) if objs is None]
+    if not outside:
         return None
+    shown = ", ".join(repr(prompt) for prompt in outside[:5])
+    if len(outside) > 5:
+        shown += f" and {len(outside) - 5} more"
+    scored = len(prompts) - len(outside)
+    covered = f"cover only the other {scored} prompt(s)" if scored else "are not computed ('-')"
+    example = prompt_for([Obj(0, 0, 0), Obj(1, 1, N_POS - 1)])
+    return (
+        f"imptome: warning: the attribute classifier cannot score {len(outside)} of {len(prompts)} "
+        f"prompt(s): {shown}; accuracy, position accuracy and Frechet distance {covered}. "
+        f"The classifier reads prompts like {example!r}: '<row> <column>: <colour> <shape>', "
+        f"objects joined by ' and ', with rows {', '.join(ROWS)}; columns {', '.join(COLS)}; "
+        f"colours {', '.join(COLOUR_NAMES)}; shapes {', '.join(SHAPES)}."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -374,14 +404,16 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
     each importance variant minus every imptome tome variant (tome, tome-per-layer, ...) at the same ratio,
-    each method minus its -shuffled control, and each -rowmatch ablation minus the ablation it extends."""
+    each method minus its -shuffled control, and each -rowmatch ablation minus the ablation it extends.
+    Accuracies and Frechet distances cover the images of the prompts in `objects` that are not None."""
     classifier = None
     real_features = None
-    if objects is not None:
+    scored = [i for i, (p, _) in enumerate(items) if objects[p] is not None]  # indices into items
+    if scored:
         from imptome.miniature.classifier import features, load_classifier
 
         classifier = load_classifier()
-        real_features = features(_reference_images(objects, items), classifier).numpy()
+        real_features = features(_reference_images(objects, [items[i] for i in scored]), classifier).numpy()
     baseline = cache.load(Variant("none", 0.0), items)
     rows, paired = [], {}  # key -> per-image (hits, object counts, PSNR), for paired differences
     for variant in tqdm(variants, desc="metrics", unit="variant"):
@@ -389,10 +421,10 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         stats = cache.stats(variant)
         accuracy = accuracy_ci = placed_acc = placed_ci = frechet = None
         if classifier is not None:
-            anywhere, placed, counts = _score(images, prompts, items, classifier)
+            anywhere, placed, counts = _score(images[scored], prompts, [items[i] for i in scored], classifier)
             accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
             placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
-            frechet = frechet_distance(features(images, classifier).numpy(), real_features)
+            frechet = frechet_distance(features(images[scored], classifier).numpy(), real_features)
         fidelity: dict[str, Any] = {"psnr": None, "psnr_ci95": None, "ssim": None, "ssim_ci95": None}
         if variant.method != "none":
             all_db = psnr(images, baseline)
@@ -520,7 +552,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_xlabel("merge ratio")
         ax.set_title(label)
     handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    if labels:  # none when nothing has a value (only `none`, no prompt the classifier can score)
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -535,6 +568,7 @@ def run(args: argparse.Namespace) -> int:
     model = check_model(args.model)
     check_device(args.device)
     objects = _parse_all(prompts)
+    warning = _unscorable_warning(prompts, objects)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
     settings = {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
@@ -548,6 +582,8 @@ def run(args: argparse.Namespace) -> int:
     items = [(p, seed) for seed in seeds for p in range(len(prompts))]
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    if warning:  # once, before generating
+        print(warning, file=sys.stderr, flush=True)
     missing = sum(not cache.has(v, p, s) for v in variants for p, s in items)
     with tqdm(total=missing, desc="generating", unit="img") as progress:
         for variant in variants:
@@ -571,7 +607,12 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(rows, comparisons)
     (args.markdown or args.json.with_suffix(".md")).write_text(table)
     plot(rows, args.plot or args.json.with_suffix(".png"))
-    Console().print(table)
+    console = Console()
+    # rich wraps at 80 columns when stdout is not a terminal: a file or pipe gets whole rows instead
+    console.print(table, soft_wrap=not console.is_terminal)
+    note = busy_machine_note()  # the s/step column
+    if note is not None:
+        console.print(note)
     return 0
 
 

@@ -46,7 +46,9 @@ from imptome.patch.state import PlanRecord
 # a deep copy of a patched model drives its own state; an attn1 over the text (only_cross_attention) gets no
 # proportional-attention mask; a grid with no room for a destination stays unmerged; max_ratio respects the
 # cells of warm-up steps with any dst_selection; feed-forward chunking on a merged feed-forward is refused;
-# `imptome bench speed` counts operators per step. Images of uninterrupted generations do not change.
+# `imptome bench speed` counts operators per step; CLI fixes (demo --out checked first, `generate --guidance`
+# defaults to 5 on the bundled model, `bench quality` no longer hangs on one image, `--version`). Images of
+# uninterrupted generations do not change.
 __version__ = "0.6.6"
 
 __all__ = [

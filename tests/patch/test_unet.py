@@ -399,6 +399,15 @@ def test_no_cfg_warns_once_and_makes_no_map(sd):
     assert imptome.importance_map(sd) is None
 
 
+def test_ratio_zero_does_not_warn_about_calls_without_cfg(sd):
+    """Ratio 0 merges nothing: a warning that such calls 'merge without importance' would be wrong."""
+    imptome.apply_patch(sd, ratio=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(sd, steps=3, guidance_scale=1.0)
+    assert [str(w.message) for w in caught if "imptome" in str(w.message)] == []
+
+
 def test_no_cfg_fallback_tome_is_tomesd_and_random_keeps_a_random_pool(sd):
     def plans_and_latents(**options):
         imptome.apply_patch(sd, ratio=0.7, merge_start_step=0, **options)

@@ -256,7 +256,8 @@ class PatchState:
             self.calls = 0 if new_generation else self.calls + 1
             self._set_call_key(sample.device)
             self.plans = {}
-        if self.use_importance and not self.guided and not self.warned_no_cfg:
+        merges = self.config.ratio > 0  # ratio 0 merges nothing, so there is nothing to warn about
+        if merges and self.use_importance and not self.guided and not self.warned_no_cfg:
             warnings.warn(
                 "imptome: this denoiser call has no classifier-free guidance (guidance_scale <= 1, a CFG "
                 "cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference image); "

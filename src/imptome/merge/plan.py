@@ -25,9 +25,9 @@ class MergePlan:
         num_dst: D, the number of destination slots.
         grid: (h, w) token grid, N = h * w.
         flat_slot: [B * N] `slot` as rows of the flattened [B * K, C] kept tokens (b * K + slot[b, n]).
-        flat_kept: [B * K] the kept tokens as rows of the flattened [B * N, C] input (b * N + kept token).
-        bag_order: [B * N] rows of the flattened input sorted by slot, or None when removed tokens are
-            pruned (dropped before attention, not averaged).
+        flat_kept: [B * K] the kept tokens as rows of the flattened [B * N, C] input (b * N + kept token)
+            when removed tokens are pruned (dropped before attention, not averaged), else None.
+        bag_order: [B * N] rows of the flattened input sorted by slot, or None when pruning.
         bag_offsets: [B * K] where each slot's rows start in `bag_order` (None when pruning).
         key_bias: [B, 1, K] log of how many tokens each kept slot stands for, in the dtype of the tokens
             it is for (an SDPA mask of another dtype than the queries is refused by the memory-efficient
@@ -45,7 +45,7 @@ class MergePlan:
     num_dst: int
     grid: tuple[int, int]
     flat_slot: torch.Tensor
-    flat_kept: torch.Tensor
+    flat_kept: torch.Tensor | None
     bag_order: torch.Tensor | None
     bag_offsets: torch.Tensor | None
     key_bias: torch.Tensor | None = None
@@ -171,8 +171,8 @@ def build_plan(
         raise ValueError(f"rows={rows} is not a multiple of the plan's units={units}")
     device = dst_idx.device
 
-    is_dst = torch.zeros(units, num_tokens, dtype=torch.bool, device=device).scatter_(1, dst_idx, True)
-    src_idx = is_dst.to(torch.uint8).argsort(dim=1, stable=True)[:, : num_tokens - num_dst]  # [U, N - D]
+    is_dst = torch.zeros(units, num_tokens, dtype=torch.uint8, device=device).scatter_(1, dst_idx, 1)
+    src_idx = is_dst.argsort(dim=1, stable=True)[:, : num_tokens - num_dst]  # [U, N - D]
 
     score, best = _best_destination(metric, grid, src_idx, dst_idx, chunk_entries)
     if in_pool is not None:
@@ -191,9 +191,10 @@ def build_plan(
     slot = slot.repeat(rows // units, 1)
     first_slot = torch.arange(0, rows * num_kept, num_kept, device=device).unsqueeze(1)
     flat_slot = (slot + first_slot).flatten()
-    first_token = torch.arange(0, rows * num_tokens, num_tokens, device=device).unsqueeze(1)
-    flat_kept = (kept_idx.repeat(rows // units, 1) + first_token).flatten()
-    bag_order = bag_offsets = key_bias = None
+    flat_kept = bag_order = bag_offsets = key_bias = None
+    if not average:  # pruning keeps rows of the input; averaging reads them through bag_order
+        first_token = torch.arange(0, rows * num_tokens, num_tokens, device=device).unsqueeze(1)
+        flat_kept = (kept_idx.repeat(rows // units, 1) + first_token).flatten()
     if average or proportional:  # every slot holds at least its own kept token, so no bag is empty
         sorted_slot, order = flat_slot.sort(stable=True)
         slots = torch.arange(rows * num_kept, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import imptome
 from imptome.cli import CliError, main, merge_options
 
 
@@ -69,3 +70,10 @@ def test_commands_check_the_device_before_loading_anything(command, tmp_path, ca
     argv = [part.format(prompts=prompts, out=tmp_path / "out") for part in command]
     assert main([*argv, "--device", "gpu0"]) == 2
     assert "--device gpu0: not a device name; use e.g. cpu, cuda or cuda:1" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"imptome {imptome.__version__}"

@@ -23,7 +23,7 @@ from imptome.merge import (
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import DenoiserInfo, check_merged_layers, perturbed_attention_layout
-from imptome.patch.timestep import TimestepReader
+from imptome.patch.timestep import TimestepMemory, TimestepReader
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
@@ -56,12 +56,6 @@ def _reusable(
         and (buffer.shape, buffer.dtype, buffer.device) == (shape, dtype, device)
         and (torch.is_inference_mode_enabled() or not buffer.is_inference())
     )
-
-
-def _views_part_of_its_memory(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` reads fewer elements than its memory holds (e.g. one timestep of a schedule)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    return span < tensor.untyped_storage().nbytes() // tensor.element_size()
 
 
 @dataclass
@@ -120,6 +114,7 @@ class PatchState:
     # calls in a row found it (then it is kept without comparing again; see _detect_copies).
     layouts: dict[torch.Size, tuple[tuple[int, int, int | None], bool]] = field(default_factory=dict)
     read_timestep: TimestepReader = field(default_factory=TimestepReader)
+    compare_timestep_memory: TimestepMemory = field(default_factory=TimestepMemory)
     perturbed_attention: str | None = None  # PAG's layout this generation: perturbed_attention_layout
     attention_modules: list[nn.Module] = field(default_factory=list)  # every attention of the denoiser
     importance_buffer: torch.Tensor | None = None  # holds `importance` at one address (see _reusable)
@@ -151,14 +146,6 @@ class PatchState:
     # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
     unmerge_stacks: list[list[MergePlan | None]] = field(default_factory=list)
     call_open: bool = False  # from begin_call to end_call; still set at a begin_call: the last call raised
-    # The memory of the last call's timestep, held (so no other tensor takes its address), and whether it is
-    # a schedule: the scheduler's `timesteps`, which set_timesteps makes anew for every generation. It is
-    # when the timestep is a view of part of it (`for t in timesteps`), or when it held two timesteps of the
-    # generation; a tensor made for one step (e.g. t.expand(n).to(dtype)) is neither, and neither is the
-    # one-element schedule of a one-step generation.
-    schedule: torch.Tensor | None = None
-    schedule_first_timestep: float | None = None
-    is_schedule: bool = False
 
     @property
     def importance(self) -> torch.Tensor | None:
@@ -207,7 +194,7 @@ class PatchState:
             self.last_sample = self.last_output = None
         self.call_open = True
         t = self.read_timestep(timestep)
-        same_memory, new_schedule = self._compare_timestep_memory(timestep, t)
+        same_memory, new_schedule = self.compare_timestep_memory(timestep, t)
         same_timestep = t == self.last_timestep
         # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
         # one-step generation (with a one-element schedule, which `new_schedule` cannot tell)
@@ -270,29 +257,6 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
-
-    def _compare_timestep_memory(self, timestep: object, t: float) -> tuple[bool | None, bool]:
-        """(whether this call's timestep lives in the last call's timestep memory, None when either is no
-        tensor; whether it does not and the last call's was a schedule, see `schedule`). Comparing addresses
-        waits for nothing."""
-        if not isinstance(timestep, torch.Tensor):
-            self.schedule = None
-            return None, False
-        last = self.schedule
-        if last is None:
-            same = None
-        else:
-            same = (
-                last.device == timestep.device
-                and last.untyped_storage().data_ptr() == timestep.untyped_storage().data_ptr()
-            )
-        if same:
-            self.is_schedule |= t != self.schedule_first_timestep
-            return True, False
-        changed = same is False and self.is_schedule
-        self.schedule, self.schedule_first_timestep = timestep, t
-        self.is_schedule = _views_part_of_its_memory(timestep)
-        return same, changed
 
     def _pairs_with_last_call(self, sample: torch.Tensor) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample

@@ -1,10 +1,53 @@
-"""Reading the timestep of a denoiser call on the host without waiting for the GPU."""
+"""The timestep of a denoiser call, on the host without waiting for the GPU: its value, and the memory it
+lives in (which tells a new generation's schedule)."""
 
 from __future__ import annotations
 
 import torch
 
 _LARGEST_COPY = 4096  # elements: a scheduler's timesteps are a few hundred at most
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors (or views) live in one allocation; compares addresses, so waits for nothing."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _views_part_of_its_memory(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` reads fewer elements than its memory holds (e.g. one timestep of a schedule)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return span < tensor.untyped_storage().nbytes() // tensor.element_size()
+
+
+class TimestepMemory:
+    """Where the denoiser calls' timesteps live, to tell a new generation's schedule.
+
+    Holds the last call's timestep (so no other tensor takes its address) and whether its memory is a
+    schedule: the scheduler's `timesteps`, which set_timesteps makes anew for every generation. It is when
+    the timestep is a view of part of it (`for t in timesteps`), or when it held two timesteps of the
+    generation; a tensor made for one step (e.g. t.expand(n).to(dtype)) is neither, and neither is the
+    one-element schedule of a one-step generation.
+    """
+
+    def __init__(self) -> None:
+        self._last: torch.Tensor | None = None
+        self._first_timestep: float | None = None
+        self._is_schedule = False
+
+    def __call__(self, timestep: object, t: float) -> tuple[bool | None, bool]:
+        """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
+        no tensor; whether it does not and the last call's was a schedule)."""
+        if not isinstance(timestep, torch.Tensor):
+            self._last = None
+            return None, False
+        same = None if self._last is None else same_memory(self._last, timestep)
+        if same:
+            self._is_schedule |= t != self._first_timestep
+            return True, False
+        changed = same is False and self._is_schedule
+        self._last, self._first_timestep = timestep, t
+        self._is_schedule = _views_part_of_its_memory(timestep)
+        return same, changed
 
 
 class TimestepReader:
@@ -45,8 +88,8 @@ class TimestepReader:
         source = self._source
         return (
             source is not None
-            and (source.dtype, source.device) == (timestep.dtype, timestep.device)
-            and source.untyped_storage().data_ptr() == timestep.untyped_storage().data_ptr()
+            and source.dtype == timestep.dtype
+            and same_memory(source, timestep)
             and timestep._version == self._version
         )
 

@@ -61,3 +61,10 @@ def test_demo_without_guidance_says_so(model_dir, tmp_path, capsys):
     assert "used the CFG map: it needs guidance above 1" in captured.out.replace("\n", " ")
     assert "imptome: warning: this denoiser call has no classifier-free guidance" in captured.err
     assert "UserWarning" not in captured.err
+
+
+def test_demo_out_under_a_file_is_refused_before_loading(tmp_path, capsys):
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red circle\n")
+    assert main(["demo", "--out", str(text / "grid.png")]) == 2
+    assert f"output folder {text} is a file, not a folder" in capsys.readouterr().err

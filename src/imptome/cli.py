@@ -14,10 +14,12 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import tempfile
 import types
 import typing
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import imptome
@@ -73,6 +75,22 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
     except ValueError as error:
         raise CliError(str(error)) from None
     return options
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create the output folder `out` if needed and prove it is writable by creating a file in it; a CliError
+    otherwise (for `--out` of generate, and the folder of demo's `--out`)."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"output folder {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create output folder {out}: {error.strerror or error}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise CliError(f"output folder {out} is not writable: {error.strerror or error}") from None
 
 
 def _typed(text: str, annotation: Any) -> Any:

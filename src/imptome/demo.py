@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, add_set_argument, merge_options
+from imptome.cli import CliError, add_set_argument, merge_options, prepare_output_folder
 from imptome.loading import DTYPES, load_pipeline
 from imptome.miniature import GUIDANCE
 from imptome.patch.api import find_denoiser
@@ -118,12 +117,7 @@ def _output_file(name: str) -> Path:
         raise CliError(
             f"--out {name}: cannot write a .{out.suffix[1:]} figure; use one of .{', .'.join(formats)}"
         )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CliError(f"--out {name}: cannot make its folder ({error.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise CliError(f"--out {name}: folder {out.parent.resolve()} is not writable")
+    prepare_output_folder(out.parent)
     return out
 
 

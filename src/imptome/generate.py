@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError, add_set_argument, merge_options
+from imptome.cli import CliError, add_set_argument, merge_options, prepare_output_folder
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
@@ -138,21 +137,6 @@ def work_items(prompts: list[str], seeds: range) -> list[WorkItem]:
     return [WorkItem(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in seeds]
 
 
-def prepare_output(out: Path) -> None:
-    """Create `out` if needed and prove it is writable by creating a file in it; a CliError otherwise."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CliError(f"cannot create output folder {out}: {error.strerror or error}") from None
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise CliError(f"output folder {out} is not writable: {error.strerror or error}") from None
-
-
 def read_metadata(path: Path) -> dict[str, Any] | None:
     """The imptome metadata of a PNG, or None when the file is missing, unreadable or has none."""
     try:
@@ -240,7 +224,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
     out = Path(args.out).expanduser().resolve()
-    prepare_output(out)
+    prepare_output_folder(out)
     settings = {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
         "model": source,

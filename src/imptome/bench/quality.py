@@ -409,11 +409,12 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
     classifier = None
     real_features = None
     scored = [i for i, (p, _) in enumerate(items) if objects[p] is not None]  # indices into items
+    scored_items = [items[i] for i in scored]
     if scored:
         from imptome.miniature.classifier import features, load_classifier
 
         classifier = load_classifier()
-        real_features = features(_reference_images(objects, [items[i] for i in scored]), classifier).numpy()
+        real_features = features(_reference_images(objects, scored_items), classifier).numpy()
     baseline = cache.load(Variant("none", 0.0), items)
     rows, paired = [], {}  # key -> per-image (hits, object counts, PSNR), for paired differences
     for variant in tqdm(variants, desc="metrics", unit="variant"):
@@ -421,7 +422,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         stats = cache.stats(variant)
         accuracy = accuracy_ci = placed_acc = placed_ci = frechet = None
         if classifier is not None:
-            anywhere, placed, counts = _score(images[scored], prompts, [items[i] for i in scored], classifier)
+            anywhere, placed, counts = _score(images[scored], prompts, scored_items, classifier)
             accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
             placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
             frechet = frechet_distance(features(images[scored], classifier).numpy(), real_features)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import sys
 import tempfile
 import types
@@ -75,6 +76,12 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
     except ValueError as error:
         raise CliError(str(error)) from None
     return options
+
+
+def check_guidance(guidance: float) -> None:
+    """A CliError unless `--guidance` is a finite number >= 0."""
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise CliError(f"--guidance {guidance}: must be a number >= 0 (1 or less turns CFG off)")
 
 
 def prepare_output_folder(out: Path) -> None:

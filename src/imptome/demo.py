@@ -4,7 +4,6 @@ attention), side by side, on the same seeds."""
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, add_set_argument, merge_options, prepare_output_folder
+from imptome.cli import CliError, add_set_argument, check_guidance, merge_options, prepare_output_folder
 from imptome.loading import DTYPES, load_pipeline
 from imptome.miniature import GUIDANCE
 from imptome.patch.api import find_denoiser
@@ -126,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
         args.options = merge_options(args.set, args.ratio, variant, method_flag=False)
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise CliError(f"--guidance {args.guidance}: must be a number >= 0 (1 or less turns CFG off)")
+    check_guidance(args.guidance)
     out = _output_file(args.out)
     prompts = args.prompt or default_prompts()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError, add_set_argument, merge_options, prepare_output_folder
+from imptome.cli import CliError, add_set_argument, check_guidance, merge_options, prepare_output_folder
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
@@ -209,8 +208,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
         raise CliError(f"--seed {args.seed}: seeds must be >= 0")
     if args.guidance is None:
         args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise CliError(f"--guidance {args.guidance}: must be a number >= 0 (1 or less turns CFG off)")
+    check_guidance(args.guidance)
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):

@@ -78,6 +78,8 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
         (["--methods", "random"], "unknown method"),
         (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be a finite number >= 1"),
         (["--seeds", "0"], "--seeds 0"),
+        (["--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
+        (["--guidance", "nan"], "must be a number >= 0"),
     ],
 )
 def test_quality_bench_rejects_bad_input(prompt_file, extra, message, capsys):

@@ -37,7 +37,7 @@ import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError
+from imptome.cli import CliError, check_guidance
 from imptome.config import MergeConfig
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE
@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"also run {', '.join(ABLATIONS)} (the *fallback ones only with --guidance <= 1)",
     )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale; 1 or less turns it off")
     parser.add_argument("--batch-size", type=int, default=36, help="prompts per pipeline call")
     parser.add_argument("--json", type=Path, default=Path("quality.json"), help="results JSON")
     parser.add_argument("--markdown", type=Path, help="results table (default: next to --json)")
@@ -561,6 +561,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_guidance(args.guidance)
     prompts = _read_prompts(args.prompts)
     seeds = _seeds(args.seeds)
     variants = _variants(args)

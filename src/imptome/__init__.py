@@ -49,7 +49,10 @@ from imptome.patch.state import PlanRecord
 # `imptome bench speed` counts operators per step; CLI fixes (demo --out checked first, `generate --guidance`
 # defaults to 5 on the bundled model, `bench quality` no longer hangs on one image, `--version`). Images of
 # uninterrupted generations do not change.
-__version__ = "0.6.6"
+# 0.6.7: with split CFG and a second-order scheduler (Heun), the second evaluation of each timestep is a pair
+# of its own (its passes got different plans, and only the first pair made the map); `bench quality` refuses
+# a negative --guidance. Images of other pipelines do not change.
+__version__ = "0.6.7"
 
 __all__ = [
     "PRESETS",

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline
 
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
@@ -630,6 +630,33 @@ def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
         latent.mul_(0.5)  # written in place: not the sample of the first pass any more
         unet(latent, 500, encoder_hidden_states=uncond)
         assert not state.paired and len(compared) == 1
+
+
+@pytest.mark.parametrize("made_per_call", [False, True], ids=["schedule-view", "tensor-per-evaluation"])
+def test_split_cfg_with_heun_pairs_both_evaluations_of_a_timestep(made_per_call):
+    """Heun evaluates every timestep after the first twice, at two samples: with split CFG that is two
+    pairs at one timestep. The second pass of each pair reuses its first pass's plans, and each pair makes
+    the map from its own outputs."""
+    unet, state, latent, cond, uncond = split_cfg_case()
+    scheduler = HeunDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(4)
+    latent = latent * scheduler.init_noise_sigma
+    paired, pair_steps = [], []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            sample = scheduler.scale_model_input(latent, t)
+            timestep = torch.full((1,), float(t)) if made_per_call else t
+            first = unet(sample, timestep, encoder_hidden_states=cond).sample
+            first_plans = [(r.roles, r.source) for r in imptome.merge_plan(unet)]
+            second = unet(sample, timestep, encoder_hidden_states=uncond).sample
+            paired.append(state.paired)
+            pair_steps.append(state.step)
+            for (roles, source), record in zip(first_plans, imptome.merge_plan(unet), strict=True):
+                assert torch.equal(roles, record.roles) and torch.equal(source, record.source)
+            torch.testing.assert_close(imptome.importance_map(unet), (first - second).abs().mean(dim=1))
+            latent = scheduler.step(second + 3 * (first - second), t, latent).prev_sample
+    assert len(scheduler.timesteps) == 7 and all(paired)
+    assert pair_steps == [0, 1, 1, 2, 2, 3, 3]
 
 
 def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():

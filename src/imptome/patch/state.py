@@ -132,6 +132,9 @@ class PatchState:
     # a CFG batch at the same timestep, e.g. SD3's skip-layer guidance)
     paired: bool = False  # this call is the second pass of a split-CFG pair
     pair_step: int | None = None  # the step whose pair made the current map
+    # a call of the pair's step had another sample than the pair's: a second pair may follow (second-order
+    # schedulers such as Heun evaluate each timestep twice, at two samples)
+    sample_moved_since_pair: bool = False
     cfg_step: int | None = None  # the step whose CFG batch made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
     last_sample_version: int | None = None  # last_sample's version counter then (None: an inference tensor)
@@ -198,7 +201,7 @@ class PatchState:
         same_timestep = t == self.last_timestep
         # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
         # one-step generation (with a one-element schedule, which `new_schedule` cannot tell)
-        self.paired = same_timestep and same_memory is not False and self._pairs_with_last_call(sample)
+        self.paired = same_timestep and self._pairs_with_last_call(sample, same_memory is not False)
         repeated_start = (
             same_timestep
             and self.step == 0
@@ -214,6 +217,7 @@ class PatchState:
             self.importance = None
             self.last_plans = []
             self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
+            self.sample_moved_since_pair = False
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
             self.layouts = {}
         else:
@@ -258,20 +262,28 @@ class PatchState:
             )
             self.warned_no_cfg = True
 
-    def _pairs_with_last_call(self, sample: torch.Tensor) -> bool:
+    def _pairs_with_last_call(self, sample: torch.Tensor, same_timestep_memory: bool) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample
-        as the last call, which had no copies in its batch (`last_sample` is kept only then, so this one has
-        none either), and no pair yet in this step (a third pass, e.g. PAG's, merges with the pair's map but
-        makes none). The same tensor object is decided without comparing values, which would wait for the
-        GPU: it is the same sample unless its version counter shows a write since the last call (an inference
-        tensor has none, and is taken for the same sample)."""
+        and timestep memory as the last call, which had no copies in its batch (`last_sample` is kept only
+        then, so this one has none either), and no pair yet in this step at this sample (a third pass, e.g.
+        PAG's, merges with the pair's map but makes none; Heun's second evaluation of the timestep, at
+        another sample, is a pair again). The same tensor object is decided without comparing values, which
+        would wait for the GPU: it is the same sample unless its version counter shows a write since the
+        last call (an inference tensor has none, and is taken for the same sample)."""
         previous = self.last_sample
-        if self.pair_step == self.step or previous is None:
+        if previous is None:
             return False
-        if previous is sample:
-            return self.last_sample_version is None or sample._version == self.last_sample_version
-        same_kind = (previous.shape, previous.device) == (sample.shape, sample.device)
-        return same_kind and torch.equal(previous, sample)
+        if not same_timestep_memory:
+            same = False
+        elif previous is sample:
+            same = self.last_sample_version is None or sample._version == self.last_sample_version
+        else:
+            same_kind = (previous.shape, previous.device) == (sample.shape, sample.device)
+            same = same_kind and torch.equal(previous, sample)
+        if self.pair_step == self.step and not self.sample_moved_since_pair:
+            self.sample_moved_since_pair = not same
+            return False
+        return same
 
     def _detect_copies(self, sample: torch.Tensor) -> None:
         """Set copies / cond_copy / uncond_copy from the batch: chunks with equal noisy latents are copies of
@@ -341,6 +353,7 @@ class PatchState:
         elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
             self.importance = guidance_importance(self.last_output, noise_pred, channels)
             self.pair_step = self.step
+            self.sample_moved_since_pair = False
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
         self.call_open = False

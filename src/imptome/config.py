@@ -58,7 +58,8 @@ class MergeConfig:
 
     Schedule (importance only; step = index of the timestep within one generation: denoiser calls at the
     same timestep, such as Zero123++'s reference pass before the main pass, share one step)
-        importance_start_step: steps before it use the random cell partition (no map exists at step 0).
+        importance_start_step: steps before it use the random cell partition (no map exists at step 0;
+            with 0, step 0 merges as a call without CFG does, see `fallback`).
         merge_start_step: steps before it *prune* (removed tokens receive their destination's output
             but are not averaged into it); from it on they are merged (averaged). Paper: SD 2 / 2,
             PixArt-alpha 1 / 4.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
@@ -322,6 +323,36 @@ def test_proportional_attention_passes_log_group_sizes_to_merged_self_attention(
             assert all(mask is None for mask in seen), name  # cross-attention and unmerged levels: no mask
     assert sum(any(m is not None for m in seen) for seen in masks.values()) == 5  # the 5 top-level attn1
     assert not np.array_equal(merged, base) and np.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("processor", [AttnProcessor(), SlicedAttnProcessor(1)], ids=["classic", "sliced"])
+def test_proportional_attention_on_a_half_precision_unet_that_upcasts_its_attention(processor):
+    """A UNet built with upcast_attention=True (SD 2.1's) adds the mask to float32 scores in the classic and
+    sliced processors, so it gets a float32 mask even in a bf16 model (0.6.6 passed a bf16 one, and
+    torch.baddbmm refused it); SDPA's processor gets one in the queries' dtype."""
+    sd = tiny_sd_pipeline()
+    sd.unet = tiny_sd_unet(upcast_attention=True)
+    sd.to(torch.bfloat16)
+    imptome.apply_patch(sd, ratio=0.5, proportional_attention=True)
+    top_attn1 = sd.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    masks = []
+    top_attn1.register_forward_pre_hook(
+        lambda m, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+
+    def latents() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return sd(PROMPT, num_inference_steps=3, generator=generator, output_type="latent").images
+
+    latents()
+    assert [mask.dtype for mask in masks] == [torch.bfloat16] * 3
+    masks.clear()
+    sd.unet.set_attn_processor(processor)
+    assert latents().isfinite().all()
+    assert [mask.dtype for mask in masks] == [torch.float32] * 3
+    torch.testing.assert_close(
+        masks[-1].exp().sum(-1), torch.full((2, 1), 256.0), rtol=0.01, atol=0
+    )  # bf16 logs
 
 
 def test_an_attn1_over_the_text_is_merged_as_cross_attention(sd):

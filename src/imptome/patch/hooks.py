@@ -6,6 +6,7 @@ IP-Adapter, custom) keep running, on fewer query tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,8 @@ class _LayerHooks:
             return None
         if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
             _check_mask_support(module, plan.num_kept)
-            kwargs = {**kwargs, "attention_mask": plan.key_bias}
+            mask = plan.key_bias.float() if _scores_in_float32(module) else plan.key_bias
+            kwargs = {**kwargs, "attention_mask": mask}
         merged = plan.merge(tokens)
         if where == 0:
             return (merged, *args[1:]), kwargs
@@ -152,6 +154,23 @@ def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
     """IP-Adapter processors read `ip_adapter_masks`; the others ignore it (diffusers passes the same
     cross_attention_kwargs to every attention of a block)."""
     return "IPAdapter" in processor_name(attention)
+
+
+def _scores_in_float32(attention: nn.Module) -> bool:
+    """Whether the attention adds its mask to float32 scores whatever the tokens' dtype: diffusers'
+    `Attention.get_attention_scores` (used by the classic and sliced processors, not by SDPA's) upcasts the
+    queries and keys of a module built with `upcast_attention=True` (SD 2.1's UNet) and adds the mask to
+    their product, which must then have the same dtype."""
+    return getattr(attention, "upcast_attention", False) and _calls_get_attention_scores(
+        type(getattr(attention, "processor", None))
+    )
+
+
+@functools.cache
+def _calls_get_attention_scores(processor_class: type) -> bool:
+    call = next((vars(cls)["__call__"] for cls in processor_class.__mro__ if "__call__" in vars(cls)), None)
+    code = getattr(call, "__code__", None)  # None without a processor (NoneType)
+    return code is not None and "get_attention_scores" in code.co_names
 
 
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:

@@ -47,6 +47,32 @@ def test_ratio_zero_and_remove_patch_are_bit_identical(sd):
     assert np.array_equal(generate(sd), base)
 
 
+def test_training_a_patched_unet_with_gradient_checkpointing_gives_the_same_gradients():
+    """Gradients flow through merge and unmerge to the weights; plans are built without autograd, so
+    gradient checkpointing's recomputation (which finds the step's plan built) saves what the first forward
+    did (0.6.6 failed with a CheckpointError) and gives the same gradients as without checkpointing."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        unet = tiny_sd_unet().train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        imptome.apply_patch(unet, ratio=0.5, importance_start_step=0, merge_start_step=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no CFG in training: the fallback, with its warning
+            unet(
+                sample, torch.tensor([500, 500]), encoder_hidden_states=text
+            ).sample.square().mean().backward()
+        return {name: p.grad for name, p in unet.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
 def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own(sd):
     """copy.deepcopy (an EMA copy, a patched and a plain variant) gives a model that merges as the original
     does, through its own state, and unpatches alone. In 0.6.5 the copy's denoiser hooks drove the

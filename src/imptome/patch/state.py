@@ -383,7 +383,10 @@ class PatchState:
         built = self.plans.get(key)
         if built is None:
             stream = stream_id(*grid) if per_step else stream_id(layer_index)
-            built = self._build(layer, grid, tokens, stream)
+            # plans are indices: no graph to record when training (gradient checkpointing's recomputation
+            # finds the plan built and must save the same tensors as the first forward did)
+            with torch.no_grad():
+                built = self._build(layer, grid, tokens, stream)
             if built is None:
                 return None
             self.plans[key] = built

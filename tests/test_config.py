@@ -23,7 +23,14 @@ from imptome import PRESETS, MergeConfig
         ({"merge_start_step": True}, "merge_start_step=True must be an int"),
         ({"sx": 1, "sy": 1}, "cells must hold at least 2 tokens"),
         ({"max_downsample": 3}, "max_downsample=3 must be None (auto) or one of 1, 2, 4, 8"),
+        ({"max_downsample": True}, "max_downsample=True must be None (auto) or one of 1, 2, 4, 8"),
+        ({"max_downsample": 2.0}, "max_downsample=2.0 must be None (auto) or one of 1, 2, 4, 8"),
         ({"block_range": (5, 5)}, "block_range=(5, 5) must be (first, stop), 0 <= first < stop"),
+        ({"block_range": (1, 2, 3)}, "block_range=(1, 2, 3) must be None or a pair of ints (first, stop)"),
+        ({"block_range": 5}, "block_range=5 must be None or a pair of ints"),
+        ({"block_range": (1.5, 3)}, "block_range=(1.5, 3) must be None or a pair of ints"),
+        ({"block_range": ("a", "b")}, "block_range=('a', 'b') must be None or a pair of ints"),
+        ({"seed": 1.0}, "seed=1.0 must be a non-negative int"),
         ({"merge_attn": False}, "at least one of merge_attn, merge_crossattn, merge_mlp must be True"),
         ({"seed": -1}, "seed=-1 must be a non-negative int"),
         ({"ratio": "0.5"}, "ratio='0.5' must be a number"),
@@ -36,6 +43,12 @@ def test_bad_values_are_refused_with_what_is_allowed(options, message):
     with pytest.raises(ValueError) as error:
         MergeConfig(**options)
     assert message in str(error.value)
+
+
+def test_a_block_range_list_is_kept_as_a_tuple():
+    config = MergeConfig(block_range=[7, 21])
+    assert config.block_range == (7, 21) and config == MergeConfig(block_range=(7, 21))
+    assert hash(config) == hash(MergeConfig(block_range=(7, 21)))
 
 
 def test_max_ratio_depends_on_the_partition():

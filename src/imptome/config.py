@@ -135,7 +135,7 @@ class MergeConfig:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}")
         for name in ("sx", "sy", "importance_start_step", "merge_start_step", "similarity_chunk"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not _is_int(value):
                 raise ValueError(f"{name}={value!r} must be an int")
         for name in ("ratio", "dst_fraction", "pool_factor"):
             value = getattr(self, name)
@@ -153,17 +153,24 @@ class MergeConfig:
             )
         if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
             raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
-        if self.max_downsample not in (None, 1, 2, 4, 8):
-            raise ValueError(f"max_downsample={self.max_downsample} must be None (auto) or one of 1, 2, 4, 8")
+        downsample = self.max_downsample
+        if downsample is not None and not (_is_int(downsample) and downsample in (1, 2, 4, 8)):
+            raise ValueError(f"max_downsample={downsample!r} must be None (auto) or one of 1, 2, 4, 8")
         if self.importance_start_step < 0 or self.merge_start_step < 0:
             raise ValueError("importance_start_step and merge_start_step must be >= 0")
         if self.block_range is not None:
-            first, stop = self.block_range
+            pair = self.block_range
+            if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(map(_is_int, pair))):
+                raise ValueError(
+                    f"block_range={pair!r} must be None or a pair of ints (first, stop), 0 <= first < stop"
+                )
+            first, stop = pair
             if not 0 <= first < stop:
-                raise ValueError(f"block_range={self.block_range} must be (first, stop), 0 <= first < stop")
+                raise ValueError(f"block_range={pair} must be (first, stop), 0 <= first < stop")
+            object.__setattr__(self, "block_range", (int(first), int(stop)))  # a list would be unhashable
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be True")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a non-negative int")
         if self.similarity_chunk < 1:
             raise ValueError("similarity_chunk must be >= 1")
@@ -197,6 +204,11 @@ class MergeConfig:
         if unknown:
             raise TypeError(f"unknown MergeConfig option(s) {unknown}; valid options: {sorted(valid)}")
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (True would otherwise pass for 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # The allowed values of every Literal-typed field, in the order its type lists them (checked on construction).

@@ -68,7 +68,8 @@ class MergeConfig:
         max_downsample: merge only layers whose token grid is the latent grid downsampled by at most
             this factor (1 = highest resolution only, ToMeSD's default). None (default) picks the finest
             level that has attention: 1 on SD 1.x/2.x (the same as ToMeSD), 2 on SDXL, whose top level has
-            no attention, so ToMeSD's 1 would merge nothing there. Transformers have one grid.
+            no attention, so ToMeSD's 1 would merge nothing there (apply_patch refuses a factor below
+            the finest level with attention). Transformers have one grid.
         block_range: (first, stop) transformer-block indices to merge in transformer denoisers
             (PixArt/DiT/SD3), stop exclusive; None merges all blocks. Indices are absolute, not scaled to the
             model's depth: the PixArt preset's (7, 21) is the paper's blocks 7-20 of the 28 that every

@@ -539,8 +539,10 @@ def test_sdxl_pipeline_merges_finest_attention_level():
     counts = query_token_counts(pipe.unet, lambda: generate(pipe, steps=2))
     self_attn = {name: seen for name, seen in counts.items() if name.endswith("attn1")}
     assert self_attn and all(seen == [32, 32] for seen in self_attn.values())  # 8x8 level, ratio 0.5
-    imptome.apply_patch(pipe, ratio=0.5, max_downsample=1)  # ToMeSD's setting merges nothing on SDXL
-    assert np.array_equal(generate(pipe, steps=2), base)
+    # ToMeSD's setting would merge nothing on SDXL (0.6.6 accepted it silently)
+    with pytest.raises(ValueError, match=r"max_downsample=1 merges nothing .* use max_downsample >= 2"):
+        imptome.apply_patch(pipe, ratio=0.5, max_downsample=1)
+    assert imptome.is_patched(pipe)  # the refused patch left the last one in place
     imptome.remove_patch(pipe)
     assert np.array_equal(generate(pipe, steps=2), base)
 

@@ -78,6 +78,13 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     if options:
         config = config.replace(**options)
     _check_block_range(denoiser, config.block_range)
+    finest = finest_attention_downsample(denoiser)
+    if config.max_downsample is not None and config.max_downsample < finest:
+        raise ValueError(
+            f"max_downsample={config.max_downsample} merges nothing in this {type(denoiser).__name__}: its "
+            f"finest level with attention is downsampled {finest}x (as SDXL's, whose top level has none); "
+            f"use max_downsample >= {finest}, or None to pick that level"
+        )
     blocks = spatial_blocks(denoiser)
     layers = merged_layers(blocks, config)
     if not layers:
@@ -91,7 +98,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config=config,
         info=info,
         cond_first=cond_first,
-        max_downsample=config.max_downsample or finest_attention_downsample(denoiser),
+        max_downsample=config.max_downsample or finest,
         merged_modules=merged_modules,
         feed_forward_blocks=feed_forward_blocks,
         attention_modules=[module for module in denoiser.modules() if hasattr(module, "processor")],

@@ -29,5 +29,25 @@ def test_overlay_and_grid_refuse_bad_input(tmp_path):
         heatmap_overlay(image, torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="alpha=2"):
         heatmap_overlay(image, torch.zeros(2, 2), alpha=2)
+    with pytest.raises(ValueError, match="heat holds NaN or infinite values"):
+        heatmap_overlay(image, torch.tensor([[float("nan"), 1.0], [0.0, 2.0]]))
+    grid = tmp_path / "grid.png"
     with pytest.raises(ValueError, match="unknown panel kind 'mask'"):
-        comparison_grid(tmp_path / "grid.png", ["p"], [("x", [torch.zeros(2, 2)], "mask")])
+        comparison_grid(grid, ["p"], [("x", [torch.zeros(2, 2)], "mask")])
+    with pytest.raises(ValueError, match="row_titles is empty"):
+        comparison_grid(grid, [], [("x", [], "heatmap")])
+    with pytest.raises(ValueError, match="column 'x' has 1 panel.s. for 2 row title.s."):
+        comparison_grid(grid, ["p", "q"], [("x", [torch.zeros(2, 2)], "heatmap")])
+    with pytest.raises(
+        ValueError, match=r"column 'x', row 0: a heatmap panel must be one \[h, w\] tensor, got \(1, 2, 2\)"
+    ):
+        comparison_grid(grid, ["p"], [("x", [torch.zeros(1, 2, 2)], "heatmap")])
+    with pytest.raises(ValueError, match="column 'x', row 0: an image panel must be a PIL image"):
+        comparison_grid(grid, ["p"], [("x", [torch.zeros(3, 8, 8)], "image")])
+    assert not grid.exists()
+
+
+def test_overlay_takes_a_numpy_map():
+    image = Image.new("RGB", (8, 8))
+    heat = np.array([[0.0, 1.0], [2.0, 3.0]])
+    assert heatmap_overlay(image, heat) == heatmap_overlay(image, torch.from_numpy(heat))

@@ -24,18 +24,23 @@ _ROLE_CMAP = ListedColormap([ROLE_COLOURS[r] for r in (MERGED, DESTINATION, INDE
 
 
 def heatmap_overlay(
-    image: Image.Image, heat: torch.Tensor, alpha: float = 0.5, cmap: str = "magma"
+    image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.5, cmap: str = "magma"
 ) -> Image.Image:
     """`image` with a [h, w] map (e.g. one image's `imptome.importance_map(pipe)[i]`) drawn over it.
 
     The map is scaled to [0, 1] by its own range, coloured with the matplotlib colormap `cmap`, resized to the
     image (each token a block of pixels) and blended in with weight `alpha` (0: the image, 1: the map).
     """
+    heat = torch.as_tensor(heat)
     if heat.ndim != 2:
         raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
     values = heat.detach().float().cpu().numpy()
+    if not np.isfinite(values).all():  # one NaN would make the whole range NaN, and the map one flat colour
+        raise ValueError(
+            "heat holds NaN or infinite values (e.g. a half-precision overflow); it has no range"
+        )
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
     coloured = (plt.get_cmap(cmap)(scaled)[..., :3] * 255).astype(np.uint8)
@@ -45,6 +50,9 @@ def heatmap_overlay(
 
 def role_legend() -> list[Patch]:
     return [Patch(color=ROLE_COLOURS[r], label=ROLE_NAMES[r]) for r in (MERGED, DESTINATION, INDEPENDENT)]
+
+
+_PANEL_KINDS = ("image", "heatmap", "roles")
 
 
 def comparison_grid(
@@ -59,6 +67,7 @@ def comparison_grid(
         columns: (title, one panel per row, kind) with kind "image" (PIL), "heatmap" ([h, w] float tensor)
             or "roles" ([h, w] int tensor of MERGED / DESTINATION / INDEPENDENT).
     """
+    _check_panels(row_titles, columns)
     rows, cols = len(row_titles), len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows + 0.6), squeeze=False)
     for c, (col_title, panels, kind) in enumerate(columns):
@@ -69,10 +78,8 @@ def comparison_grid(
                 ax.imshow(np.asarray(panel))
             elif kind == "heatmap":
                 ax.imshow(panel.float().cpu().numpy(), cmap="magma", interpolation="nearest")
-            elif kind == "roles":
-                ax.imshow(panel.cpu().numpy(), cmap=_ROLE_CMAP, vmin=0, vmax=2, interpolation="nearest")
             else:
-                raise ValueError(f"unknown panel kind {kind!r}; use image, heatmap or roles")
+                ax.imshow(panel.cpu().numpy(), cmap=_ROLE_CMAP, vmin=0, vmax=2, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -88,3 +95,31 @@ def comparison_grid(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _check_panels(
+    row_titles: Sequence[str], columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor], str]]
+) -> None:
+    """A ValueError naming the first column or panel that comparison_grid cannot draw."""
+    if not row_titles:
+        raise ValueError("row_titles is empty: give one title per row of panels")
+    for col_title, panels, kind in columns:
+        if kind not in _PANEL_KINDS:
+            raise ValueError(f"unknown panel kind {kind!r}; use image, heatmap or roles")
+        if len(panels) != len(row_titles):
+            raise ValueError(
+                f"column {col_title!r} has {len(panels)} panel(s) for {len(row_titles)} row title(s): give "
+                "one panel per row"
+            )
+        for row, panel in enumerate(panels):
+            where = f"column {col_title!r}, row {row}"
+            if kind == "image" and not isinstance(panel, Image.Image):
+                raise ValueError(
+                    f"{where}: an image panel must be a PIL image (e.g. pipe(...).images[0]), got "
+                    f"{type(panel).__name__}"
+                )
+            if kind != "image" and not (isinstance(panel, torch.Tensor) and panel.ndim == 2):
+                shape = tuple(panel.shape) if isinstance(panel, torch.Tensor) else type(panel).__name__
+                raise ValueError(
+                    f"{where}: a {kind} panel must be one [h, w] tensor, got {shape}; index the batch first"
+                )

@@ -564,6 +564,9 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
         imptome.apply_patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="cannot unpatch Linear objects"):
         imptome.remove_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="cannot inspect AutoencoderKL objects"):
+        imptome.importance_map(sd.vae)
+    assert not imptome.is_patched(sd.vae) and not imptome.is_patched("a string")
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
     with pytest.raises(TypeError, match=r"config must be an imptome.MergeConfig, got dict; pass options as"):

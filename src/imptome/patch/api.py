@@ -178,12 +178,16 @@ def _drop_compiled_code(denoiser: nn.Module) -> None:
 
 
 def _state(target: Any) -> PatchState | None:
-    patch = find_denoiser(target).__dict__.get(_ATTR)
+    patch = find_denoiser(target, "inspect").__dict__.get(_ATTR)
     return None if patch is None else patch.state
 
 
 def is_patched(target: Any) -> bool:
-    return _state(target) is not None
+    """Whether `target` (a pipeline or a denoiser) carries an imptome patch; False for anything else."""
+    try:
+        return _state(target) is not None
+    except TypeError:  # no denoiser imptome could patch, so no patch
+        return False
 
 
 def importance_map(target: Any) -> torch.Tensor | None:

@@ -856,6 +856,37 @@ def test_img2img_inpainting_second_order_and_lcm_pipelines(sd, variant):
         assert [record.pruned for record in calls[:7]] == [True] * 3 + [False] * 4
 
 
+def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_makes_the_map():
+    """InstructPix2Pix sends [instruction + image, image only, neither] copies of every image (0.6.6 found
+    no CFG there, warned so, and planned each copy apart): the copies share their image's plan and the map
+    is |first - last| of the denoiser's output."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    base = tiny_sd_pipeline()
+    unet = tiny_sd_unet(in_channels=8, seed=2)  # latents and the input image's latents
+    pipe = StableDiffusionInstructPix2PixPipeline(**dict(base.components, unet=unet))
+    imptome.apply_patch(pipe, ratio=0.5)
+    outputs = []
+    unet.register_forward_hook(lambda module, args, output: outputs.append(output[0]))  # return_dict=False
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        pipe(
+            ["make it red", "make it blue"],
+            image=images,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        )
+    instructed, _, unconditional = outputs[-1].chunk(3)
+    torch.testing.assert_close(imptome.importance_map(pipe), (instructed - unconditional).abs().mean(dim=1))
+    (record,) = imptome.merge_plan(pipe)
+    assert record.importance is not None and not record.pruned
+    roles = record.roles.view(3, 2, 16, 16)  # [copy, image, h, w]
+    assert torch.equal(roles[0], roles[1]) and torch.equal(roles[0], roles[2])
+    assert not torch.equal(roles[0, 0], roles[0, 1])  # each image its own plan
+
+
 def test_controlnet_pipeline_merges_the_unet_only():
     """With a ControlNet the UNet is merged as usual (importance from the CFG batch, guess mode too); the
     ControlNet, a separate module, runs unmerged; removing the patch restores the output exactly."""

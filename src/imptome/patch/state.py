@@ -39,6 +39,14 @@ def _outside_libraries(libraries: tuple[str, ...] = ("imptome", "diffusers", "to
     return level
 
 
+def _equal_chunks(latents: torch.Tensor, copies: int) -> bool:
+    """Whether the batch of `latents` is `copies` equal chunks (waits for the GPU to compare them)."""
+    if latents.shape[0] < copies or latents.shape[0] % copies:
+        return False
+    first, *others = latents.chunk(copies)
+    return all(torch.equal(first, other) for other in others)
+
+
 def _reusable(
     buffer: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device
 ) -> bool:
@@ -307,16 +315,19 @@ class PatchState:
         self.copies, self.cond_copy, self.uncond_copy = layout
 
     def _compare_chunks(self, sample: torch.Tensor) -> tuple[int, int, int | None]:
-        copies = 3 if self.perturbed_attention == "cfg" else 2
-        chunks = self.info.latents(sample).chunk(copies) if sample.shape[0] % copies == 0 else ()
-        if len(chunks) < copies or not all(torch.equal(chunks[0], chunk) for chunk in chunks[1:]):
-            return 1, 0, None
-        if self.perturbed_attention == "cfg":
-            return copies, 1, 0
-        if self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
-            return copies, 0, None
-        cond_copy = 0 if self.cond_first else 1
-        return copies, cond_copy, 1 - cond_copy
+        latents = self.info.latents(sample)
+        if self.perturbed_attention == "cfg":  # [uncond, cond, perturbed]
+            return (3, 1, 0) if _equal_chunks(latents, 3) else (1, 0, None)
+        if _equal_chunks(latents, 2):
+            if self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
+                return 2, 0, None
+            cond_copy = 0 if self.cond_first else 1
+            return 2, cond_copy, 1 - cond_copy
+        if self.perturbed_attention is None and _equal_chunks(latents, 3):
+            # InstructPix2Pix (SD and SDXL): [instruction + image, image only, neither]; the map is
+            # |first - last|, the same magnitude in pipelines that order the copies the other way round
+            return 3, 0, 2
+        return 1, 0, None
 
     def enter_step(self, step: int) -> None:
         """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""

@@ -248,6 +248,8 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
     (tmp_path / (items[1].file_name + ".tmp")).write_bytes(complete)  # a temporary file never counts
     (tmp_path / items[2].file_name).write_bytes(complete[:40])  # truncated: not done, will be overwritten
     assert pending_items(items, tmp_path, settings) == items[1:]
+    # the same weights at another path (the bundled model in another install) resume the same images
+    assert pending_items(items, tmp_path, {**settings, "model": "/elsewhere/m"}) == items[1:]
 
     with pytest.raises(CliError) as refused:
         pending_items(items, tmp_path, {**settings, "steps": 3})

@@ -44,8 +44,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 METADATA_KEY = "imptome"
 MANIFEST = "manifest.jsonl"
 #: Metadata fields that define an image: an existing image whose fields differ is not this run's image.
+# "weights" identifies the model (a local folder's content hash, or the hub id); its path ("model") is kept in
+# the metadata but not compared: the bundled model, or a copied folder, lives at another path in each install.
 MATCHED_FIELDS = (
-    "prompt", "seed", "model", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
+    "prompt", "seed", "weights", "method", "ratio", "steps", "guidance", "height", "width", "dtype",
     "imptome_version", "options",
 )  # fmt: skip
 

@@ -60,6 +60,9 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
 
     monkeypatch.setattr(quality.ImageCache, "save", fail)
     assert main(argv) == 0
+    # ... and so does a copy of the model at another path (the bundled model in another install)
+    shutil.copytree(model, tmp_path / "copy")
+    assert main([*argv, "--model", str(tmp_path / "copy")]) == 0
 
     # the same folder with other weights (a model retrained in place) is refused, not mixed with the cache
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
@@ -68,7 +71,7 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     save_file({**tensors, name: tensors[name] + 1.0}, weights)
     capsys.readouterr()
     assert main(argv) == 2
-    assert "holds images made with other settings" in capsys.readouterr().err
+    assert "holds images made with other settings: weights 'sha256:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

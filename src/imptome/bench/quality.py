@@ -302,9 +302,12 @@ class ImageCache:
         self._settings_file = root / "settings.json"
         if self._settings_file.exists():
             previous = json.loads(self._settings_file.read_text())
-            if previous != settings:
+            # the weights identify the model; its path differs between installs of the bundled model
+            differing = [key for key in settings if key != "model" and previous.get(key) != settings[key]]
+            if differing:
+                details = ", ".join(f"{k} {previous.get(k)!r} (now {settings[k]!r})" for k in differing)
                 raise CliError(
-                    f"cache {root} holds images made with other settings ({previous}); use another --cache"
+                    f"cache {root} holds images made with other settings: {details}; use another --cache"
                 )
 
     def _claim(self) -> None:

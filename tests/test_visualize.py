@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +32,8 @@ def test_overlay_and_grid_refuse_bad_input(tmp_path):
         heatmap_overlay(image, torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="alpha=2"):
         heatmap_overlay(image, torch.zeros(2, 2), alpha=2)
+    with pytest.raises(ValueError, match="cmap='nope' is not a matplotlib colormap"):
+        heatmap_overlay(image, torch.zeros(2, 2), cmap="nope")
     with pytest.raises(ValueError, match="heat holds NaN or infinite values"):
         heatmap_overlay(image, torch.tensor([[float("nan"), 1.0], [0.0, 2.0]]))
     grid = tmp_path / "grid.png"
@@ -51,3 +56,27 @@ def test_overlay_takes_a_numpy_map():
     image = Image.new("RGB", (8, 8))
     heat = np.array([[0.0, 1.0], [2.0, 3.0]])
     assert heatmap_overlay(image, heat) == heatmap_overlay(image, torch.from_numpy(heat))
+
+
+def test_the_grid_adds_png_to_a_path_without_suffix_and_leaves_the_backend_alone(tmp_path):
+    """Importing or drawing never switches the process's matplotlib backend (a user's plt.show() or
+    notebook keeps its own; 0.6.6 set Agg on import), and the path returned is the file written."""
+    import matplotlib
+
+    script = (
+        "import matplotlib; matplotlib.use('pdf'); import imptome.visualize; print(matplotlib.get_backend())"
+    )
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "pdf"
+
+    import imptome
+
+    matplotlib.use("pdf")
+    panels = [
+        ("map", [torch.rand(4, 4)], "heatmap"),
+        ("roles", [torch.zeros(4, 4, dtype=torch.int8)], "roles"),
+    ]
+    written = imptome.visualize.comparison_grid(tmp_path / "grid", ["a prompt"], panels)
+    heatmap_overlay(Image.new("RGB", (8, 8)), torch.rand(2, 2))
+    assert matplotlib.get_backend() == "pdf"
+    assert written == tmp_path / "grid.png" and Image.open(written).format == "PNG"

@@ -7,6 +7,8 @@ imptome.importance_map(pipe)             # [B, h, w] map of the last step
 imptome.remove_patch(pipe)               # back to the original model, bit for bit
 """
 
+import importlib
+
 from imptome.config import PRESETS, MergeConfig
 from imptome.patch.api import apply_patch, importance_map, is_patched, merge_plan, remove_patch
 from imptome.patch.state import PlanRecord
@@ -57,6 +59,14 @@ from imptome.patch.state import PlanRecord
 # max_downsample, visualize panels, and `bench quality --guidance`. Images of other pipelines do not
 # change.
 __version__ = "0.6.7"
+
+
+def __getattr__(name: str) -> object:
+    """`imptome.visualize` without importing it (and matplotlib) with the package."""
+    if name == "visualize":
+        return importlib.import_module("imptome.visualize")
+    raise AttributeError(f"module 'imptome' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",

@@ -7,16 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from imptome.merge import DESTINATION, INDEPENDENT, MERGED  # noqa: E402
+from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 
 ROLE_COLOURS = {MERGED: "#c8c8c8", DESTINATION: "#d62728", INDEPENDENT: "#1f77b4"}
 ROLE_NAMES = {MERGED: "merged", DESTINATION: "destination", INDEPENDENT: "independent"}
@@ -36,6 +34,8 @@ def heatmap_overlay(
         raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
+    if cmap not in matplotlib.colormaps:
+        raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap (e.g. magma, viridis, gray)")
     values = heat.detach().float().cpu().numpy()
     if not np.isfinite(values).all():  # one NaN would make the whole range NaN, and the map one flat colour
         raise ValueError(
@@ -43,7 +43,7 @@ def heatmap_overlay(
         )
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-    coloured = (plt.get_cmap(cmap)(scaled)[..., :3] * 255).astype(np.uint8)
+    coloured = (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
     layer = Image.fromarray(coloured).resize(image.size, Image.Resampling.NEAREST)
     return Image.blend(image.convert("RGB"), layer, alpha)
 
@@ -61,15 +61,21 @@ def comparison_grid(
     columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor], str]],
     title: str = "",
 ) -> Path:
-    """Save a grid figure: one row per prompt, one column per panel.
+    """Save a grid figure: one row per prompt, one column per panel; returns the file written (`path`, with
+    ".png" added when it has no suffix).
 
     Args:
         columns: (title, one panel per row, kind) with kind "image" (PIL), "heatmap" ([h, w] float tensor)
             or "roles" ([h, w] int tensor of MERGED / DESTINATION / INDEPENDENT).
+
+    Drawn on a matplotlib Figure of its own, not through pyplot: the process's backend is left as it is.
     """
     _check_panels(row_titles, columns)
+    path = Path(path)
+    path = path if path.suffix else path.with_suffix(".png")
     rows, cols = len(row_titles), len(columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows + 0.6), squeeze=False)
+    fig = Figure(figsize=(2.1 * cols, 2.2 * rows + 0.6))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for c, (col_title, panels, kind) in enumerate(columns):
         for r in range(rows):
             ax = axes[r][c]
@@ -91,9 +97,7 @@ def comparison_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -531,10 +531,7 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure of its own: the process's backend is left as it is
 
     metrics = [
         ("accuracy", "accuracy"),
@@ -542,7 +539,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ("psnr", "PSNR (dB)"),
         ("ssim", "SSIM"),
     ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+    fig = Figure(figsize=(4 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics))
     none_row = next(r for r in rows if r.method == "none")
     for ax, (name, label) in zip(axes, metrics, strict=True):
         for method in dict.fromkeys(r.method for r in rows if r.method != "none"):
@@ -560,7 +558,6 @@ def plot(rows: list[Row], path: Path) -> None:
         fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,11 +1,11 @@
-"""`--set KEY=VALUE`: MergeConfig options from the command line, typed and checked."""
+"""The command line: `--set KEY=VALUE` options typed and checked, prompt files, version, interrupts."""
 
 from __future__ import annotations
 
 import pytest
 
 import imptome
-from imptome.cli import CliError, main, merge_options
+from imptome.cli import CliError, main, merge_options, read_prompts
 
 
 def test_values_take_the_type_of_their_field():
@@ -77,3 +77,18 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"imptome {imptome.__version__}"
+
+
+def test_a_prompt_file_with_a_byte_order_mark_reads_as_plain_prompts(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufefftop left: red circle\r\n\r\nblue square\r\n".encode())
+    assert read_prompts(str(prompts)) == ["top left: red circle", "blue square"]
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("imptome.demo.run", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err.strip() == "imptome: interrupted"

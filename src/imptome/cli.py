@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from tqdm.auto import tqdm
+
 import imptome
 from imptome.config import MergeConfig
 
@@ -172,14 +174,31 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompts(path: str) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped (a byte-order mark, as some Windows editors write, is
+    dropped); a CliError when unreadable or empty."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CliError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise CliError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise CliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CliError(f"prompt file {path} has no prompts (one per line; blank lines are skipped)")
+    return prompts
+
+
 def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
     """A `warnings.showwarning` that shows imptome's own warnings as one `imptome: warning: ...` line, like
     its errors (Python's format quotes the console script's line), and passes the others to `show`."""
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         text = str(message)
-        if text.startswith("imptome: "):
-            print(f"imptome: warning: {text.removeprefix('imptome: ')}", file=file or sys.stderr)
+        if text.startswith("imptome: "):  # above any progress bar, not on its line
+            tqdm.write(f"imptome: warning: {text.removeprefix('imptome: ')}", file=file or sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -196,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         except CliError as error:
             print(f"imptome: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: no traceback; generate and bench quality resume when rerun
+            print("\nimptome: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError, add_set_argument, check_guidance, merge_options, prepare_output_folder
+from imptome.cli import (
+    CliError,
+    add_set_argument,
+    check_guidance,
+    merge_options,
+    prepare_output_folder,
+    read_prompts,
+)
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
@@ -115,22 +122,6 @@ class WorkItem:
     @property
     def file_name(self) -> str:
         return f"{self.prompt_index:05d}_{self.seed}.png"
-
-
-def read_prompts(path: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file, stripped; a CliError when unreadable or empty."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CliError(f"prompt file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise CliError(f"prompt file {path} is not UTF-8 text") from None
-    except OSError as error:
-        raise CliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise CliError(f"prompt file {path} has no prompts (one per line; blank lines are skipped)")
-    return prompts
 
 
 def work_items(prompts: list[str], seeds: range) -> list[WorkItem]:

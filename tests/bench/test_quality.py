@@ -110,7 +110,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert main(["bench", "quality", "--prompts", str(empty)]) == 2
-    assert "holds no prompts" in capsys.readouterr().err
+    assert "has no prompts" in capsys.readouterr().err
 
 
 def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):

@@ -37,7 +37,7 @@ import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, check_guidance
+from imptome.cli import CliError, check_guidance, read_prompts
 from imptome.config import MergeConfig
 from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE
@@ -202,14 +202,7 @@ def _read_prompts(path: Path | None) -> list[str]:
         from imptome.miniature.data import held_out_prompts, prompt_for
 
         return [prompt_for(objects) for objects in held_out_prompts()]
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise CliError(f"cannot read prompt file {path}: {error}") from error
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise CliError(f"prompt file {path} holds no prompts (one prompt per line)")
-    return prompts
+    return read_prompts(str(path))
 
 
 def _seeds(values: list[int]) -> list[int]:

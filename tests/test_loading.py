@@ -8,6 +8,7 @@ import torch
 
 from imptome import loading
 from imptome.cli import CliError
+from tests.factories import tiny_sdxl_pipeline
 
 
 def _folder(tmp_path):
@@ -62,3 +63,25 @@ def test_a_pipeline_that_cannot_load_is_a_clear_error(tmp_path):
     )
     with pytest.raises(CliError, match=f"cannot load {tmp_path}: .*config.json"):
         loading.load_pipeline(str(tmp_path), "cpu")
+
+
+def test_a_name_that_is_no_folder_nor_an_owner_name_hub_id_is_a_missing_folder(tmp_path):
+    assert loading.check_model("some-org/some-model") == "some-org/some-model"
+    with pytest.raises(CliError, match="model folder sd15 does not exist .*owner/name"):
+        loading.check_model("sd15")  # a mistyped local folder, not a hub lookup that needs internet
+
+
+def test_only_pipelines_with_a_safety_checker_are_told_not_to_load_one(tmp_path, monkeypatch):
+    """diffusers warns about a safety_checker=None given to a pipeline without that component (SDXL)."""
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    calls = []
+    load = loading.DiffusionPipeline.from_pretrained
+
+    def recording(source, **kwargs):
+        calls.append(kwargs)
+        return load(source, **kwargs)
+
+    monkeypatch.setattr(loading.DiffusionPipeline, "from_pretrained", recording)
+    assert type(loading.load_pipeline(str(tmp_path / "sdxl"), "cpu")).__name__ == "StableDiffusionXLPipeline"
+    assert loading.load_pipeline(None, "cpu").components["safety_checker"] is None  # the bundled SD model
+    assert ["safety_checker" in kwargs for kwargs in calls] == [False, True]

@@ -52,8 +52,11 @@ def check_model(model: str | None) -> str:
         if not (path / "model_index.json").is_file():
             raise CliError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
         return str(path)
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise CliError(f"model folder {model} does not exist (give a local pipeline folder or a hub id)")
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CliError(
+            f"model folder {model} does not exist (give a local pipeline folder, or a hub id of the form "
+            "owner/name)"
+        )
     return model
 
 
@@ -89,8 +92,11 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
     device = check_device(device)
     local = Path(source).is_dir()
     try:
+        components = DiffusionPipeline.load_config(source, local_files_only=local)
+        # never load a safety checker; pipelines without one would warn about the unexpected argument
+        no_checker = {"safety_checker": None} if "safety_checker" in components else {}
         pipe = DiffusionPipeline.from_pretrained(
-            source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, safety_checker=None
+            source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, **no_checker
         )
     except (OSError, ValueError) as error:  # no such hub id, no internet, missing files or components
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""

@@ -3,6 +3,7 @@ variants' mid-generation state, and the command end to end on tiny architectures
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Iterator
@@ -14,11 +15,11 @@ from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import imptome
-from imptome.bench import archs
+from imptome.bench import archs, speed
 from imptome.bench.flops import count_flops
 from imptome.bench.operators import count_operators
 from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
-from imptome.cli import main
+from imptome.cli import build_parser, main
 from imptome.merge import cfg_importance
 from tests.factories import PIXART_CONFIG, tiny_sd_unet_config
 
@@ -219,6 +220,7 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
     assert all(row["steps"] == 4 and row["median_s"] > 0 for row in generations)
     table = out.with_suffix(".md").read_text()
     assert "| tiny-sd | 128 | importance | 0.5 |" in table and "does not run" in table
+    assert "| median s/step |" in table and "peak resident memory, weights included" in table
     assert "round 1/1" in capsys.readouterr().err
 
 
@@ -264,3 +266,17 @@ def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):
     assert timing.busy_machine_note() is None
     monkeypatch.setattr(timing.os, "getloadavg", lambda: (4.2, 1.0, 1.0))
     assert "load average 4.2 on 2 cores" in timing.busy_machine_note()
+
+
+def test_tomesd_without_its_package_is_named_or_left_out(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "tomesd" else find_spec(name, *rest)
+    )
+    assert main(["bench", "speed", "--variants", "none", "tomesd"]) == 2
+    assert (
+        "--variants tomesd needs the tomesd package: pip install 'imptome[bench]'" in capsys.readouterr().err
+    )
+    argv = ["bench", "speed", "--arch", "sd15"]
+    variants = speed._parse(build_parser(argv).parse_args(argv)).variants  # the default list
+    assert "tomesd" not in {variant.name for variant in variants} and len(variants) > 1

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -218,6 +219,10 @@ def _parse(args: argparse.Namespace) -> Settings:
     bad = [name for name in names if name not in VARIANTS]
     if bad:
         raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if "tomesd" in names and importlib.util.find_spec("tomesd") is None:
+        if args.variants:
+            raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
+        names.remove("tomesd")  # the default list: run the rest
     for ratio in ratios:
         if not 0 < ratio <= 0.75:
             raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
@@ -521,7 +526,7 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| arch | res | variant | ratio | median s | IQR s | speedup | GFLOP/step | ideal | efficiency "
+        "| arch | res | variant | ratio | median s/step | IQR s | speedup | GFLOP/step | ideal | efficiency "
         "| own work | operators (own) | peak mem GiB |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -546,12 +551,14 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {'-' if operators is None else operators} "
             f"| {_fmt(None if memory is None else memory / 2**30, 2)} |"
         )
+    if any(row.get("device", "").startswith("cpu") for row in rows):
+        lines.append("\nOn the CPU, peak mem is the process's peak resident memory, weights included.")
     return "\n".join(lines)
 
 
 def generation_table(rows: list[dict]) -> str:
     lines = [
-        "| arch | res | variant | ratio | steps | median s | IQR s | speedup |",
+        "| arch | res | variant | ratio | steps | median s/generation | IQR s | speedup |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:

@@ -53,6 +53,9 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     assert all(0 < r["ssim"] <= 1 and r["psnr"] > 0 for r in merged)
     assert rows[0]["accuracy"] is None  # prompts outside the bundled model's grammar: no classifier scores
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+    printed = capsys.readouterr().out
+    assert f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}" in printed
+    assert "| s/step (batch) | GFLOPs/step (1 prompt) |" in printed
 
     # a second run finds every image in the cache and generates nothing
     def fail(*args, **kwargs):
@@ -81,6 +84,7 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
         (["--methods", "random"], "unknown method"),
         (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be a finite number >= 1"),
         (["--seeds", "0"], "--seeds 0"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         (["--guidance", "nan"], "must be a number >= 0"),
     ],

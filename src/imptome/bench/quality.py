@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and any importance variant with -shuffled appended: a control whose importance map is shuffled "
         "every step",
     )
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="merge ratios")
     parser.add_argument(
         "--ablations",
         action="store_true",
@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, help="metric-vs-ratio plot (default: next to --json)")
     parser.add_argument("--cache", type=Path, help="image cache for resuming (default: <json>.cache/)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -498,7 +498,8 @@ def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3
 def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
     header = (
         "| method | ratio | images | accuracy [95% CI] | position acc. [95% CI] | Frechet "
-        "| PSNR dB [95% CI] | SSIM | s/step | GFLOPs/step |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| PSNR dB [95% CI] | SSIM | s/step (batch) | GFLOPs/step (1 prompt) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r.method} | {r.ratio:g} | {r.n_images} | {_fmt_ci(r.accuracy, r.accuracy_ci95)} "
@@ -508,6 +509,10 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     text = header + "\n".join(lines) + "\n"
+    text += (
+        "\ns/step: median time of one denoiser call on a batch of --batch-size prompts with CFG; "
+        "GFLOPs/step: one call for one prompt with CFG, averaged over the schedule.\n"
+    )
     if comparisons:
         text += (
             "\n| method | minus | ratio | accuracy difference (paired) [95% CI] "
@@ -558,8 +563,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     seeds = _seeds(args.seeds)
     variants = _variants(args)
-    if args.steps < 2 or args.batch_size < 1:
-        raise CliError("--steps must be >= 2 and --batch-size >= 1")
+    if args.steps < 2:
+        raise CliError(f"--steps {args.steps}: must be at least 2")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size {args.batch_size}: must be at least 1")
     model = check_model(args.model)
     check_device(args.device)
     objects = _parse_all(prompts)
@@ -600,14 +607,19 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     table = markdown_table(rows, comparisons)
-    (args.markdown or args.json.with_suffix(".md")).write_text(table)
-    plot(rows, args.plot or args.json.with_suffix(".png"))
+    markdown = args.markdown or args.json.with_suffix(".md")
+    markdown.write_text(table)
+    figure = args.plot or args.json.with_suffix(".png")
+    plot(rows, figure)
     console = Console()
     # rich wraps at 80 columns when stdout is not a terminal: a file or pipe gets whole rows instead
     console.print(table, soft_wrap=not console.is_terminal)
     note = busy_machine_note()  # the s/step column
     if note is not None:
         console.print(note)
+    console.print(
+        f"wrote {args.json}, {markdown} and {figure}; images cached in {cache_root}", soft_wrap=True
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Declared dependency floors are versions CI runs: pyproject.toml and .ci's constraint files agree."""
+"""Packaging: declared dependency floors are versions CI runs, and the wheel declares every data file."""
 
 from __future__ import annotations
 
@@ -49,3 +49,19 @@ def test_each_floor_is_pinned_for_the_oldest_versions_run(requirement):
 def test_the_newest_versions_run_satisfy_the_requirements(requirement):
     pinned = pins(ROOT / ".ci/constraints.txt")[canonicalize_name(requirement.name)]
     assert requirement.specifier.contains(pinned), f".ci/constraints.txt pins {pinned}, outside {requirement}"
+
+
+def test_every_data_file_of_the_package_is_declared_package_data():
+    """A file of src/imptome that is not Python reaches a wheel only through package-data (the model card
+    was missing from 0.6.6's wheel); the license file is declared too."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["imptome"]
+    package = ROOT / "src" / "imptome"
+    data = {
+        path
+        for path in package.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    declared = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    assert data and not data - declared, sorted(data - declared)
+    assert project["project"]["license-files"] == ["LICENSE"] and (ROOT / "LICENSE").is_file()

@@ -92,3 +92,10 @@ def test_ctrl_c_ends_a_command_with_one_line_and_exit_code_130(monkeypatch, caps
     monkeypatch.setattr("imptome.demo.run", interrupted)
     assert main(["demo"]) == 130
     assert capsys.readouterr().err.strip() == "imptome: interrupted"
+
+
+def test_bench_without_a_benchmark_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: {speed,quality}" in capsys.readouterr().err

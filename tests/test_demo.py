@@ -43,6 +43,8 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         (["demo", "--guidance", "-1"], "must be a number >= 0"),
         (["demo", "--out", "grid.txt"], "cannot write a .txt figure; use one of .eps, "),
         (["demo", "--out", "."], "--out . is a folder; name a file in it"),
+        (["demo", "--seed", "-3"], "--seed -3: seeds must be >= 0"),
+        (["demo", "--set", "proportional_attention=true"], "already shows importance with and without"),
     ],
 )
 def test_demo_rejects_bad_input(argv, message, capsys):

@@ -167,7 +167,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text, load=chosen == [name])
     bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(
-        dest="benchmark", required=True
+        dest="benchmark", required=True, metavar="{speed,quality}"
     )
     for name, (module, help_text) in BENCHMARKS.items():
         _add(bench, name, module, help_text, load=chosen == ["bench", name])

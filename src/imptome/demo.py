@@ -123,8 +123,15 @@ def _output_file(name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     for variant in ("tome", "importance"):  # --set options apply to both merged variants
         args.options = merge_options(args.set, args.ratio, variant, method_flag=False)
+    if "proportional_attention" in args.options:  # it would make two columns the same, and relabel tome
+        raise CliError(
+            "--set proportional_attention: the demo already shows importance with and without proportional "
+            "attention; leave it out"
+        )
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
+    if args.seed < 0:
+        raise CliError(f"--seed {args.seed}: seeds must be >= 0")
     check_guidance(args.guidance)
     out = _output_file(args.out)
     prompts = args.prompt or default_prompts()

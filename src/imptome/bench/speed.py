@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="also time whole generations of this many steps with imptome, DeepCache and both "
-        "(sd15 / sd2 only; default 0: off)",
+        "(sd15 / sd2 only; 0: off, else at least 4 so that DeepCache reuses its cache)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument(

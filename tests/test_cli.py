@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import imptome
@@ -99,3 +102,14 @@ def test_bench_without_a_benchmark_names_the_choices(capsys):
         main(["bench"])
     assert exit_info.value.code == 2
     assert "the following arguments are required: {speed,quality}" in capsys.readouterr().err
+
+
+def test_importing_imptome_and_asking_its_version_load_neither_diffusers_nor_matplotlib():
+    """They take seconds to import; the patch functions load them on first use."""
+    script = (
+        "import sys, imptome; from imptome.cli import main\n"
+        "heavy = [name for name in ('diffusers', 'matplotlib', 'torch') if name in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(imptome.apply_patch) and 'diffusers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -7,11 +7,17 @@ imptome.importance_map(pipe)             # [B, h, w] map of the last step
 imptome.remove_patch(pipe)               # back to the original model, bit for bit
 """
 
+from __future__ import annotations
+
 import importlib
+from typing import TYPE_CHECKING
 
 from imptome.config import PRESETS, MergeConfig
-from imptome.patch.api import apply_patch, importance_map, is_patched, merge_plan, remove_patch
-from imptome.patch.state import PlanRecord
+
+if TYPE_CHECKING:  # loaded on first use (see __getattr__)
+    from imptome import visualize as visualize
+    from imptome.patch.api import apply_patch, importance_map, is_patched, merge_plan, remove_patch
+    from imptome.patch.state import PlanRecord
 
 # 0.2.0: counter-based random draws (plans traced by torch.compile); plans differ from 0.1.0's.
 # 0.3.0: default partition is cell destinations with a pool factor of 1.0 (was the paper's random
@@ -61,11 +67,30 @@ from imptome.patch.state import PlanRecord
 __version__ = "0.6.7"
 
 
+# Loaded on first use: importing diffusers (for the patch) or matplotlib (for pictures) takes seconds, which
+# `imptome --version`, `--help` and the CLI's input checks need not wait for.
+_LAZY = {
+    "apply_patch": "imptome.patch.api",
+    "importance_map": "imptome.patch.api",
+    "is_patched": "imptome.patch.api",
+    "merge_plan": "imptome.patch.api",
+    "remove_patch": "imptome.patch.api",
+    "PlanRecord": "imptome.patch.state",
+}
+
+
 def __getattr__(name: str) -> object:
-    """`imptome.visualize` without importing it (and matplotlib) with the package."""
     if name == "visualize":
         return importlib.import_module("imptome.visualize")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'imptome' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "visualize"})
 
 
 __all__ = [

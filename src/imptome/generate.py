@@ -281,7 +281,9 @@ def _generate(
         setattr(pipe, name, torch.compile(getattr(pipe, name), mode=args.compile))
     recorded = {**settings, "batch_size": args.batch_size, "compile": args.compile}
     total = sum(item in pending for batch in batches for item in batch)
-    label = f"process {state.process_index}" if state.num_processes > 1 else "generate"
+    label = "generate"
+    if state.num_processes > 1:  # numbered as the closing summaries are
+        label = f"process {state.process_index + 1}/{state.num_processes}"
     written = 0
     with tqdm(total=total, desc=label, unit="image", position=state.process_index) as progress:
         for batch in batches:

@@ -178,12 +178,17 @@ def test_patch_state_tensors_outlive_inference_mode():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_regional_compilation_with_fullgraph():
+@pytest.mark.parametrize("upcast_proportional", [False, True], ids=["default", "upcast-proportional"])
+def test_regional_compilation_with_fullgraph(upcast_proportional):
     """diffusers' regional compilation (`compile_repeated_blocks`, each transformer block compiled on its
     own) with fullgraph=True: the layer hooks, planning included, trace without a graph break, the result
-    equals eager, and a second generation compiles nothing."""
+    equals eager, and a second generation compiles nothing. Also with proportional attention on a UNet that
+    upcasts its attention (SD 2.1's), whose mask dtype is decided outside the trace (0.6.7 first decided it
+    inside, and Dynamo broke the graph there)."""
     pipe = tiny_sd_pipeline()
-    imptome.apply_patch(pipe, ratio=0.7)
+    if upcast_proportional:
+        pipe.unet = tiny_sd_unet(upcast_attention=True)
+    imptome.apply_patch(pipe, ratio=0.7, proportional_attention=upcast_proportional)
     eager = generate(pipe, steps=4)
     torch._dynamo.reset()
     counters.clear()

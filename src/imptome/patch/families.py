@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,23 @@ def check_no_output_cache(merged: dict[str, nn.Module]) -> None:
 def processor_name(attention: nn.Module) -> str:
     """Class name of an attention module's diffusers processor ("NoneType" when it has none)."""
     return type(getattr(attention, "processor", None)).__name__
+
+
+def scores_in_float32(attention: nn.Module) -> bool:
+    """Whether the attention adds its mask to float32 scores whatever the tokens' dtype: diffusers'
+    `Attention.get_attention_scores` (used by the classic and sliced processors, not by SDPA's) upcasts the
+    queries and keys of a module built with `upcast_attention=True` (SD 2.1's UNet) and adds the mask to
+    their product, which must then have the same dtype."""
+    return getattr(attention, "upcast_attention", False) and _calls_get_attention_scores(
+        type(getattr(attention, "processor", None))
+    )
+
+
+@functools.cache
+def _calls_get_attention_scores(processor_class: type) -> bool:
+    call = next((vars(cls)["__call__"] for cls in processor_class.__mro__ if "__call__" in vars(cls)), None)
+    code = getattr(call, "__code__", None)  # None without a processor (NoneType)
+    return code is not None and "get_attention_scores" in code.co_names
 
 
 def perturbed_attention_layout(attention_modules: list[nn.Module]) -> str | None:

@@ -6,7 +6,6 @@ IP-Adapter, custom) keep running, on fewer query tokens.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from imptome.config import MergeConfig
 from imptome.merge.plan import MergePlan
 from imptome.patch.families import BlockSite, processor_name
-from imptome.patch.state import PatchState
+from imptome.patch.state import MaskDtype, PatchState
 
 _SAMPLE_KEYS = ("sample", "hidden_states")
 
@@ -88,11 +87,14 @@ class _DenoiserHooks:
 class _LayerHooks:
     """Merges the token input of one attention / MLP module and unmerges its output."""
 
-    def __init__(self, state: PatchState, block_name: str, layer_index: int, self_attention: bool) -> None:
+    def __init__(self, state: PatchState, layer: MergedLayer, layer_index: int) -> None:
         self.state = state
-        self.block_name = block_name
+        self.block_name = layer.block_name
         self.layer_index = layer_index
-        self.self_attention = self_attention
+        self.self_attention = layer.self_attention
+        self.mask_dtype = MaskDtype(layer.module)
+        if layer.self_attention:
+            state.mask_dtypes.append(self.mask_dtype)
         # One entry per call of the module, its plan or None (not merged), popped by that call's unmerge: a
         # plan left by a call that never reached its unmerge (an exception inside the module) is never
         # applied to another call's output. The state empties the stack at each denoiser call's start.
@@ -108,7 +110,7 @@ class _LayerHooks:
             return None
         if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
             _check_mask_support(module, plan.num_kept)
-            mask = plan.key_bias.float() if _scores_in_float32(module) else plan.key_bias
+            mask = plan.key_bias.float() if self.mask_dtype.float32 else plan.key_bias
             kwargs = {**kwargs, "attention_mask": mask}
         merged = plan.merge(tokens)
         if where == 0:
@@ -154,23 +156,6 @@ def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
     """IP-Adapter processors read `ip_adapter_masks`; the others ignore it (diffusers passes the same
     cross_attention_kwargs to every attention of a block)."""
     return "IPAdapter" in processor_name(attention)
-
-
-def _scores_in_float32(attention: nn.Module) -> bool:
-    """Whether the attention adds its mask to float32 scores whatever the tokens' dtype: diffusers'
-    `Attention.get_attention_scores` (used by the classic and sliced processors, not by SDPA's) upcasts the
-    queries and keys of a module built with `upcast_attention=True` (SD 2.1's UNet) and adds the mask to
-    their product, which must then have the same dtype."""
-    return getattr(attention, "upcast_attention", False) and _calls_get_attention_scores(
-        type(getattr(attention, "processor", None))
-    )
-
-
-@functools.cache
-def _calls_get_attention_scores(processor_class: type) -> bool:
-    call = next((vars(cls)["__call__"] for cls in processor_class.__mro__ if "__call__" in vars(cls)), None)
-    code = getattr(call, "__code__", None)  # None without a processor (NoneType)
-    return code is not None and "get_attention_scores" in code.co_names
 
 
 def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
@@ -237,5 +222,5 @@ def register_hooks(
     """Hook the denoiser and each merged layer; returns the handles to remove."""
     handles = _DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
     for index, layer in enumerate(layers):
-        handles += _LayerHooks(state, layer.block_name, index, layer.self_attention).register(layer.module)
+        handles += _LayerHooks(state, layer, index).register(layer.module)
     return handles

@@ -22,7 +22,12 @@ from imptome.merge import (
 )
 from imptome.merge.noise import random_bits, stream_id
 from imptome.merge.plan import MergePlan
-from imptome.patch.families import DenoiserInfo, check_merged_layers, perturbed_attention_layout
+from imptome.patch.families import (
+    DenoiserInfo,
+    check_merged_layers,
+    perturbed_attention_layout,
+    scores_in_float32,
+)
 from imptome.patch.timestep import TimestepMemory, TimestepReader
 
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
@@ -64,6 +69,17 @@ def _reusable(
         and (buffer.shape, buffer.dtype, buffer.device) == (shape, dtype, device)
         and (torch.is_inference_mode_enabled() or not buffer.is_inference())
     )
+
+
+@dataclass
+class MaskDtype:
+    """Whether a merged self-attention gets proportional attention's mask in float32 (it adds the mask to
+    float32 scores, see `families.scores_in_float32`). Set at each generation's start, outside any trace, and
+    read by the layer's hook: a bool that is the same for every layer of a model, so a model compiled block by
+    block is not recompiled per layer, and its processor is not inspected inside the trace."""
+
+    attention: nn.Module
+    float32: bool = False
 
 
 @dataclass
@@ -153,6 +169,7 @@ class PatchState:
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
     feed_forward_blocks: dict[str, nn.Module] = field(default_factory=dict)  # block name -> block, ff merged
     checked_layers: bool = False
+    mask_dtypes: list[MaskDtype] = field(default_factory=list)  # one per merged self-attention
     # Each layer hook's stack of the plans its calls merged with, popped at their unmerge. A call stopped by
     # an exception inside a merged layer leaves its plan there; begin_call empties the stacks.
     unmerge_stacks: list[list[MergePlan | None]] = field(default_factory=list)
@@ -219,8 +236,10 @@ class PatchState:
         self.last_shape = sample.shape
         if self.last_timestep is None or t > self.last_timestep or repeated_start or new_schedule:
             new_generation = True
-            # a cache or chunking may have been enabled after patching
+            # a cache, chunking or another attention processor may have been set after patching
             check_merged_layers(self.merged_modules, self.feed_forward_blocks)
+            for mask_dtype in self.mask_dtypes:
+                mask_dtype.float32 = scores_in_float32(mask_dtype.attention)
             self.step = 0
             self.importance = None
             self.last_plans = []

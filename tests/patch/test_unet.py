@@ -869,15 +869,18 @@ def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_ma
     outputs = []
     unet.register_forward_hook(lambda module, args, output: outputs.append(output[0]))  # return_dict=False
     images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    layouts = []
+    pipe.unet.register_forward_hook(lambda *_: layouts.append((_state(pipe).copies, _state(pipe).cond_copy)))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="imptome")
         pipe(
             ["make it red", "make it blue"],
             image=images,
             num_inference_steps=4,
-            generator=torch.Generator().manual_seed(0),
+            generator=[torch.Generator().manual_seed(0) for _ in range(2)],  # equal noise: six equal latents
             output_type="latent",
         )
+    assert layouts == [(3, 0)] * 4  # from the first step on, though the batch also splits in two equal halves
     instructed, _, unconditional = outputs[-1].chunk(3)
     torch.testing.assert_close(imptome.importance_map(pipe), (instructed - unconditional).abs().mean(dim=1))
     (record,) = imptome.merge_plan(pipe)
@@ -885,6 +888,20 @@ def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_ma
     roles = record.roles.view(3, 2, 16, 16)  # [copy, image, h, w]
     assert torch.equal(roles[0], roles[1]) and torch.equal(roles[0], roles[2])
     assert not torch.equal(roles[0, 0], roles[0, 1])  # each image its own plan
+
+
+def test_three_equal_copies_without_image_channels_are_no_instruct_pix2pix_batch():
+    """Safe latent diffusion and SEGA send [uncond, text, concept] to a plain 4-channel UNet, and three
+    prompts without CFG seeded alike are three equal latents too: neither is InstructPix2Pix's layout, whose
+    copies carry the input image's latents as extra channels (zeros in the third)."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=0)  # the first call would use a map
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=generator).repeat(3, 1, 1, 1)
+    text = torch.randn(3, 77, TEXT_HIDDEN, generator=generator)
+    with torch.no_grad(), pytest.warns(UserWarning, match="no classifier-free guidance"):
+        unet(latents, 900, encoder_hidden_states=text)
+    assert _state(unet).copies == 1 and imptome.importance_map(unet) is None
 
 
 def test_controlnet_pipeline_merges_the_unet_only():

@@ -337,16 +337,27 @@ class PatchState:
         latents = self.info.latents(sample)
         if self.perturbed_attention == "cfg":  # [uncond, cond, perturbed]
             return (3, 1, 0) if _equal_chunks(latents, 3) else (1, 0, None)
+        if self.perturbed_attention is None and self._instruct_pix2pix_batch(sample, latents):
+            return 3, 0, 2  # the map is |instruction + image - neither|
         if _equal_chunks(latents, 2):
             if self.perturbed_attention == "plain":  # [cond, perturbed]: no unconditional copy
                 return 2, 0, None
             cond_copy = 0 if self.cond_first else 1
             return 2, cond_copy, 1 - cond_copy
-        if self.perturbed_attention is None and _equal_chunks(latents, 3):
-            # InstructPix2Pix (SD and SDXL): [instruction + image, image only, neither]; the map is
-            # |first - last|, the same magnitude in pipelines that order the copies the other way round
-            return 3, 0, 2
         return 1, 0, None
+
+    def _instruct_pix2pix_batch(self, sample: torch.Tensor, latents: torch.Tensor) -> bool:
+        """Whether the batch is InstructPix2Pix's (SD and SDXL): three copies of every image's noisy latents,
+        [instruction + image, image only, neither], with the input image's latents concatenated as channels
+        in the first two copies and zeros in the third. Other three-copy batches (safe latent diffusion,
+        SEGA, equal-seed batches of three prompts) have no such channels; checked before two copies, which
+        an InstructPix2Pix batch of two images with equal noise would also pass."""
+        channel_dim, noise_channels = self.info.channel_dim, self.info.noise_channels
+        extra = sample.shape[channel_dim] - noise_channels
+        if extra <= 0 or not _equal_chunks(latents, 3):
+            return False
+        first, second, third = sample.narrow(channel_dim, noise_channels, extra).chunk(3)
+        return torch.equal(first, second) and not third.any()
 
     def enter_step(self, step: int) -> None:
         """Set the schedule's phase flags for `step` (the benchmarks use it to start mid-generation)."""

@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProces
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from imptome.patch.api import _state
+from imptome.patch.families import finest_attention_downsample
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 from tests.patch.probes import token_shapes
 
@@ -545,6 +546,26 @@ def test_sdxl_pipeline_merges_finest_attention_level():
     assert imptome.is_patched(pipe)  # the refused patch left the last one in place
     imptome.remove_patch(pipe)
     assert np.array_equal(generate(pipe, steps=2), base)
+
+
+def test_attention_only_in_the_up_blocks_counts_for_the_finest_level():
+    """A UNet whose down blocks have no attention but whose up blocks do, at full resolution too: the finest
+    attention level is 1, so max_downsample=1 is accepted and merges the up blocks' full-resolution
+    self-attention (0.6.7's first refusal looked at the down blocks only)."""
+    unet = tiny_sd_unet(
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    assert finest_attention_downsample(unet) == 1
+    imptome.apply_patch(unet, ratio=0.5, max_downsample=1, importance_start_step=0, merge_start_step=0)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)  # a CFG batch
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = query_token_counts(unet, lambda: unet(latents, 900, encoder_hidden_states=text))
+    assert counts["up_blocks.1.attentions.0.transformer_blocks.0.attn1"] == [128]  # 16 x 16, ratio 0.5
+    assert counts["up_blocks.0.attentions.0.transformer_blocks.0.attn1"] == [64]  # 8 x 8: not merged
 
 
 def test_sdxl_with_top_level_attention():

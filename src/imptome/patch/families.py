@@ -120,12 +120,19 @@ def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
 
 
 def finest_attention_downsample(denoiser: nn.Module) -> int:
-    """Downsampling factor of the highest-resolution UNet level with attention (1 for transformers)."""
-    for level, block in enumerate(getattr(denoiser, "down_blocks", ())):
+    """Downsampling factor of the highest-resolution UNet level with attention (1 for transformers).
+
+    Down block i runs at 2**i, up block i at 2**(levels - 1 - i) (its attentions run before its upsampler),
+    the mid block at the coarsest level."""
+    down_blocks = getattr(denoiser, "down_blocks", ())
+    levels = len(down_blocks)
+    with_attention = [
+        2**level for level, block in enumerate(down_blocks) if getattr(block, "attentions", None)
+    ]
+    for index, block in enumerate(getattr(denoiser, "up_blocks", ())):
         if getattr(block, "attentions", None):
-            return 2**level
-    levels = len(getattr(denoiser, "down_blocks", ()))
-    return 2 ** max(levels - 1, 0)
+            with_attention.append(2 ** (levels - 1 - index))
+    return min(with_attention, default=2 ** max(levels - 1, 0))
 
 
 def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[str, nn.Module]) -> None:

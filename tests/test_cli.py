@@ -111,5 +111,6 @@ def test_importing_imptome_and_asking_its_version_load_neither_diffusers_nor_mat
         "heavy = [name for name in ('diffusers', 'matplotlib', 'torch') if name in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert callable(imptome.apply_patch) and 'diffusers' in sys.modules\n"
+        "assert imptome.patch.api.remove_patch is imptome.remove_patch and imptome.merge.build_plan\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -52,10 +52,14 @@ def test_overlay_and_grid_refuse_bad_input(tmp_path):
     assert not grid.exists()
 
 
-def test_overlay_takes_a_numpy_map():
+def test_overlay_takes_a_numpy_map_and_a_colormap_object():
+    import matplotlib
+
     image = Image.new("RGB", (8, 8))
     heat = np.array([[0.0, 1.0], [2.0, 3.0]])
     assert heatmap_overlay(image, heat) == heatmap_overlay(image, torch.from_numpy(heat))
+    by_name = heatmap_overlay(image, heat, cmap="viridis")
+    assert heatmap_overlay(image, heat, cmap=matplotlib.colormaps["viridis"]) == by_name
 
 
 def test_the_grid_adds_png_to_a_path_without_suffix_and_leaves_the_backend_alone(tmp_path):

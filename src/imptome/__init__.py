@@ -79,9 +79,14 @@ _LAZY = {
 }
 
 
+_SUBPACKAGES = ("visualize", "patch", "merge", "bench", "miniature")
+
+
 def __getattr__(name: str) -> object:
-    if name == "visualize":
-        return importlib.import_module("imptome.visualize")
+    if name in _SUBPACKAGES:
+        if name == "patch":  # as when the package imported its functions: imptome.patch.api etc. loaded
+            importlib.import_module("imptome.patch.api")
+        return importlib.import_module(f"imptome.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -90,7 +95,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "visualize"})
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})
 
 
 __all__ = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
@@ -22,7 +22,7 @@ _ROLE_CMAP = ListedColormap([ROLE_COLOURS[r] for r in (MERGED, DESTINATION, INDE
 
 
 def heatmap_overlay(
-    image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.5, cmap: str = "magma"
+    image: Image.Image, heat: torch.Tensor | np.ndarray, alpha: float = 0.5, cmap: str | Colormap = "magma"
 ) -> Image.Image:
     """`image` with a [h, w] map (e.g. one image's `imptome.importance_map(pipe)[i]`) drawn over it.
 
@@ -34,8 +34,10 @@ def heatmap_overlay(
         raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
-    if cmap not in matplotlib.colormaps:
-        raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap (e.g. magma, viridis, gray)")
+    if isinstance(cmap, str):
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap (e.g. magma, viridis, gray)")
+        cmap = matplotlib.colormaps[cmap]
     values = heat.detach().float().cpu().numpy()
     if not np.isfinite(values).all():  # one NaN would make the whole range NaN, and the map one flat colour
         raise ValueError(
@@ -43,7 +45,7 @@ def heatmap_overlay(
         )
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-    coloured = (matplotlib.colormaps[cmap](scaled)[..., :3] * 255).astype(np.uint8)
+    coloured = (cmap(scaled)[..., :3] * 255).astype(np.uint8)
     layer = Image.fromarray(coloured).resize(image.size, Image.Resampling.NEAREST)
     return Image.blend(image.convert("RGB"), layer, alpha)
 

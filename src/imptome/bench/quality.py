@@ -495,7 +495,7 @@ def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3
     return f"{value:{sign}.{digits}f} [{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
 
 
-def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]], cfg: bool) -> str:
     header = (
         "| method | ratio | images | accuracy [95% CI] | position acc. [95% CI] | Frechet "
         "| PSNR dB [95% CI] | SSIM | s/step (batch) | GFLOPs/step (1 prompt) |\n"
@@ -509,9 +509,10 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     text = header + "\n".join(lines) + "\n"
+    with_cfg = "with CFG" if cfg else "without CFG"
     text += (
-        "\ns/step: median time of one denoiser call on a batch of --batch-size prompts with CFG; "
-        "GFLOPs/step: one call for one prompt with CFG, averaged over the schedule.\n"
+        f"\ns/step: median time of one denoiser call on a batch of --batch-size prompts {with_cfg}; "
+        f"GFLOPs/step: one call for one prompt {with_cfg}, averaged over the schedule.\n"
     )
     if comparisons:
         text += (
@@ -606,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    table = markdown_table(rows, comparisons)
+    table = markdown_table(rows, comparisons, cfg=args.guidance > 1)
     markdown = args.markdown or args.json.with_suffix(".md")
     markdown.write_text(table)
     figure = args.plot or args.json.with_suffix(".png")

@@ -59,11 +59,12 @@ if TYPE_CHECKING:  # loaded on first use (see __getattr__)
 # uninterrupted generations do not change.
 # 0.6.7: with split CFG and a second-order scheduler (Heun), the second evaluation of each timestep is a pair
 # of its own (its passes got different plans, and only the first pair made the map); InstructPix2Pix's
-# three copies per image share one plan and make the map (it was taken for a batch without CFG);
-# proportional attention works with the classic and sliced processors on an fp16/bf16 UNet that upcasts
-# its attention; training with gradient checkpointing works; clearer errors for bad block_range,
-# max_downsample, visualize panels, and `bench quality --guidance`. Images of other pipelines do not
-# change.
+# three copies per image (recognised by the input image's latent channels) share one plan and make the map
+# (it was taken for a batch without CFG); proportional attention works with the classic and sliced
+# processors on an fp16/bf16 UNet that upcasts its attention; training with gradient checkpointing works;
+# a max_downsample that would merge nothing is refused; `import imptome` no longer imports diffusers;
+# clearer errors for bad block_range, max_downsample, visualize panels and `bench quality --guidance`.
+# Images of other pipelines do not change.
 __version__ = "0.6.7"
 
 

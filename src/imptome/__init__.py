@@ -69,7 +69,7 @@ __version__ = "0.6.7"
 
 
 # Loaded on first use: importing diffusers (for the patch) or matplotlib (for pictures) takes seconds, which
-# `imptome --version`, `--help` and the CLI's input checks need not wait for.
+# `import imptome`, `imptome --version` and `imptome --help` need not wait for.
 _LAZY = {
     "apply_patch": "imptome.patch.api",
     "importance_map": "imptome.patch.api",

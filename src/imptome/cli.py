@@ -86,6 +86,12 @@ def check_guidance(guidance: float) -> None:
         raise CliError(f"--guidance {guidance}: must be a number >= 0 (1 or less turns CFG off)")
 
 
+def check_seed(seed: int) -> None:
+    """A CliError unless `--seed` is >= 0."""
+    if seed < 0:
+        raise CliError(f"--seed {seed}: seeds must be >= 0")
+
+
 def prepare_output_folder(out: Path) -> None:
     """Create the output folder `out` if needed and prove it is writable by creating a file in it; a CliError
     otherwise (for `--out` of generate, and the folder of demo's `--out`)."""

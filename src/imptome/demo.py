@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, add_set_argument, check_guidance, merge_options, prepare_output_folder
+from imptome.cli import (
+    CliError,
+    add_set_argument,
+    check_guidance,
+    check_seed,
+    merge_options,
+    prepare_output_folder,
+)
 from imptome.loading import DTYPES, load_pipeline
 from imptome.miniature import GUIDANCE
 from imptome.patch.api import find_denoiser
@@ -130,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
-    if args.seed < 0:
-        raise CliError(f"--seed {args.seed}: seeds must be >= 0")
+    check_seed(args.seed)
     check_guidance(args.guidance)
     out = _output_file(args.out)
     prompts = args.prompt or default_prompts()

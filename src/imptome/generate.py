@@ -39,6 +39,7 @@ from imptome.cli import (
     CliError,
     add_set_argument,
     check_guidance,
+    check_seed,
     merge_options,
     prepare_output_folder,
     read_prompts,
@@ -197,8 +198,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
     for name in ("steps", "seeds", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.seed < 0:
-        raise CliError(f"--seed {args.seed}: seeds must be >= 0")
+    check_seed(args.seed)
     if args.guidance is None:
         args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
     check_guidance(args.guidance)

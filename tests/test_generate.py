@@ -296,6 +296,7 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         ),
         "negative ratio": ([*args(), "--ratio", "-0.1"], "ratio=-0.1 is out of range"),
         "zero steps": ([*args(), "--steps", "0"], "--steps 0: must be at least 1"),
+        "negative seed": ([*args(), "--seed", "-1"], "--seed -1: seeds must be >= 0"),
         "negative guidance": ([*args(), "--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),

@@ -65,7 +65,10 @@ if TYPE_CHECKING:  # loaded on first use (see __getattr__)
 # a max_downsample that would merge nothing is refused; `import imptome` no longer imports diffusers;
 # clearer errors for bad block_range, max_downsample, visualize panels and `bench quality --guidance`.
 # Images of other pipelines do not change.
-__version__ = "0.6.7"
+# 0.6.8: a call merges with the map of the call at its place in the step before (MultiDiffusion's panorama:
+# its own crop's map, not the crop's before it; Heun with a CFG batch: its own evaluation's). Images of
+# pipelines with one guided call per step do not change.
+__version__ = "0.6.8"
 
 
 # Loaded on first use: importing diffusers (for the patch) or matplotlib (for pictures) takes seconds, which

@@ -718,28 +718,38 @@ def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
 @pytest.mark.parametrize("made_per_call", [False, True], ids=["schedule-view", "tensor-per-evaluation"])
 def test_split_cfg_with_heun_pairs_both_evaluations_of_a_timestep(made_per_call):
     """Heun evaluates every timestep after the first twice, at two samples: with split CFG that is two
-    pairs at one timestep. The second pass of each pair reuses its first pass's plans, and each pair makes
-    the map from its own outputs."""
+    pairs at one timestep. The second pass of each pair reuses its first pass's plans, each pair makes the
+    map from its own outputs, and each merges with the map its own evaluation (first or second) made at the
+    timestep before."""
     unet, state, latent, cond, uncond = split_cfg_case()
     scheduler = HeunDiscreteScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(4)
     latent = latent * scheduler.init_noise_sigma
-    paired, pair_steps = [], []
+    paired, pair_steps, merged_with_map = [], [], 0
+    made = {}  # (step, evaluation at its timestep) -> the map its pair made
+    timesteps = scheduler.timesteps.tolist()
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             sample = scheduler.scale_model_input(latent, t)
             timestep = torch.full((1,), float(t)) if made_per_call else t
             first = unet(sample, timestep, encoder_hidden_states=cond).sample
             first_plans = [(r.roles, r.source) for r in imptome.merge_plan(unet)]
+            step, evaluation = state.step, timesteps[:i].count(timesteps[i])
+            finest = imptome.merge_plan(unet)[0]
+            if finest.importance is not None:
+                assert torch.equal(finest.importance, made[(step - 1, evaluation)])
+                merged_with_map += 1
             second = unet(sample, timestep, encoder_hidden_states=uncond).sample
             paired.append(state.paired)
             pair_steps.append(state.step)
             for (roles, source), record in zip(first_plans, imptome.merge_plan(unet), strict=True):
                 assert torch.equal(roles, record.roles) and torch.equal(source, record.source)
-            torch.testing.assert_close(imptome.importance_map(unet), (first - second).abs().mean(dim=1))
+            made[(step, evaluation)] = imptome.importance_map(unet)
+            torch.testing.assert_close(made[(step, evaluation)], (first - second).abs().mean(dim=1))
             latent = scheduler.step(second + 3 * (first - second), t, latent).prev_sample
     assert len(scheduler.timesteps) == 7 and all(paired)
     assert pair_steps == [0, 1, 1, 2, 2, 3, 3]
+    assert merged_with_map == 4  # steps 2 and 3 (the warm-up ends at importance_start_step 2), both pairs
 
 
 def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
@@ -875,6 +885,36 @@ def test_img2img_inpainting_second_order_and_lcm_pipelines(sd, variant):
     assert (calls[-1].importance is not None) == guided
     if variant == "heun":  # timesteps t0, t1, t1, t2, t2, t3, t3: warm-up (pruning) is steps 0-1
         assert [record.pruned for record in calls[:7]] == [True] * 3 + [False] * 4
+
+
+def test_panorama_crops_merge_with_the_map_of_their_own_crop():
+    """MultiDiffusion (StableDiffusionPanoramaPipeline) calls the denoiser once per crop of the panorama at
+    every timestep. Each crop's call merges with the map its own crop made in the step before; 0.6.7 used
+    the map of the call before it, which belongs to another crop."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    pipe = StableDiffusionPanoramaPipeline(**tiny_sd_pipeline().components)
+    imptome.apply_patch(pipe, ratio=0.5)
+    made, used = [], []
+
+    def record(*_):
+        made.append(imptome.importance_map(pipe))
+        finest = max(imptome.merge_plan(pipe), key=lambda record: record.grid[0] * record.grid[1])
+        used.append(finest.importance)
+
+    pipe.unet.register_forward_hook(record)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome")
+        # latent 16 x 80: three crops of 16 x 64 (the window), 8 latent columns apart
+        pipe("a", height=128, width=640, num_inference_steps=5, output_type="latent")
+    crops = 3
+    assert len(made) == 5 * crops and all(m.shape == (1, 16, 64) for m in made)
+    start = _state(pipe).config.importance_start_step
+    assert start >= 1 and all(u is None for u in used[: start * crops])
+    for call in range(start * crops, len(used)):
+        same_crop_step_before, call_before = made[call - crops], made[call - 1]
+        assert not torch.equal(same_crop_step_before, call_before)  # the two candidates differ
+        assert torch.equal(used[call], same_crop_step_before)
 
 
 def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_makes_the_map():

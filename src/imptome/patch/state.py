@@ -141,8 +141,17 @@ class PatchState:
     compare_timestep_memory: TimestepMemory = field(default_factory=TimestepMemory)
     perturbed_attention: str | None = None  # PAG's layout this generation: perturbed_attention_layout
     attention_modules: list[nn.Module] = field(default_factory=list)  # every attention of the denoiser
-    importance_buffer: torch.Tensor | None = None  # holds `importance` at one address (see _reusable)
-    has_importance: bool = False
+    # Importance maps [U, H, W] (float32) made by guided calls of the step before and of this step, by the
+    # position within its step of the call that made it (a split-CFG pair's: its first pass), and the latest
+    # map of the generation. A call merges with the map of the call at its position in the step before, else
+    # with the latest: pipelines that call the denoiser once per crop of one image at every timestep
+    # (MultiDiffusion) rank each crop's tokens by that crop's own map.
+    maps_before: dict[int, torch.Tensor] = field(default_factory=dict)
+    maps_now: dict[int, torch.Tensor] = field(default_factory=dict)
+    latest_map: torch.Tensor | None = None
+    position: int = 0  # this call's position among its step's calls
+    call_map_buffer: torch.Tensor | None = None  # the map this call merges with, at one address (_reusable)
+    has_call_map: bool = False
     calls: int = 0
     call_key: torch.Tensor | None = None
     use_importance: bool = False
@@ -177,19 +186,34 @@ class PatchState:
 
     @property
     def importance(self) -> torch.Tensor | None:
-        """The last guided call's importance map [U, H, W] (float32), or None. Overwritten in place by the
-        next guided call: copy it to keep it."""
-        return self.importance_buffer if self.has_importance else None
+        """The latest importance map [U, H, W] (float32) a guided call made this generation, or None."""
+        return self.latest_map
 
     @importance.setter
-    def importance(self, value: torch.Tensor | None) -> None:
-        if value is not None:
-            with torch.no_grad():
-                if _reusable(self.importance_buffer, value.shape, value.dtype, value.device):
-                    self.importance_buffer.copy_(value)
-                else:
-                    self.importance_buffer = value.detach().clone()
-        self.has_importance = value is not None
+    def importance(self, value: torch.Tensor) -> None:
+        """Replace the map the last call made (or give it one): the map later calls merge with."""
+        self._keep_map(value.detach().clone())
+
+    def _keep_map(self, values: torch.Tensor) -> None:
+        """Keep `values` as the map made by this call (by the pair, in a split-CFG pair's second pass)."""
+        made_by = self.position - 1 if self.paired else self.position
+        self.latest_map = self.maps_now[made_by] = values
+
+    @property
+    def call_map(self) -> torch.Tensor | None:
+        """The importance map [U, H, W] this call's guided plans are built from, or None."""
+        return self.call_map_buffer if self.has_call_map else None
+
+    def _select_call_map(self) -> None:
+        """Put the map of the call at this call's position in the step before, else the latest map, into the
+        call's map buffer, overwriting it in place."""
+        chosen = self.maps_before.get(self.position, self.latest_map)
+        self.has_call_map = chosen is not None
+        if chosen is not None:
+            if _reusable(self.call_map_buffer, chosen.shape, chosen.dtype, chosen.device):
+                self.call_map_buffer.copy_(chosen)
+            else:
+                self.call_map_buffer = chosen.clone()
 
     @property
     def cfg(self) -> bool:
@@ -241,7 +265,7 @@ class PatchState:
             for mask_dtype in self.mask_dtypes:
                 mask_dtype.float32 = scores_in_float32(mask_dtype.attention)
             self.step = 0
-            self.importance = None
+            self.maps_before, self.maps_now, self.latest_map = {}, {}, None
             self.last_plans = []
             self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
             self.sample_moved_since_pair = False
@@ -251,6 +275,8 @@ class PatchState:
             new_generation = False
             if t < self.last_timestep:
                 self.step += 1
+                self.maps_before, self.maps_now = self.maps_now, {}
+        self.position = 0 if new_generation or t != self.last_timestep else self.position + 1
         self.last_timestep = t
         self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
@@ -264,6 +290,8 @@ class PatchState:
         self.latent_grid = (sample.shape[-2] // patch, sample.shape[-1] // patch)
         self.rows = sample.shape[0] * self.info.frames(sample)
         self.enter_step(self.step)
+        if self.use_importance and self.guided and not self.paired:  # a pair's passes share one map
+            self._select_call_map()
         if self.paired:  # the second pass of a pair keeps the first pass's draws and plans
             # Copies of the first pass's plans and output: under CUDA graphs they are graph memory that this
             # call's replay overwrites (torch.compile(mode="reduce-overhead") starts a new generation of its
@@ -389,10 +417,10 @@ class PatchState:
         channels = self.info.noise_channels
         if self.cfg:
             chunks = noise_pred.chunk(self.copies)
-            self.importance = guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels)
+            self._keep_map(guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels))
             self.cfg_step = self.step
         elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
-            self.importance = guidance_importance(self.last_output, noise_pred, channels)
+            self._keep_map(guidance_importance(self.last_output, noise_pred, channels))
             self.pair_step = self.step
             self.sample_moved_since_pair = False
         self.last_output = noise_pred if self.copies == 1 else None
@@ -434,12 +462,13 @@ class PatchState:
         return built.plan
 
     def _map_fits(self, units: int) -> bool:
-        """Whether the last guided map belongs to this call: same units and latent grid (not, e.g., the map
-        of the main pass during Zero123++'s reference pass on another grid)."""
-        if self.importance is None or self.importance.shape[0] != units:
+        """Whether the call's map belongs to this call: same units and latent grid (not, e.g., the map of the
+        main pass during Zero123++'s reference pass on another grid)."""
+        call_map = self.call_map
+        if call_map is None or call_map.shape[0] != units:
             return False
         patch = self.info.patch_size
-        return tuple(side // patch for side in self.importance.shape[-2:]) == self.latent_grid
+        return tuple(side // patch for side in call_map.shape[-2:]) == self.latent_grid
 
     def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor, stream: int) -> _Built | None:
         config = self.config
@@ -457,7 +486,7 @@ class PatchState:
         draw_key = (self.call_key ^ stream).to(tokens.device)
         guided = self.use_importance and self.guided and self._map_fits(units)
         if guided:
-            importance = pool_to_grid(self.importance, grid)
+            importance = pool_to_grid(self.call_map, grid)
         elif self.use_importance and config.fallback_partition == "random":
             importance = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
         if importance is not None:
@@ -494,7 +523,7 @@ class PatchState:
         record = None
         if guided:  # at the map's own grid a view of the map, which the next guided call overwrites
             record = importance.view(units, *grid)
-            record = record.clone() if record.shape == self.importance.shape else record
+            record = record.clone() if record.shape == self.call_map.shape else record
         return _Built(plan, layer, record)
 
     def records(self) -> list[PlanRecord]:

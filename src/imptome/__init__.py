@@ -66,8 +66,9 @@ if TYPE_CHECKING:  # loaded on first use (see __getattr__)
 # clearer errors for bad block_range, max_downsample, visualize panels and `bench quality --guidance`.
 # Images of other pipelines do not change.
 # 0.6.8: a call merges with the map of the call at its place in the step before (MultiDiffusion's panorama:
-# its own crop's map, not the crop's before it; Heun with a CFG batch: its own evaluation's). Images of
-# pipelines with one guided call per step do not change.
+# its own crop's map, not the crop's before it; Heun with a CFG batch: its own evaluation's); apply_patch
+# refuses method="importance" on SEGA, whose 2 + n copies passed for a CFG batch. Images of pipelines with
+# one guided call per step do not change.
 __version__ = "0.6.8"
 
 

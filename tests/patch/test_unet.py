@@ -917,6 +917,25 @@ def test_panorama_crops_merge_with_the_map_of_their_own_crop():
         assert torch.equal(used[call], same_crop_step_before)
 
 
+def test_sega_pipeline_is_refused_with_importance_and_merges_with_tome():
+    """SEGA sends [uncond, cond, edit 1, ..., edit n] copies: with two editing prompts the four copies pass
+    for a CFG batch of two images, and 0.6.7 made the map from the wrong copies without a word."""
+    from diffusers import SemanticStableDiffusionPipeline
+
+    parts = tiny_sd_pipeline().components
+    pipe = SemanticStableDiffusionPipeline(**{name: parts[name] for name in parts if name != "image_encoder"})
+    with pytest.raises(
+        ValueError, match="SemanticStableDiffusionPipeline: SEGA sends 2 \\+ n copies.*'tome'"
+    ):
+        imptome.apply_patch(pipe, ratio=0.5)
+    assert _state(pipe) is None
+    imptome.apply_patch(pipe, ratio=0.5, method="tome")
+    tokens = query_token_counts(
+        pipe.unet, lambda: pipe("a", editing_prompt=["x", "y"], num_inference_steps=2, output_type="latent")
+    )
+    assert set(tokens["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]) == {128}
+
+
 def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_makes_the_map():
     """InstructPix2Pix sends [instruction + image, image only, neither] copies of every image (0.6.6 found
     no CFG there, warned so, and planned each copy apart): the copies share their image's plan and the map

@@ -77,6 +77,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     config = config if config is not None else PRESETS[info.family]
     if options:
         config = config.replace(**options)
+    _check_copies_readable(target, config)
     _check_block_range(denoiser, config.block_range)
     finest = finest_attention_downsample(denoiser)
     if config.max_downsample is not None and config.max_downsample < finest:
@@ -123,6 +124,30 @@ def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool
         f"selected (merge_attn={config.merge_attn}, merge_crossattn={config.merge_crossattn}, "
         f"merge_mlp={config.merge_mlp}, block_range={config.block_range})."
     )
+
+
+# Pipelines whose batch of copies the map cannot be read from, by class name (their modules, deprecated in
+# diffusers, are not imported): why.
+_UNREADABLE_COPIES = {
+    "SemanticStableDiffusionPipeline": (
+        "SEGA sends 2 + n copies of every image (unconditional, conditional, one per editing prompt); with "
+        "an even n they pass for the two halves of a CFG batch of more images, and the map would compare "
+        "the wrong copies"
+    ),
+}
+
+
+def _check_copies_readable(target: Any, config: MergeConfig) -> None:
+    """Refuse method="importance" on a pipeline whose copies would be misread (method="tome" reads none)."""
+    if config.method != "importance":
+        return
+    for cls in type(target).__mro__:
+        why = _UNREADABLE_COPIES.get(cls.__name__)
+        if why is not None:
+            raise ValueError(
+                f"imptome: method='importance' does not work with {cls.__name__}: {why}. Use "
+                "method='tome' there."
+            )
 
 
 def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imptome import loading
-from imptome.cli import CliError
+from imptome.cli import CliError, check_model
 from tests.factories import tiny_sdxl_pipeline
 
 
@@ -66,9 +66,9 @@ def test_a_pipeline_that_cannot_load_is_a_clear_error(tmp_path):
 
 
 def test_a_name_that_is_no_folder_nor_an_owner_name_hub_id_is_a_missing_folder(tmp_path):
-    assert loading.check_model("some-org/some-model") == "some-org/some-model"
+    assert check_model("some-org/some-model") == "some-org/some-model"
     with pytest.raises(CliError, match="model folder sd15 does not exist .*owner/name"):
-        loading.check_model("sd15")  # a mistyped local folder, not a hub lookup that needs internet
+        check_model("sd15")  # a mistyped local folder, not a hub lookup that needs internet
 
 
 def test_only_pipelines_with_a_safety_checker_are_told_not_to_load_one(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 import imptome
 from imptome.config import MergeConfig
+from imptome.miniature import miniature_path
 
 # subcommand -> (module, one-line help); "bench" has its own subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +38,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "speed": ("imptome.bench.speed", "denoiser step time, FLOPs and efficiency at real model sizes"),
     "quality": ("imptome.bench.quality", "accuracy, Frechet distance and PSNR/SSIM vs merge ratio"),
 }
+
+
+#: The choices of `--dtype` (imptome.loading maps them to torch dtypes).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 class CliError(Exception):
@@ -90,6 +95,27 @@ def check_seed(seed: int) -> None:
     """A CliError unless `--seed` is >= 0."""
     if seed < 0:
         raise CliError(f"--seed {seed}: seeds must be >= 0")
+
+
+def check_model(model: str | None) -> str:
+    """Resolve `model` without loading it: None -> the bundled model's folder; a path must exist.
+
+    Anything that is not an existing folder and does not look like a path is taken as a hub id
+    (downloaded by diffusers on first use; needs internet).
+    """
+    if model is None:
+        return str(miniature_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CliError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
+        return str(path)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CliError(
+            f"model folder {model} does not exist (give a local pipeline folder, or a hub id of the form "
+            "owner/name)"
+        )
+    return model
 
 
 def prepare_output_folder(out: Path) -> None:

@@ -39,12 +39,13 @@ from imptome.cli import (
     CliError,
     add_set_argument,
     check_guidance,
+    check_model,
     check_seed,
     merge_options,
     prepare_output_folder,
     read_prompts,
 )
-from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
+from imptome.loading import DTYPES, check_device, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
 METHODS = ("none", "tome", "importance")

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from imptome.cli import CliError
+from imptome.cli import DTYPE_NAMES, CliError, check_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def default_device() -> str:
@@ -35,29 +35,6 @@ def check_device(device: str | None) -> str:
     if parsed.index is not None and parsed.index >= count:
         raise CliError(f"--device {device}: there are {count} {parsed.type} devices here, numbered from 0")
     return device
-
-
-def check_model(model: str | None) -> str:
-    """Resolve `model` without loading it: None -> the bundled model's folder; a path must exist.
-
-    Anything that is not an existing folder and does not look like a path is taken as a hub id
-    (downloaded by diffusers on first use; needs internet).
-    """
-    if model is None:
-        from imptome.miniature import miniature_path
-
-        return str(miniature_path())
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise CliError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
-        return str(path)
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise CliError(
-            f"model folder {model} does not exist (give a local pipeline folder, or a hub id of the form "
-            "owner/name)"
-        )
-    return model
 
 
 _HASHED_BYTES = 256 << 20  # larger files are identified by size and modification time instead of content

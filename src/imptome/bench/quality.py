@@ -37,9 +37,9 @@ import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, check_guidance, read_prompts
+from imptome.cli import CliError, check_guidance, check_model, read_prompts
 from imptome.config import MergeConfig
-from imptome.loading import DTYPES, check_device, check_model, load_pipeline, model_fingerprint
+from imptome.loading import DTYPES, check_device, load_pipeline, model_fingerprint
 from imptome.miniature import GUIDANCE
 from imptome.patch.api import _state, find_denoiser
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from imptome.bench.archs import ARCHS, build_denoiser, example_inputs
+from imptome.bench.archs import ARCHS
+from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.speed import DTYPES, Variant, _denoiser_call, _set_attention, step_importance
 from imptome.bench.timing import synchronize
 from imptome.patch.families import denoiser_info

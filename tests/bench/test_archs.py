@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from imptome.bench import archs
-from imptome.bench.archs import ARCHS, build_denoiser, count_params, example_inputs
+from imptome.bench import archs, denoisers
+from imptome.bench.archs import ARCHS
+from imptome.bench.denoisers import build_denoiser, count_params, example_inputs
 
 CASES = [(name, res) for name, spec in ARCHS.items() for res in spec.resolutions]
 
@@ -62,7 +63,7 @@ def test_example_inputs_fit_the_model(name: str, res: int):
         assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
         assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
     with torch.device("meta"):
-        model = archs._construct(spec).to("meta")  # SVD makes a buffer on the CPU whatever the context
+        model = denoisers._construct(spec).to("meta")  # SVD makes a buffer on the CPU whatever the context
     with torch.no_grad():
         out = model(**kwargs)[0]
     if spec.family == "svd":
@@ -99,10 +100,10 @@ def test_example_inputs_options():
 
 def test_materialize_is_deterministic_and_finite():
     def build(seed: int) -> torch.nn.Module:
-        with archs._params_on_meta():
+        with denoisers._params_on_meta():
             layers = [torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 8)]
             model = torch.nn.Sequential(*layers)
-        archs._materialize(model, torch.bfloat16, torch.device("cpu"), seed)
+        denoisers._materialize(model, torch.bfloat16, torch.device("cpu"), seed)
         return model
 
     a, b, c = build(0), build(0), build(1)

@@ -11,11 +11,10 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import imptome
-from imptome.bench import archs, speed
+from imptome.bench import archs, denoisers, speed
 from imptome.bench.flops import count_flops
 from imptome.bench.operators import count_operators
 from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
@@ -32,7 +31,6 @@ TINY_ARCHS = {
     "tiny-sd": archs.ArchSpec(
         name="tiny-sd",
         family="sd",
-        model_class=UNet2DConditionModel,
         config=TINY_UNET,
         resolutions=(128,),
         text_seq_len=77,
@@ -42,7 +40,6 @@ TINY_ARCHS = {
     "tiny-pixart": archs.ArchSpec(
         name="tiny-pixart",
         family="pixart",
-        model_class=PixArtTransformer2DModel,
         config=TINY_PIXART,
         resolutions=(128,),
         text_seq_len=16,
@@ -73,12 +70,12 @@ def tiny_archs():
 @pytest.fixture(scope="module")
 def unet():
     with registered():
-        return archs.build_denoiser("tiny-sd")
+        return denoisers.build_denoiser("tiny-sd")
 
 
 def tiny_sd_inputs() -> dict:
     with registered():
-        return archs.example_inputs("tiny-sd", 128)
+        return denoisers.example_inputs("tiny-sd", 128)
 
 
 def self_attention_flops(tokens: int) -> int:
@@ -163,8 +160,8 @@ def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merge
     both models (PixArt's patch pools the map to its token grid; the UNet's plan record keeps a copy of the
     map instead). A change that needs more should say why."""
     with registered():
-        model = archs.build_denoiser(arch)
-        call = _denoiser_call(model, archs.example_inputs(arch, 128))
+        model = denoisers.build_denoiser(arch)
+        call = _denoiser_call(model, denoisers.example_inputs(arch, 128))
     with torch.inference_mode():
         importance = cfg_importance(call()[0], 4, cond_first=False)
         unmerged = count_operators(call)
@@ -179,7 +176,7 @@ def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merge
 
 def test_example_inputs_are_a_cfg_batch():
     for name in ("sd2", "pixart-alpha"):
-        kwargs = archs.example_inputs(name, 64)
+        kwargs = denoisers.example_inputs(name, 64)
         latent = kwargs["hidden_states"] if name == "pixart-alpha" else kwargs["sample"]
         text = kwargs["encoder_hidden_states"]
         assert torch.equal(latent[0], latent[1]) and not torch.equal(text[0], text[1])

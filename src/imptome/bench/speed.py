@@ -1,8 +1,8 @@
 """`imptome bench speed`: denoiser step time, FLOPs and efficiency of token merging at real model sizes.
 
 For every (architecture, resolution) the denoiser is built once from the configs in `imptome.bench.archs`
-(random weights: speed does not depend on their values) and called on one classifier-free-guidance batch,
-[uncond, cond] as a pipeline sends it. Variants:
+(random weights, see `imptome.bench.denoisers`: speed does not depend on their values) and called on one
+classifier-free-guidance batch, [uncond, cond] as a pipeline sends it. Variants:
 
 - ``none``: the unmerged model.
 - ``tome``, ``importance``, ``importance-per-layer``: imptome with the family's preset (`imptome.PRESETS`)
@@ -49,7 +49,8 @@ from typing import Any
 import torch
 
 import imptome
-from imptome.bench.archs import ARCHS, ArchSpec, build_denoiser, example_inputs
+from imptome.bench.archs import ARCHS, ArchSpec
+from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import CACHE_INTERVAL, measure_generations
 from imptome.bench.operators import OperatorCounter

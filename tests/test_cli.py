@@ -114,3 +114,22 @@ def test_importing_imptome_and_asking_its_version_load_neither_diffusers_nor_mat
         "assert imptome.patch.api.remove_patch is imptome.remove_patch and imptome.merge.build_plan\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_help_and_argument_errors_import_no_heavy_library():
+    """Each subcommand's arguments are defined in imptome.commands, which imports neither torch nor diffusers
+    (seconds to import): `--help` and a mistyped argument are answered without them."""
+    script = (
+        "import sys; from imptome.cli import main\n"
+        "commands = [['demo'], ['generate'], ['bench', 'speed'], ['bench', 'quality']]\n"
+        "calls = [(command + ['--help'], 0) for command in commands]\n"
+        "calls.append((['generate', '--prompts', 'p.txt', '--out', 'out', '--method', 'best'], 2))\n"
+        "for argv, code in calls:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit_info:\n"
+        "        assert exit_info.code == code, (argv, exit_info.code)\n"
+        "heavy = [name for name in ('diffusers', 'matplotlib', 'numpy', 'torch') if name in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, stdout=subprocess.DEVNULL)

@@ -5,7 +5,10 @@
     imptome bench speed ...   denoiser step time and FLOPs at real model sizes
     imptome bench quality ... prompt accuracy, Frechet distance, PSNR/SSIM on the bundled model
 
-Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand has two modules. `imptome.commands.<name>` defines its arguments (`add_arguments(parser)`)
+and imports neither torch nor diffusers, so that `--help` and a mistyped argument are answered at once; the
+job's module (`imptome.generate`, `imptome.bench.speed`, ...) runs it (`run(args) -> int`) and is imported
+only then.
 """
 
 from __future__ import annotations
@@ -29,14 +32,41 @@ import imptome
 from imptome.config import MergeConfig
 from imptome.miniature import miniature_path
 
-# subcommand -> (module, one-line help); "bench" has its own subcommands.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("imptome.demo", "compare no merging, tome and importance on a few prompts; writes a PNG grid"),
-    "generate": ("imptome.generate", "generate one image per (prompt, seed); resumable, multi-process"),
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: `arguments` names the module with its `add_arguments(parser)`, `job` the module with its
+    `run(args) -> int`, and `help` is its one-line help."""
+
+    arguments: str
+    job: str
+    help: str
+
+
+# "bench" has its own subcommands
+COMMANDS = {
+    "demo": Command(
+        "imptome.commands.demo",
+        "imptome.demo",
+        "compare no merging, tome and importance on a few prompts; writes a PNG grid",
+    ),
+    "generate": Command(
+        "imptome.commands.generate",
+        "imptome.generate",
+        "generate one image per (prompt, seed); resumable, multi-process",
+    ),
 }
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "speed": ("imptome.bench.speed", "denoiser step time, FLOPs and efficiency at real model sizes"),
-    "quality": ("imptome.bench.quality", "accuracy, Frechet distance and PSNR/SSIM vs merge ratio"),
+BENCHMARKS = {
+    "speed": Command(
+        "imptome.commands.speed",
+        "imptome.bench.speed",
+        "denoiser step time, FLOPs and efficiency at real model sizes",
+    ),
+    "quality": Command(
+        "imptome.commands.quality",
+        "imptome.bench.quality",
+        "accuracy, Frechet distance and PSNR/SSIM vs merge ratio",
+    ),
 }
 
 
@@ -180,13 +210,13 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:
+def _add(subparsers: argparse._SubParsersAction, name: str, command: Command, load: bool) -> None:
     parser = subparsers.add_parser(
-        name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults
+        name, help=command.help, description=command.help, formatter_class=_HelpWithDefaults
     )
-    parser.set_defaults(_module=module)
-    if load:  # only the chosen subcommand's module is imported: `imptome demo` never imports the benchmarks
-        importlib.import_module(module).add_arguments(parser)
+    parser.set_defaults(_command=command)
+    if load:  # only the chosen subcommand's arguments module is imported
+        importlib.import_module(command.arguments).add_arguments(parser)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -196,13 +226,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imptome", description="Importance-based token merging (diffusers)")
     parser.add_argument("--version", action="version", version=f"imptome {imptome.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,bench}")
-    for name, (module, help_text) in COMMANDS.items():
-        _add(sub, name, module, help_text, load=chosen == [name])
+    for name, command in COMMANDS.items():
+        _add(sub, name, command, load=chosen == [name])
     bench = sub.add_parser("bench", help="speed and quality benchmarks").add_subparsers(
         dest="benchmark", required=True, metavar="{speed,quality}"
     )
-    for name, (module, help_text) in BENCHMARKS.items():
-        _add(bench, name, module, help_text, load=chosen == ["bench", name])
+    for name, command in BENCHMARKS.items():
+        _add(bench, name, command, load=chosen == ["bench", name])
     return parser
 
 
@@ -243,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
-            return importlib.import_module(args._module).run(args) or 0
+            return importlib.import_module(args._command.job).run(args) or 0
         except CliError as error:
             print(f"imptome: error: {error}", file=sys.stderr)
             return 2

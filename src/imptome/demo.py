@@ -18,14 +18,12 @@ from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
 from imptome.cli import (
     CliError,
-    add_set_argument,
     check_guidance,
     check_seed,
     merge_options,
     prepare_output_folder,
 )
-from imptome.loading import DTYPES, load_pipeline
-from imptome.miniature import GUIDANCE
+from imptome.loading import load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
@@ -43,19 +41,6 @@ def default_prompts(count: int = 4) -> list[str]:
     from imptome.miniature.data import held_out_prompts, prompt_for
 
     return [prompt_for(objects) for objects in held_out_prompts()[:count]]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
-    parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
-    parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (1 or less: no CFG)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
-    parser.add_argument("--out", default="imptome-demo.png", help="figure to write (.png when no suffix)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the weights")
-    add_set_argument(parser)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import imptome
 from imptome.bench import quality
 from imptome.bench.quality import ablation_options
 from imptome.cli import main
+from imptome.commands import quality as quality_command
 from tests.factories import tiny_sd_pipeline
 
 FIELDS = {
@@ -189,7 +190,7 @@ def test_shuffled_control_moves_the_map_and_keeps_its_values():
 @pytest.mark.parametrize(("guidance", "with_fallbacks"), [("5", False), ("1", True)])
 def test_ablations_run_the_fallback_ablations_only_without_guidance(guidance, with_fallbacks):
     parser = argparse.ArgumentParser()
-    quality.add_arguments(parser)
+    quality_command.add_arguments(parser)
     args = parser.parse_args(["--ablations", "--methods", "none", "--ratios", "0.5", "--guidance", guidance])
     methods = [variant.method for variant in quality._variants(args)]
     fallbacks = {"importance-tomefallback", "importance-prop-randomfallback"}

@@ -17,8 +17,9 @@ import imptome
 from imptome.bench import archs, denoisers, speed
 from imptome.bench.flops import count_flops
 from imptome.bench.operators import count_operators
-from imptome.bench.speed import VARIANTS, Variant, _denoiser_call
+from imptome.bench.speed import Variant, _denoiser_call
 from imptome.cli import build_parser, main
+from imptome.commands.speed import VARIANTS
 from imptome.merge import cfg_importance
 from tests.factories import PIXART_CONFIG, tiny_sd_unet_config
 

@@ -56,61 +56,21 @@ from imptome.bench.generation import CACHE_INTERVAL, measure_generations
 from imptome.bench.operators import OperatorCounter
 from imptome.bench.timing import PeakMemory, WorkTimer, busy_machine_note, quartiles, synchronize
 from imptome.cli import CliError
+from imptome.commands.speed import MEMORY_FORMATS, VARIANTS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
 from imptome.patch.api import _state
 from imptome.patch.families import DenoiserInfo, denoiser_info, finest_attention_downsample
 
-VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 DEFAULT_RATIOS = (0.5, 0.7)
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+#: torch's memory format of each --memory-format choice
+TORCH_MEMORY_FORMATS = dict(zip(MEMORY_FORMATS, (torch.contiguous_format, torch.channels_last), strict=True))
 
 
 def _split(values: list[str] | None) -> list[str]:
     """`--x a b` and `--x a,b` alike."""
     return [item for value in values or [] for item in value.split(",") if item]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch", nargs="+", help=f"architectures: {', '.join(ARCHS)} (default: all; 'a,b' or 'a b')"
-    )
-    parser.add_argument(
-        "--res", nargs="+", help="image sizes in px, e.g. 512 768 (default: each architecture's own list)"
-    )
-    parser.add_argument("--ratios", nargs="+", help="merge ratios (default: 0.5 0.7)")
-    parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the weights")
-    parser.add_argument(
-        "--attention",
-        default="sdpa",
-        choices=("sdpa", "math"),
-        help="attention processor: torch scaled_dot_product_attention, or diffusers' explicit bmm + softmax",
-    )
-    parser.add_argument(
-        "--memory-format",
-        default="contiguous",
-        choices=tuple(MEMORY_FORMATS),
-        help="layout of the denoiser's convolution weights and of the latent (channels_last: NHWC, which "
-        "cuDNN convolutions use natively, so no layout conversions around them)",
-    )
-    parser.add_argument("--frames", type=int, help="video frames for animatediff and svd (default: 16, 14)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
-    parser.add_argument(
-        "--generation-steps",
-        type=int,
-        default=0,
-        help="also time whole generations of this many steps with imptome, DeepCache and both "
-        "(sd15 / sd2 only; 0: off, else at least 4 so that DeepCache reuses its cache)",
-    )
-    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument(
-        "--json", type=Path, default=Path("speed.json"), help="results JSON (default speed.json)"
-    )
-    parser.add_argument("--markdown", type=Path, help="results table (default: the JSON path with .md)")
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -298,7 +258,7 @@ def _inputs(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
         dtype=DTYPES[settings.dtype],
         device=settings.device,
     )
-    memory_format = MEMORY_FORMATS[settings.memory_format]
+    memory_format = TORCH_MEMORY_FORMATS[settings.memory_format]
     return {
         key: value.to(memory_format=memory_format)
         if isinstance(value, torch.Tensor) and value.ndim == 4
@@ -612,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
         spec = ARCHS[name]
         say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
         model = build_denoiser(name, dtype=DTYPES[settings.dtype], device=settings.device)
-        model.to(memory_format=MEMORY_FORMATS[settings.memory_format])
+        model.to(memory_format=TORCH_MEMORY_FORMATS[settings.memory_format])
         _set_attention(model, spec, settings.attention)
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)

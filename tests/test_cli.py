@@ -116,20 +116,23 @@ def test_importing_imptome_and_asking_its_version_load_neither_diffusers_nor_mat
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
-def test_help_and_argument_errors_import_no_heavy_library():
-    """Each subcommand's arguments are defined in imptome.commands, which imports neither torch nor diffusers
-    (seconds to import): `--help` and a mistyped argument are answered without them."""
+def test_help_argument_errors_and_input_checks_import_no_heavy_library(tmp_path):
+    """Each subcommand's arguments and input checks are in imptome.commands, which imports neither torch nor
+    diffusers (seconds to import): `--help`, a mistyped argument and bad input are answered without them."""
     script = (
         "import sys; from imptome.cli import main\n"
+        "generate = sys.argv[1:]\n"
         "commands = [['demo'], ['generate'], ['bench', 'speed'], ['bench', 'quality']]\n"
-        "calls = [(command + ['--help'], 0) for command in commands]\n"
-        "calls.append((['generate', '--prompts', 'p.txt', '--out', 'out', '--method', 'best'], 2))\n"
-        "for argv, code in calls:\n"
+        "for argv in [command + ['--help'] for command in commands] + [generate + ['--method', 'best']]:\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as exit_info:\n"
-        "        assert exit_info.code == code, (argv, exit_info.code)\n"
+        "        assert exit_info.code == (0 if '--help' in argv else 2), (argv, exit_info.code)\n"
+        "assert main(generate) == 2\n"
         "heavy = [name for name in ('diffusers', 'matplotlib', 'numpy', 'torch') if name in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, stdout=subprocess.DEVNULL)
+    generate = ["generate", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, "-c", script, *generate], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "invalid choice: 'best'" in result.stderr and "missing.txt does not exist" in result.stderr

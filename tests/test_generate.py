@@ -324,9 +324,10 @@ def test_bad_input_exits_2_with_a_clear_message_before_loading(
 
 def test_the_guidance_default_is_the_bundled_models_own_without_model(tmp_path, prompts_file):
     from imptome.cli import build_parser
+    from imptome.commands import generate as generate_command
     from imptome.miniature import GUIDANCE
 
     argv = ["generate", "--prompts", str(prompts_file), "--out", str(tmp_path / "out")]
     args = build_parser(argv).parse_args(argv)
-    generate._validate(args)
+    generate_command.check(args)
     assert args.guidance == GUIDANCE == 5.0

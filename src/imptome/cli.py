@@ -6,9 +6,10 @@
     imptome bench quality ... prompt accuracy, Frechet distance, PSNR/SSIM on the bundled model
 
 Each subcommand has two modules. `imptome.commands.<name>` defines its arguments (`add_arguments(parser)`)
-and imports neither torch nor diffusers, so that `--help` and a mistyped argument are answered at once; the
-job's module (`imptome.generate`, `imptome.bench.speed`, ...) runs it (`run(args) -> int`) and is imported
-only then.
+and, where it has some, the input checks that need neither torch nor the model (`check(args)`); it imports
+neither torch nor diffusers, so that `--help`, a mistyped argument or a missing prompt file are answered at
+once. The job's module (`imptome.generate`, `imptome.bench.speed`, ...) is imported only after those checks,
+and runs it (`run(args) -> int`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from imptome.miniature import miniature_path
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: `arguments` names the module with its `add_arguments(parser)`, `job` the module with its
-    `run(args) -> int`, and `help` is its one-line help."""
+    """A subcommand: `arguments` names the module with its `add_arguments(parser)` (and `check(args)`, if it
+    has input checks), `job` the module with its `run(args) -> int`, and `help` is its one-line help."""
 
     arguments: str
     job: str
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
+            arguments = importlib.import_module(args._command.arguments)
+            if hasattr(arguments, "check"):
+                arguments.check(args)
             return importlib.import_module(args._command.job).run(args) or 0
         except CliError as error:
             print(f"imptome: error: {error}", file=sys.stderr)

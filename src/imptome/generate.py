@@ -35,17 +35,8 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import (
-    CliError,
-    check_guidance,
-    check_model,
-    check_seed,
-    merge_options,
-    prepare_output_folder,
-    read_prompts,
-)
+from imptome.cli import CliError
 from imptome.loading import check_device, load_pipeline, model_fingerprint
-from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
 METADATA_KEY = "imptome"
 MANIFEST = "manifest.jsonl"
@@ -136,36 +127,12 @@ def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None
     write_atomically(path, buffer.getvalue())
 
 
-def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str, Any]]:
-    """Everything checkable without a model: the work list, the output folder and the image settings."""
-    if args.method == "none" and args.set:
-        raise CliError("--set configures merging; it cannot be used with --method none")
-    args.options = {} if args.method == "none" else merge_options(args.set, args.ratio, args.method)
-    for name in ("steps", "seeds", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    check_seed(args.seed)
-    if args.guidance is None:
-        args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
-    check_guidance(args.guidance)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise CliError(f"--{name} {value}: must be a positive multiple of 8")
-    items = work_items(read_prompts(args.prompts), range(args.seed, args.seed + args.seeds))
-    try:
-        source = check_model(args.model)
-    except FileNotFoundError as error:  # the bundled model is not installed
-        raise CliError(f"{error}; or pass --model FOLDER") from None
-    check_device(args.device)
-    if Path(source).is_dir():
-        source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
-    out = Path(args.out).expanduser().resolve()
-    prepare_output_folder(out)
-    settings = {
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What defines this run's images besides prompt and seed (see MATCHED_FIELDS), from checked `args`."""
+    return {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
-        "model": source,
-        "weights": model_fingerprint(source),
+        "model": args.model_source,
+        "weights": model_fingerprint(args.model_source),
         "method": args.method,
         "ratio": 0.0 if args.method == "none" else args.ratio,
         "options": json.loads(json.dumps(args.options)),  # as read back from the PNG (tuples as lists)
@@ -175,7 +142,6 @@ def _validate(args: argparse.Namespace) -> tuple[list[WorkItem], Path, dict[str,
         "width": args.width,
         "dtype": args.dtype,
     }
-    return items, out, settings
 
 
 def _process_state(device: str | None) -> PartialState:
@@ -185,7 +151,10 @@ def _process_state(device: str | None) -> PartialState:
 
 
 def run(args: argparse.Namespace) -> int:
-    items, out, settings = _validate(args)
+    check_device(args.device)  # the other checks ran before torch was imported (imptome.commands.generate)
+    items = work_items(args.prompt_list, range(args.seed, args.seed + args.seeds))
+    out = args.out_folder
+    settings = _settings(args)
     state = _process_state(args.device)
     if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier
         for leftover in out.glob("*.png.tmp"):

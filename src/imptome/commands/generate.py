@@ -1,10 +1,22 @@
-"""`imptome generate`: its arguments (the job: `imptome.generate`)."""
+"""`imptome generate`: its arguments and input checks (the job: `imptome.generate`)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from imptome.cli import DTYPE_NAMES, add_set_argument
+from imptome.cli import (
+    DTYPE_NAMES,
+    CliError,
+    add_set_argument,
+    check_guidance,
+    check_model,
+    check_seed,
+    merge_options,
+    prepare_output_folder,
+    read_prompts,
+)
+from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
 METHODS = ("none", "tome", "importance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -62,3 +74,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the fastest way to merge on a GPU (default: no compiling). The first images wait for compiling",
     )
     add_set_argument(parser)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Everything checkable without torch or the model. Sets `args.options` (the --set options), the
+    `args.guidance` default, `args.prompt_list` (the prompts of --prompts), `args.model_source` (the model's
+    absolute folder, or its hub id) and `args.out_folder` (absolute, created)."""
+    if args.method == "none" and args.set:
+        raise CliError("--set configures merging; it cannot be used with --method none")
+    args.options = {} if args.method == "none" else merge_options(args.set, args.ratio, args.method)
+    for name in ("steps", "seeds", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    check_seed(args.seed)
+    if args.guidance is None:
+        args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
+    check_guidance(args.guidance)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise CliError(f"--{name} {value}: must be a positive multiple of 8")
+    args.prompt_list = read_prompts(args.prompts)
+    try:
+        source = check_model(args.model)
+    except FileNotFoundError as error:  # the bundled model is not installed
+        raise CliError(f"{error}; or pass --model FOLDER") from None
+    if Path(source).is_dir():
+        source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
+    args.model_source = source
+    args.out_folder = Path(args.out).expanduser().resolve()
+    prepare_output_folder(args.out_folder)

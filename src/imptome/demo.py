@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from matplotlib.backend_bases import FigureCanvasBase
@@ -16,13 +15,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import (
-    CliError,
-    check_guidance,
-    check_seed,
-    merge_options,
-    prepare_output_folder,
-)
+from imptome.cli import CliError
 from imptome.loading import load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
@@ -95,36 +88,20 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
     )
 
 
-def _output_file(name: str) -> Path:
-    """The figure's path: `name`, with .png added when it has no suffix; its folder is made. A CliError when
-    it cannot be written (checked before any image is generated)."""
-    out = Path(name).expanduser()
-    if out.is_dir():
-        raise CliError(f"--out {name} is a folder; name a file in it, e.g. {out / 'imptome-demo.png'}")
-    if not out.suffix:
-        out = out.with_suffix(".png")
+def _check_figure_format(args: argparse.Namespace) -> None:
+    """A CliError unless matplotlib writes figures in the format of `args.figure`'s suffix (checked before any
+    image is generated)."""
+    suffix = args.figure.suffix[1:]
     formats = FigureCanvasBase.get_supported_filetypes()
-    if out.suffix[1:].lower() not in formats:
+    if suffix.lower() not in formats:
         raise CliError(
-            f"--out {name}: cannot write a .{out.suffix[1:]} figure; use one of .{', .'.join(formats)}"
+            f"--out {args.out}: cannot write a .{suffix} figure; use one of .{', .'.join(formats)}"
         )
-    prepare_output_folder(out.parent)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    for variant in ("tome", "importance"):  # --set options apply to both merged variants
-        args.options = merge_options(args.set, args.ratio, variant, method_flag=False)
-    if "proportional_attention" in args.options:  # it would make two columns the same, and relabel tome
-        raise CliError(
-            "--set proportional_attention: the demo already shows importance with and without proportional "
-            "attention; leave it out"
-        )
-    if args.steps < 2:
-        raise CliError(f"--steps {args.steps}: need at least 2 steps")
-    check_seed(args.seed)
-    check_guidance(args.guidance)
-    out = _output_file(args.out)
+    _check_figure_format(args)  # the other checks ran before torch was imported (imptome.commands.demo)
+    out = args.figure
     prompts = args.prompt or default_prompts()
 
     pipe = load_pipeline(args.model, args.device, args.dtype)

@@ -1,10 +1,19 @@
-"""`imptome demo`: its arguments (the job: `imptome.demo`)."""
+"""`imptome demo`: its arguments and input checks (the job: `imptome.demo`)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from imptome.cli import DTYPE_NAMES, add_set_argument
+from imptome.cli import (
+    DTYPE_NAMES,
+    CliError,
+    add_set_argument,
+    check_guidance,
+    check_seed,
+    merge_options,
+    prepare_output_folder,
+)
 from imptome.miniature import GUIDANCE
 
 
@@ -21,3 +30,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the weights"
     )
     add_set_argument(parser)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Everything checkable without torch, the model or matplotlib (which checks the figure's format). Sets
+    `args.options` (the --set options of both merged variants) and `args.figure` (the figure's path)."""
+    for variant in ("tome", "importance"):  # --set options apply to both merged variants
+        args.options = merge_options(args.set, args.ratio, variant, method_flag=False)
+    if "proportional_attention" in args.options:  # it would make two columns the same, and relabel tome
+        raise CliError(
+            "--set proportional_attention: the demo already shows importance with and without proportional "
+            "attention; leave it out"
+        )
+    if args.steps < 2:
+        raise CliError(f"--steps {args.steps}: need at least 2 steps")
+    check_seed(args.seed)
+    check_guidance(args.guidance)
+    args.figure = _figure_path(args.out)
+
+
+def _figure_path(name: str) -> Path:
+    """The figure's path: `name`, with .png added when it has no suffix; its folder is made. A CliError when
+    `name` is a folder or its folder cannot be written."""
+    out = Path(name).expanduser()
+    if out.is_dir():
+        raise CliError(f"--out {name} is a folder; name a file in it, e.g. {out / 'imptome-demo.png'}")
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    prepare_output_folder(out.parent)
+    return out

@@ -121,18 +121,22 @@ def test_help_argument_errors_and_input_checks_import_no_heavy_library(tmp_path)
     diffusers (seconds to import): `--help`, a mistyped argument and bad input are answered without them."""
     script = (
         "import sys; from imptome.cli import main\n"
-        "generate = sys.argv[1:]\n"
+        "missing, out = sys.argv[1:]\n"
         "commands = [['demo'], ['generate'], ['bench', 'speed'], ['bench', 'quality']]\n"
-        "for argv in [command + ['--help'] for command in commands] + [generate + ['--method', 'best']]:\n"
+        "for argv in [command + ['--help'] for command in commands] + [['demo', '--ratio', 'high']]:\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit as exit_info:\n"
         "        assert exit_info.code == (0 if '--help' in argv else 2), (argv, exit_info.code)\n"
-        "assert main(generate) == 2\n"
+        "assert main(['generate', '--prompts', missing, '--out', out]) == 2\n"
+        "assert main(['bench', 'quality', '--prompts', missing]) == 2\n"
+        "assert main(['demo', '--seed', '-3']) == 2\n"
         "heavy = [name for name in ('diffusers', 'matplotlib', 'numpy', 'torch') if name in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    generate = ["generate", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]
-    result = subprocess.run([sys.executable, "-c", script, *generate], capture_output=True, text=True)
+    missing, out = str(tmp_path / "missing.txt"), str(tmp_path / "out")
+    result = subprocess.run([sys.executable, "-c", script, missing, out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "invalid choice: 'best'" in result.stderr and "missing.txt does not exist" in result.stderr
+    assert "argument --ratio: invalid float value: 'high'" in result.stderr
+    assert result.stderr.count("missing.txt does not exist") == 2
+    assert "--seed -3: seeds must be >= 0" in result.stderr

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import imptome
 from imptome.bench import quality
-from imptome.bench.quality import ablation_options
 from imptome.cli import main
 from imptome.commands import quality as quality_command
+from imptome.commands.quality import ablation_options
 from tests.factories import tiny_sd_pipeline
 
 FIELDS = {
@@ -192,7 +192,7 @@ def test_ablations_run_the_fallback_ablations_only_without_guidance(guidance, wi
     parser = argparse.ArgumentParser()
     quality_command.add_arguments(parser)
     args = parser.parse_args(["--ablations", "--methods", "none", "--ratios", "0.5", "--guidance", guidance])
-    methods = [variant.method for variant in quality._variants(args)]
+    methods = quality_command._methods(args)
     fallbacks = {"importance-tomefallback", "importance-prop-randomfallback"}
     assert fallbacks & set(methods) == (fallbacks if with_fallbacks else set())
     assert {"importance-prop", "importance-grid", "tome-per-layer"}.issubset(methods)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,33 +36,13 @@ import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, check_guidance, check_model, read_prompts
-from imptome.commands.quality import ABLATIONS, METHODS
-from imptome.config import MergeConfig
+from imptome.cli import CliError
+from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.patch.api import _state, find_denoiser
 
-# A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
-# before each step uses it (same values, random places). What it loses against the method is what the map's
-# content buys.
-SHUFFLED = "-shuffled"
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
 ROW_MATCH = "-rowmatch"
-_POOL = re.compile(r"(.+)-pool(\d+(?:\.\d+)?)")
-
-
-def ablation_options(method: str) -> dict[str, Any] | None:
-    """MergeConfig options of an ablation: `importance` or an ABLATIONS name, importance variants optionally
-    followed by -pool<factor> and then by the -shuffled control; None for any other name."""
-    shuffled = method.endswith(SHUFFLED)
-    method = method.removesuffix(SHUFFLED)
-    pool = _POOL.fullmatch(method)
-    if pool is not None:
-        method = pool.group(1)
-    options = {} if method == "importance" else ABLATIONS.get(method)
-    if options is None or (_base_method(method) == "tome" and (pool is not None or shuffled)):
-        return None
-    return options if pool is None else {**options, "pool_factor": float(pool.group(2))}
 
 
 @dataclass(frozen=True)
@@ -86,7 +65,7 @@ class Variant:
             tomesd.apply_patch(pipe, ratio=self.ratio)
         elif self.method != "none":
             options = ablation_options(self.method) or {}
-            imptome.apply_patch(pipe, ratio=self.ratio, method=_base_method(self.method), **options)
+            imptome.apply_patch(pipe, ratio=self.ratio, method=base_method(self.method), **options)
             if self.method.endswith(SHUFFLED):
                 handles.append(_shuffle_importance(pipe))
         try:
@@ -99,11 +78,6 @@ class Variant:
 
                 tomesd.remove_patch(pipe)
             imptome.remove_patch(pipe)
-
-
-def _base_method(method: str) -> str:
-    """imptome's MergeConfig.method behind a bench method name ("tome" also stands in for tomesd)."""
-    return "tome" if method.startswith("tome") else "importance"
 
 
 def _shuffle_importance(pipe: Any) -> RemovableHandle:
@@ -141,57 +115,6 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def _read_prompts(path: Path | None) -> list[str]:
-    if path is None:
-        from imptome.miniature.data import held_out_prompts, prompt_for
-
-        return [prompt_for(objects) for objects in held_out_prompts()]
-    return read_prompts(str(path))
-
-
-def _seeds(values: list[int]) -> list[int]:
-    if len(values) == 1:
-        if values[0] < 1:
-            raise CliError(f"--seeds {values[0]}: give a count >= 1 or a list of seeds")
-        return list(range(values[0]))
-    return values
-
-
-def _variants(args: argparse.Namespace) -> list[Variant]:
-    methods = args.methods or [m for m in METHODS if m != "tomesd" or _has_tomesd()]
-    unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
-    if unknown:
-        choices = ", ".join(METHODS + tuple(ABLATIONS))
-        raise CliError(
-            f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
-            "-pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
-        )
-    if "tomesd" in methods and not _has_tomesd():
-        raise CliError("method tomesd needs the tomesd package: pip install tomesd")
-    if args.ablations:  # the fallback ablations make the same images as their base method with guidance
-        ablations = [m for m in ABLATIONS if args.guidance <= 1 or "fallback" not in ABLATIONS[m]]
-        methods = list(methods) + [m for m in ablations if m not in methods]
-    variants = [Variant("none", 0.0)]
-    for ratio in args.ratios:
-        for method in methods:
-            if method == "none":
-                continue
-            try:
-                MergeConfig(ratio=ratio, method=_base_method(method), **(ablation_options(method) or {}))
-            except ValueError as error:
-                raise CliError(str(error)) from error
-            variants.append(Variant(method, ratio))
-    return variants
-
-
-def _has_tomesd() -> bool:
-    try:
-        import tomesd  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _parse_all(prompts: list[str]) -> list[list | None]:
@@ -398,7 +321,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         )
     # (variant, baseline): importance variants against imptome's tome variants, methods against their control,
     # row matching against shared matching
-    tomes = [v for v in variants if _base_method(v.method) == "tome" and v.method != "tomesd"]
+    tomes = [v for v in variants if base_method(v.method) == "tome" and v.method != "tomesd"]
     pairs = []
     for variant in variants:
         if variant.method.startswith("importance"):
@@ -506,16 +429,10 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_guidance(args.guidance)
-    prompts = _read_prompts(args.prompts)
-    seeds = _seeds(args.seeds)
-    variants = _variants(args)
-    if args.steps < 2:
-        raise CliError(f"--steps {args.steps}: must be at least 2")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size {args.batch_size}: must be at least 1")
-    model = check_model(args.model)
-    check_device(args.device)
+    check_device(args.device)  # the other checks ran before torch was imported (imptome.commands.quality)
+    prompts, seeds, model = args.prompt_list, args.seed_list, args.model_source
+    variants = [Variant("none", 0.0)]
+    variants += [Variant(method, ratio) for ratio in args.ratios for method in args.method_list]
     objects = _parse_all(prompts)
     warning = _unscorable_warning(prompts, objects)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")

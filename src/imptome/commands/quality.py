@@ -1,12 +1,15 @@
-"""`imptome bench quality`: its arguments and method names (the job: `imptome.bench.quality`)."""
+"""`imptome bench quality`: its arguments, method names and input checks (the job: imptome.bench.quality)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
-from imptome.cli import DTYPE_NAMES
+from imptome.cli import DTYPE_NAMES, CliError, check_guidance, check_model, read_prompts
+from imptome.config import MergeConfig
 from imptome.miniature import GUIDANCE
 
 METHODS = ("none", "tome", "importance", "tomesd")
@@ -33,6 +36,32 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "tome-prop": {"proportional_attention": True},
     "tome-grid": {"matching": "grid"},
 }
+
+
+# A control, not a setting: "<method>-shuffled" runs the method with the importance map's positions shuffled
+# before each step uses it (same values, random places). What it loses against the method is what the map's
+# content buys.
+SHUFFLED = "-shuffled"
+_POOL = re.compile(r"(.+)-pool(\d+(?:\.\d+)?)")
+
+
+def ablation_options(method: str) -> dict[str, Any] | None:
+    """MergeConfig options of an ablation: `importance` or an ABLATIONS name, importance variants optionally
+    followed by -pool<factor> and then by the -shuffled control; None for any other name."""
+    shuffled = method.endswith(SHUFFLED)
+    method = method.removesuffix(SHUFFLED)
+    pool = _POOL.fullmatch(method)
+    if pool is not None:
+        method = pool.group(1)
+    options = {} if method == "importance" else ABLATIONS.get(method)
+    if options is None or (base_method(method) == "tome" and (pool is not None or shuffled)):
+        return None
+    return options if pool is None else {**options, "pool_factor": float(pool.group(2))}
+
+
+def base_method(method: str) -> str:
+    """imptome's MergeConfig.method behind a bench method name ("tome" also stands in for tomesd)."""
+    return "tome" if method.startswith("tome") else "importance"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,3 +94,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the weights"
     )
+
+
+def check(args: argparse.Namespace) -> None:
+    """Everything checkable without torch or the model. Sets `args.prompt_list` (the prompts of --prompts or
+    the built-in held-out set), `args.seed_list`, `args.method_list` (see `_methods`) and
+    `args.model_source` (the model's folder or hub id)."""
+    check_guidance(args.guidance)
+    args.prompt_list = _read_prompts(args.prompts)
+    args.seed_list = _seeds(args.seeds)
+    args.method_list = _methods(args)
+    if args.steps < 2:
+        raise CliError(f"--steps {args.steps}: must be at least 2")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size {args.batch_size}: must be at least 1")
+    args.model_source = check_model(args.model)
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        from imptome.miniature.data import held_out_prompts, prompt_for
+
+        return [prompt_for(objects) for objects in held_out_prompts()]
+    return read_prompts(str(path))
+
+
+def _seeds(values: list[int]) -> list[int]:
+    if len(values) == 1:
+        if values[0] < 1:
+            raise CliError(f"--seeds {values[0]}: give a count >= 1 or a list of seeds")
+        return list(range(values[0]))
+    return values
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    """The methods to run at each ratio: --methods (default: every method) and the --ablations, without
+    `none` (the job runs it once, unmerged); a CliError for an unknown one, or a ratio one does not allow."""
+    methods = args.methods or [m for m in METHODS if m != "tomesd" or _has_tomesd()]
+    unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
+    if unknown:
+        choices = ", ".join(METHODS + tuple(ABLATIONS))
+        raise CliError(
+            f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
+            "-pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
+        )
+    if "tomesd" in methods and not _has_tomesd():
+        raise CliError("method tomesd needs the tomesd package: pip install tomesd")
+    if args.ablations:  # the fallback ablations make the same images as their base method with guidance
+        ablations = [m for m in ABLATIONS if args.guidance <= 1 or "fallback" not in ABLATIONS[m]]
+        methods = list(methods) + [m for m in ablations if m not in methods]
+    methods = [method for method in methods if method != "none"]
+    for ratio in args.ratios:
+        for method in methods:
+            try:
+                MergeConfig(ratio=ratio, method=base_method(method), **(ablation_options(method) or {}))
+            except ValueError as error:
+                raise CliError(str(error)) from error
+    return methods
+
+
+def _has_tomesd() -> bool:
+    return importlib.util.find_spec("tomesd") is not None

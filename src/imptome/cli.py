@@ -44,29 +44,29 @@ class Command:
     help: str
 
 
-# "bench" has its own subcommands
-COMMANDS = {
+# subcommand -> Command; "bench" has its own subcommands
+COMMANDS: dict[str, Command] = {
     "demo": Command(
-        "imptome.commands.demo",
-        "imptome.demo",
-        "compare no merging, tome and importance on a few prompts; writes a PNG grid",
+        arguments="imptome.commands.demo",
+        job="imptome.demo",
+        help="compare no merging, tome and importance on a few prompts; writes a PNG grid",
     ),
     "generate": Command(
-        "imptome.commands.generate",
-        "imptome.generate",
-        "generate one image per (prompt, seed); resumable, multi-process",
+        arguments="imptome.commands.generate",
+        job="imptome.generate",
+        help="generate one image per (prompt, seed); resumable, multi-process",
     ),
 }
-BENCHMARKS = {
+BENCHMARKS: dict[str, Command] = {
     "speed": Command(
-        "imptome.commands.speed",
-        "imptome.bench.speed",
-        "denoiser step time, FLOPs and efficiency at real model sizes",
+        arguments="imptome.commands.speed",
+        job="imptome.bench.speed",
+        help="denoiser step time, FLOPs and efficiency at real model sizes",
     ),
     "quality": Command(
-        "imptome.commands.quality",
-        "imptome.bench.quality",
-        "accuracy, Frechet distance and PSNR/SSIM vs merge ratio",
+        arguments="imptome.commands.quality",
+        job="imptome.bench.quality",
+        help="accuracy, Frechet distance and PSNR/SSIM vs merge ratio",
     ),
 }
 

@@ -131,6 +131,7 @@ def test_help_argument_errors_and_input_checks_import_no_heavy_library(tmp_path)
         "assert main(['generate', '--prompts', missing, '--out', out]) == 2\n"
         "assert main(['bench', 'quality', '--prompts', missing]) == 2\n"
         "assert main(['demo', '--seed', '-3']) == 2\n"
+        "assert main(['bench', 'speed', '--arch', 'sd21']) == 2\n"
         "heavy = [name for name in ('diffusers', 'matplotlib', 'numpy', 'torch') if name in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -140,3 +141,4 @@ def test_help_argument_errors_and_input_checks_import_no_heavy_library(tmp_path)
     assert "argument --ratio: invalid float value: 'high'" in result.stderr
     assert result.stderr.count("missing.txt does not exist") == 2
     assert "--seed -3: seeds must be >= 0" in result.stderr
+    assert "unknown --arch sd21" in result.stderr

@@ -14,12 +14,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import imptome
-from imptome.bench import archs, denoisers, speed
+from imptome.bench import archs, denoisers
 from imptome.bench.flops import count_flops
 from imptome.bench.operators import count_operators
 from imptome.bench.speed import Variant, _denoiser_call
 from imptome.cli import build_parser, main
 from imptome.commands.speed import VARIANTS
+from imptome.commands.speed import check as check_speed_arguments
 from imptome.merge import cfg_importance
 from tests.factories import PIXART_CONFIG, tiny_sd_unet_config
 
@@ -276,5 +277,6 @@ def test_tomesd_without_its_package_is_named_or_left_out(monkeypatch, capsys):
         "--variants tomesd needs the tomesd package: pip install 'imptome[bench]'" in capsys.readouterr().err
     )
     argv = ["bench", "speed", "--arch", "sd15"]
-    variants = speed._parse(build_parser(argv).parse_args(argv)).variants  # the default list
-    assert "tomesd" not in {variant.name for variant in variants} and len(variants) > 1
+    args = build_parser(argv).parse_args(argv)
+    check_speed_arguments(args)
+    assert "tomesd" not in args.variant_names and len(args.variant_names) > 1  # the default list

@@ -21,9 +21,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import imptome
 from imptome.bench.timing import quartiles, synchronize
+from imptome.commands.speed import DEEPCACHE_INTERVAL
 
 GENERATION_VARIANTS = ("none", "importance", "deepcache", "deepcache+importance")
-CACHE_INTERVAL, CACHE_BRANCH = 3, 0  # DeepCache's own example setting
+CACHE_BRANCH = 0  # with DEEPCACHE_INTERVAL, DeepCache's own example setting
 
 
 def sd_ddim_scheduler() -> DDIMScheduler:
@@ -75,7 +76,7 @@ class GenerationVariant:
             from DeepCache import DeepCacheSDHelper
 
             helper = DeepCacheSDHelper(pipe=pipe)
-            helper.set_params(cache_interval=CACHE_INTERVAL, cache_branch_id=CACHE_BRANCH)
+            helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=CACHE_BRANCH)
             helper.enable()
         try:
             yield
@@ -151,7 +152,7 @@ def measure_generations(
                 "variant": variant.name,
                 "ratio": variant.ratio,
                 "steps": steps,
-                "cache_interval": CACHE_INTERVAL if variant.name.startswith("deepcache") else None,
+                "cache_interval": DEEPCACHE_INTERVAL if variant.name.startswith("deepcache") else None,
                 "median_s": median,
                 "iqr_s": q3 - q1,
                 "times_s": times,

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import gc
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -52,25 +51,18 @@ import imptome
 from imptome.bench.archs import ARCHS, ArchSpec
 from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
-from imptome.bench.generation import CACHE_INTERVAL, measure_generations
+from imptome.bench.generation import measure_generations
 from imptome.bench.operators import OperatorCounter
 from imptome.bench.timing import PeakMemory, WorkTimer, busy_machine_note, quartiles, synchronize
-from imptome.cli import CliError
-from imptome.commands.speed import MEMORY_FORMATS, VARIANTS
+from imptome.commands.speed import MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
 from imptome.patch.api import _state
 from imptome.patch.families import DenoiserInfo, denoiser_info, finest_attention_downsample
 
-DEFAULT_RATIOS = (0.5, 0.7)
 #: torch's memory format of each --memory-format choice
 TORCH_MEMORY_FORMATS = dict(zip(MEMORY_FORMATS, (torch.contiguous_format, torch.channels_last), strict=True))
-
-
-def _split(values: list[str] | None) -> list[str]:
-    """`--x a b` and `--x a,b` alike."""
-    return [item for value in values or [] for item in value.split(",") if item]
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -158,53 +150,14 @@ class Settings:
     generation_steps: int
 
 
-def _parse(args: argparse.Namespace) -> Settings:
-    archs = [name.lower() for name in _split(args.arch)] or list(ARCHS)
-    unknown = [name for name in archs if name not in ARCHS]
-    if unknown:
-        raise CliError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
-    try:
-        res_list = [int(value) for value in _split(args.res)]
-        ratios = [float(value) for value in _split(args.ratios)] or list(DEFAULT_RATIOS)
-    except ValueError as error:
-        raise CliError(f"--res takes integers (px) and --ratios numbers: {error}") from None
-    resolutions = {name: res_list or list(ARCHS[name].resolutions) for name in archs}
-    for name, values in resolutions.items():
-        for res in values:
-            if res <= 0 or res % ARCHS[name].vae_scale_factor:
-                raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
-    joint = [name for name in archs if ARCHS[name].family == "sd3"]
-    if joint and args.attention == "math":
-        raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
-    names = [name.lower() for name in _split(args.variants)] or list(VARIANTS)
-    bad = [name for name in names if name not in VARIANTS]
-    if bad:
-        raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    if "tomesd" in names and importlib.util.find_spec("tomesd") is None:
-        if args.variants:
-            raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
-        names.remove("tomesd")  # the default list: run the rest
-    for ratio in ratios:
-        if not 0 < ratio <= 0.75:
-            raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
-    if args.rounds < 1:
-        raise CliError(f"--rounds {args.rounds}: need at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise CliError(f"--threads {args.threads}: need at least 1")
-    if args.batch < 1 or (args.frames is not None and args.frames < 1):
-        raise CliError("--batch and --frames must be at least 1")
-    if args.generation_steps < 0 or 0 < args.generation_steps < CACHE_INTERVAL + 1:
-        raise CliError(
-            f"--generation-steps {args.generation_steps}: 0 (off) or at least {CACHE_INTERVAL + 1}, so that "
-            "DeepCache reuses its cache at least once"
-        )
-    device = torch.device(check_device(args.device))
+def _settings(args: argparse.Namespace) -> Settings:
+    """The run's settings from `args` checked by `imptome.commands.speed.check`."""
     return Settings(
-        archs=archs,
-        resolutions=resolutions,
-        variants=parse_variants(names, ratios),
+        archs=args.arch_list,
+        resolutions=args.resolution_lists,
+        variants=parse_variants(args.variant_names, args.ratio_list),
         rounds=args.rounds,
-        device=device,
+        device=torch.device(check_device(args.device)),
         dtype=args.dtype,
         attention=args.attention,
         memory_format=args.memory_format,
@@ -434,8 +387,8 @@ def _device_name(device: torch.device) -> str:
 def _command(args: argparse.Namespace, settings: Settings) -> str:
     """The command line that repeats this run."""
     parts = ["imptome", "bench", "speed", "--arch", *settings.archs]
-    if args.res:
-        parts += ["--res", *_split(args.res)]
+    if args.res:  # one list for every architecture
+        parts += ["--res", *map(str, settings.resolutions[settings.archs[0]])]
     ratios = sorted({variant.ratio for variant in settings.variants if variant.name != "none"})
     names = list(dict.fromkeys(variant.name for variant in settings.variants))
     parts += ["--ratios", *(f"{ratio:g}" for ratio in ratios)] if ratios else []
@@ -551,7 +504,7 @@ def _write(
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = _parse(args)
+    settings = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     markdown = args.markdown or args.json.with_suffix(".md")

@@ -1,15 +1,18 @@
-"""`imptome bench speed`: its arguments (the job: `imptome.bench.speed`)."""
+"""`imptome bench speed`: its arguments and input checks (the job: `imptome.bench.speed`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import DTYPE_NAMES
+from imptome.cli import DTYPE_NAMES, CliError
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
+DEFAULT_RATIOS = (0.5, 0.7)
+DEEPCACHE_INTERVAL = 3  # the whole-generation timings' DeepCache setting (its own example's)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +46,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--generation-steps",
         type=int,
         default=0,
-        help="also time whole generations of this many steps with imptome, DeepCache and both "
-        "(sd15 / sd2 only; 0: off, else at least 4 so that DeepCache reuses its cache)",
+        help="also time whole generations of this many steps with imptome, DeepCache and both (sd15 / sd2 "
+        f"only; 0: off, else at least {DEEPCACHE_INTERVAL + 1} so that DeepCache reuses its cache)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument(
         "--json", type=Path, default=Path("speed.json"), help="results JSON (default speed.json)"
     )
     parser.add_argument("--markdown", type=Path, help="results table (default: the JSON path with .md)")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Everything checkable without torch. Sets `args.arch_list`, `args.resolution_lists` (px per
+    architecture), `args.ratio_list` and `args.variant_names` (the default list leaves out tomesd when it is
+    not installed)."""
+    archs = [name.lower() for name in _split(args.arch)] or list(ARCHS)
+    unknown = [name for name in archs if name not in ARCHS]
+    if unknown:
+        raise CliError(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    try:
+        res_list = [int(value) for value in _split(args.res)]
+        ratios = [float(value) for value in _split(args.ratios)] or list(DEFAULT_RATIOS)
+    except ValueError as error:
+        raise CliError(f"--res takes integers (px) and --ratios numbers: {error}") from None
+    resolutions = {name: res_list or list(ARCHS[name].resolutions) for name in archs}
+    for name, values in resolutions.items():
+        for res in values:
+            if res <= 0 or res % ARCHS[name].vae_scale_factor:
+                raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
+    joint = [name for name in archs if ARCHS[name].family == "sd3"]
+    if joint and args.attention == "math":
+        raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
+    names = [name.lower() for name in _split(args.variants)] or list(VARIANTS)
+    bad = [name for name in names if name not in VARIANTS]
+    if bad:
+        raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if "tomesd" in names and importlib.util.find_spec("tomesd") is None:
+        if args.variants:
+            raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
+        names.remove("tomesd")  # the default list: run the rest
+    for ratio in ratios:
+        if not 0 < ratio <= 0.75:
+            raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
+    if args.rounds < 1:
+        raise CliError(f"--rounds {args.rounds}: need at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads {args.threads}: need at least 1")
+    if args.batch < 1 or (args.frames is not None and args.frames < 1):
+        raise CliError("--batch and --frames must be at least 1")
+    if args.generation_steps < 0 or 0 < args.generation_steps < DEEPCACHE_INTERVAL + 1:
+        raise CliError(
+            f"--generation-steps {args.generation_steps}: 0 (off) or at least {DEEPCACHE_INTERVAL + 1}, so "
+            "that DeepCache reuses its cache at least once"
+        )
+    args.arch_list, args.resolution_lists, args.ratio_list, args.variant_names = (
+        archs,
+        resolutions,
+        ratios,
+        names,
+    )
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """`--x a b` and `--x a,b` alike."""
+    return [item for value in values or [] for item in value.split(",") if item]

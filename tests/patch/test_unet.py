@@ -936,15 +936,37 @@ def test_sega_pipeline_is_refused_with_importance_and_merges_with_tome():
     assert set(tokens["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]) == {128}
 
 
-def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_makes_the_map():
+def _instruct_pix2pix_pipeline(family: str):
+    """A tiny InstructPix2Pix pipeline of SD or SDXL: its UNet takes 8 channels, the latents and the input
+    image's latents."""
+    from diffusers import (
+        StableDiffusionInstructPix2PixPipeline,
+        StableDiffusionXLInstructPix2PixPipeline,
+        UNet2DConditionModel,
+    )
+
+    if family == "sd":
+        base = tiny_sd_pipeline()
+        unet = tiny_sd_unet(in_channels=8, seed=2)
+        return StableDiffusionInstructPix2PixPipeline(**dict(base.components, unet=unet))
+    parts = tiny_sdxl_pipeline().components
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel.from_config(dict(parts["unet"].config, in_channels=8)).eval()
+    kept = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        **{name: parts[name] for name in kept}, unet=unet, add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_makes_the_map(family):
     """InstructPix2Pix sends [instruction + image, image only, neither] copies of every image (0.6.6 found
     no CFG there, warned so, and planned each copy apart): the copies share their image's plan and the map
     is |first - last| of the denoiser's output."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
-    base = tiny_sd_pipeline()
-    unet = tiny_sd_unet(in_channels=8, seed=2)  # latents and the input image's latents
-    pipe = StableDiffusionInstructPix2PixPipeline(**dict(base.components, unet=unet))
+    pipe = _instruct_pix2pix_pipeline(family)
+    unet = pipe.unet
     imptome.apply_patch(pipe, ratio=0.5)
     outputs = []
     unet.register_forward_hook(lambda module, args, output: outputs.append(output[0]))  # return_dict=False

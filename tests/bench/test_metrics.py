@@ -6,6 +6,7 @@ import math
 import warnings
 
 import numpy as np
+from scipy.signal import convolve2d
 
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 
@@ -22,16 +23,34 @@ def test_psnr_identical_is_infinite_and_known_offset():
     assert math.isclose(psnr(shifted, flat)[0], 20 * math.log10(255 / 10), rel_tol=1e-4)
 
 
-def test_ssim_identical_is_one_and_noise_lowers_it():
+def _reference_ssim(image: np.ndarray, reference: np.ndarray) -> float:
+    """SSIM written out (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, range 1), the
+    map averaged over the whole image with reflect-padded borders; one uint8 [H, W, 3] image."""
+    side = np.arange(11) - 5
+    window = np.exp(-(side**2) / (2 * 1.5**2))
+    window = np.outer(window, window) / window.sum() ** 2
+    c1, c2 = 0.01**2, 0.03**2
+    maps = []
+    for channel in range(3):
+        x, y = (np.pad(z[..., channel] / 255.0, 5, mode="reflect") for z in (image, reference))
+
+        def local_mean(z: np.ndarray) -> np.ndarray:
+            return convolve2d(z, window, mode="valid")
+
+        mx, my = local_mean(x), local_mean(y)
+        vx, vy, cxy = local_mean(x * x) - mx**2, local_mean(y * y) - my**2, local_mean(x * y) - mx * my
+        maps.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(maps))
+
+
+def test_ssim_matches_the_formula_written_out():
     a = _images(0)
     np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-5)
     noise = np.random.default_rng(1).normal(size=a.shape)
-
-    def noisy(scale: float) -> np.ndarray:
-        return np.clip(a + scale * noise, 0, 255).astype(np.uint8)
-
-    assert (ssim(noisy(80), a) < ssim(noisy(20), a)).all()
-    assert (ssim(noisy(20), a) < 0.999).all()
+    for scale in (5, 30, 80):
+        noisy = np.clip(a + scale * noise, 0, 255).astype(np.uint8)
+        expected = [_reference_ssim(x, y) for x, y in zip(noisy, a, strict=True)]
+        np.testing.assert_allclose(ssim(noisy, a), expected, atol=1e-5)
 
 
 def test_frechet_distance_of_identical_and_shifted_sets():
@@ -71,3 +90,6 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_samples():
     lo_l, hi_l = bootstrap_ci(large)
     assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
     assert hi_l - lo_l < hi_s - lo_s
+    # 95%: for many samples the normal approximation's width, 2 * 1.96 * standard error
+    p = large.mean()
+    assert math.isclose(hi_l - lo_l, 2 * 1.96 * math.sqrt(p * (1 - p) / large.size), rel_tol=0.1)

@@ -29,10 +29,12 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def ssim(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5) of uint8 [n, H, W, 3] against `reference`."""
+    """Per-image SSIM (Gaussian window 11, sigma 1.5) of uint8 [n, H, W, 3] against `reference`: the mean of
+    the SSIM map over the whole image, borders reflect-padded. The map is torchmetrics'; the mean is taken
+    here because torchmetrics changed it (1.3 left out a 5-pixel border, later versions do not)."""
     a, b = to_float_images(images), to_float_images(reference)
-    values = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
-    return values.double().numpy()
+    _, maps = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
+    return maps.flatten(1).mean(1).double().numpy()
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 from PIL import Image
 
@@ -26,8 +29,17 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         assert image.format == "PNG"
         assert image.width == round(7 * 2.1 * 110)  # 7 panels of 2.1 in: 4 images, 2 token maps, 1 heatmap
     printed = capsys.readouterr().out
-    for variant in ("none", "tome", "importance", "importance+prop"):
-        assert variant in printed
+    # the table's rows: variant, ratio, median seconds per step, speedup over none
+    row = re.compile(r"^│ (\S+) +│ +(\S+) │ +(\d+\.\d{4}) │ +(\d+\.\d\d)x │$", re.MULTILINE)
+    rows = {
+        variant: (ratio, float(seconds), float(speedup))
+        for variant, ratio, seconds, speedup in row.findall(printed)
+    }
+    assert list(rows) == ["none", "tome", "importance", "importance+prop"]
+    assert [ratio for ratio, _, _ in rows.values()] == ["0", "0.7", "0.7", "0.7"]
+    base = rows["none"][1]
+    for _, seconds, speedup in rows.values():  # printed times are rounded to 0.1 ms
+        assert seconds > 0 and math.isclose(speedup, base / seconds, abs_tol=0.015)
     assert "batch 2 with CFG" in printed and "grid.png" in printed.replace("\n", "")
     assert "No step of the importance variants used the CFG map" not in printed
 

@@ -1,10 +1,6 @@
 import numpy as np
-import pytest
 
 from imptome.miniature import classifier, data
-
-HAVE_WEIGHTS = (classifier.CLASSIFIER_DIR / "model.safetensors").exists()
-pytestmark = pytest.mark.skipif(not HAVE_WEIGHTS, reason="classifier weights not trained yet")
 
 
 def test_classifier_reads_procedural_images():

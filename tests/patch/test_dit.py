@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import imptome
+from imptome.patch.api import _state
 from tests.factories import tiny_dit_pipeline
 from tests.patch.probes import token_shapes
 
@@ -63,6 +64,28 @@ def test_auto_cfg_order_matches_on_the_conditional_half(dit):
     assert torch.equal(results["auto"][1], results["cond_first"][1])
     assert not torch.equal(results["auto"][1], results["uncond_first"][1])
     assert not np.array_equal(results["auto"][0], results["uncond_first"][0])
+
+
+def test_default_matching_uses_the_conditional_half(dit):
+    """DiT's CFG batch is [cond, uncond]: the default matches every copy on the conditional rows, so its
+    sources are those match_rows="each" gives rows 0-1 (two images)."""
+    transformer = dit.transformer
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    labels = torch.tensor([1, 2, 1000, 1000])  # 1000: the null class
+    importance = torch.rand(2, 16, 16, generator=generator)
+    sources = {}
+    for match_rows in ("cond", "each"):
+        imptome.apply_patch(transformer, match_rows=match_rows)
+        state = _state(transformer)
+        state.enter_step(10)  # past the warm-up, merging with this map
+        state.importance, state.last_timestep = importance, 500.0
+        with torch.no_grad():
+            transformer(latent, timestep=torch.full((4,), 500), class_labels=labels)
+        sources[match_rows] = imptome.merge_plan(transformer)[0].source
+    shared, each = sources["cond"], sources["each"]
+    assert torch.equal(shared[:2], each[:2]) and torch.equal(shared[:2], shared[2:])
+    assert not torch.equal(each[:2], each[2:])  # the halves' tokens differ
 
 
 def test_options_that_select_no_layer_are_refused_at_patch_time(dit):

@@ -222,6 +222,51 @@ def test_match_rows_each_matches_both_cfg_halves_on_their_own_tokens(sd, method)
         assert np.array_equal(generate(sd, steps=4, guidance_scale=1.0), unguided_shared)
 
 
+def test_default_matching_uses_the_conditional_half(sd):
+    """The default (match_rows="cond") matches both copies of an image on the conditional copy's tokens:
+    every layer's sources are those match_rows="each" gives the conditional row ([uncond, cond]: row 1)."""
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    importance = torch.rand(1, 16, 16, generator=generator)
+    sources = {}
+    for match_rows in ("cond", "each"):
+        imptome.apply_patch(sd.unet, ratio=0.7, plan_scope="layer", match_rows=match_rows)
+        state = _state(sd.unet)
+        state.enter_step(10)  # past the warm-up, merging with this map
+        state.importance, state.last_timestep = importance, 500.0
+        with torch.no_grad():
+            sd.unet(latent, 500, encoder_hidden_states=text)
+        sources[match_rows] = [record.source for record in imptome.merge_plan(sd.unet)]
+    for shared, each in zip(sources["cond"], sources["each"], strict=True):
+        assert torch.equal(shared[0], shared[1]) and torch.equal(shared[1], each[1])
+    assert any(not torch.equal(each[0], each[1]) for each in sources["each"])  # the halves' tokens differ
+
+
+def test_cell_draws_change_with_the_call_and_the_seed_and_repeat_with_both(sd):
+    """tome's destinations (a random position in every 2x2 cell) come from a key of (seed, call within the
+    generation): new ones at every call, the same ones in every generation with that seed, and others with
+    another seed."""
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+
+    def destinations(seed: int) -> list[torch.Tensor]:
+        imptome.apply_patch(sd.unet, ratio=0.5, method="tome", seed=seed)
+        found = []
+        with torch.no_grad():
+            for _ in range(2):  # two generations
+                for timestep in (900, 700, 500):
+                    sd.unet(latent, timestep, encoder_hidden_states=text)
+                    found.append(imptome.merge_plan(sd.unet)[0].roles == DESTINATION)
+        return found
+
+    first = destinations(0)
+    assert all(not torch.equal(first[i], first[i + 1]) for i in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first[:3], first[3:], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, destinations(1), strict=True))
+
+
 def test_paper_partition_draws_destinations_from_the_pool(sd):
     imptome.apply_patch(sd, ratio=0.7, dst_selection="random", pool_factor=1.4)
     generate(sd, steps=4)
@@ -503,7 +548,7 @@ def test_fallback_does_not_change_guided_generations(sd):
 
 
 def test_map_from_another_image_is_never_reused(sd):
-    imptome.apply_patch(sd, ratio=0.7)
+    imptome.apply_patch(sd, ratio=0.7, importance_start_step=0)  # a map would be used from step 0
     generate(sd, steps=3)
     records = []
     callback = lambda pipe, i, t, kw: records.append(imptome.merge_plan(pipe)[0]) or kw  # noqa: E731

@@ -939,11 +939,12 @@ def test_panorama_crops_merge_with_the_map_of_their_own_crop():
     from diffusers import StableDiffusionPanoramaPipeline
 
     pipe = StableDiffusionPanoramaPipeline(**tiny_sd_pipeline().components)
-    imptome.apply_patch(pipe, ratio=0.5)
-    made, used = [], []
+    imptome.apply_patch(pipe, ratio=0.5, importance_start_step=1)  # maps from step 1 on
+    made, used, keys = [], [], []
 
     def record(*_):
         made.append(imptome.importance_map(pipe))
+        keys.append(int(_state(pipe).call_key))
         finest = max(imptome.merge_plan(pipe), key=lambda record: record.grid[0] * record.grid[1])
         used.append(finest.importance)
 
@@ -954,12 +955,33 @@ def test_panorama_crops_merge_with_the_map_of_their_own_crop():
         pipe("a", height=128, width=640, num_inference_steps=5, output_type="latent")
     crops = 3
     assert len(made) == 5 * crops and all(m.shape == (1, 16, 64) for m in made)
-    start = _state(pipe).config.importance_start_step
-    assert start >= 1 and all(u is None for u in used[: start * crops])
-    for call in range(start * crops, len(used)):
+    assert all(u is None for u in used[:crops])  # step 0: no map yet
+    assert len(set(keys)) == len(keys)  # one generation: each call its own draws, step 0's crops included
+    for call in range(crops, len(used)):
         same_crop_step_before, call_before = made[call - crops], made[call - 1]
         assert not torch.equal(same_crop_step_before, call_before)  # the two candidates differ
         assert torch.equal(used[call], same_crop_step_before)
+
+
+def test_calls_repeated_at_one_timestep_keep_a_bounded_number_of_maps(monkeypatch):
+    """Maps are kept per call position within a step; a loop of calls at one timestep (as benchmarks run)
+    keeps at most _POSITIONS_KEPT of them, and its later calls merge with the latest map."""
+    from imptome.patch import state as state_module
+
+    monkeypatch.setattr(state_module, "_POSITIONS_KEPT", 3)
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=1)
+    state = _state(unet)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    with torch.no_grad():
+        unet(latent, 900, encoder_hidden_states=text)
+        for _ in range(8):
+            latest = imptome.importance_map(unet)
+            unet(latent, 700, encoder_hidden_states=text)
+            assert torch.equal(imptome.merge_plan(unet)[0].importance, latest)
+    assert state.position == 7 and sorted(state.maps_now) == [0, 1, 2]
 
 
 def test_sega_pipeline_is_refused_with_importance_and_merges_with_tome():

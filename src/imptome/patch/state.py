@@ -33,6 +33,10 @@ from imptome.patch.timestep import TimestepMemory, TimestepReader
 # XORed into a plan's key for the random map of the "random" fallback: the top bit keeps its element indices
 # (i ^ key) apart from those of the same key's cell draw, whose indices are far below 2**31.
 _RANDOM_MAP_STREAM = stream_id(0x52414E44) | (1 << 31)
+# Guided calls per step whose maps are kept apart by position (MultiDiffusion's crops: a 512 px high panorama
+# has up to a few dozen); later calls of the step keep and use only the latest map, so that calls repeated
+# at one timestep (a benchmark's loop) do not pile up maps.
+_POSITIONS_KEPT = 256
 
 
 def _outside_libraries(libraries: tuple[str, ...] = ("imptome", "diffusers", "torch")) -> int:
@@ -197,7 +201,9 @@ class PatchState:
     def _keep_map(self, values: torch.Tensor) -> None:
         """Keep `values` as the map made by this call (by the pair, in a split-CFG pair's second pass)."""
         made_by = self.position - 1 if self.paired else self.position
-        self.latest_map = self.maps_now[made_by] = values
+        if made_by < _POSITIONS_KEPT:
+            self.maps_now[made_by] = values
+        self.latest_map = values
 
     @property
     def call_map(self) -> torch.Tensor | None:
@@ -234,11 +240,13 @@ class PatchState:
         call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts lower),
         or when a call at the first timestep of a generation repeats and is no split-CFG pair, with the same
         input shape or a timestep in other memory: one-step generations run back to back, whose plans must
-        not depend on how many ran before. Other calls at the same timestep belong to one step (e.g.
-        Zero123++'s reference-image pass before the main pass, the two passes of split CFG, or SD3's
-        skip-layer-guidance pass after the CFG batch). A call without CFG merges with the map of its step's
-        CFG batch or split-CFG pair when one came before it, else as `config.fallback` says; it neither
-        produces nor clears the map, so a later guided call of the generation can use it.
+        not depend on how many ran before (the very timestep of a schedule of several is no such repeat).
+        Other calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
+        main pass, the two passes of split CFG, SD3's skip-layer-guidance pass after the CFG batch, or
+        MultiDiffusion's crops). A guided call merges with the map made by the call at its position in the
+        step before, else with the latest map. A call without CFG merges with the map of its step's CFG batch
+        or split-CFG pair when one came before it, else as `config.fallback` says; it neither produces nor
+        clears the map, so a later guided call of the generation can use it.
         """
         for stack in self.unmerge_stacks:
             stack.clear()
@@ -251,10 +259,14 @@ class PatchState:
         # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
         # one-step generation (with a one-element schedule, which `new_schedule` cannot tell)
         self.paired = same_timestep and self._pairs_with_last_call(sample, same_memory is not False)
+        # the very timestep of a schedule of several is another call of the step, not a one-step generation
+        # (MultiDiffusion's next crop)
+        step_of_a_schedule = same_memory is True and self.compare_timestep_memory.in_schedule
         repeated_start = (
             same_timestep
             and self.step == 0
             and not self.paired
+            and not step_of_a_schedule
             and (self.last_shape == sample.shape or same_memory is False)
         )
         self.last_shape = sample.shape

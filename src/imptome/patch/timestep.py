@@ -34,6 +34,11 @@ class TimestepMemory:
         self._first_timestep: float | None = None
         self._is_schedule = False
 
+    @property
+    def in_schedule(self) -> bool:
+        """Whether the last call's timestep lives in a schedule of several timesteps."""
+        return self._last is not None and self._is_schedule
+
     def __call__(self, timestep: object, t: float) -> tuple[bool | None, bool]:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
         no tensor; whether it does not and the last call's was a schedule)."""

@@ -77,6 +77,13 @@ def test_demo_without_guidance_says_so(model_dir, tmp_path, capsys):
     assert "UserWarning" not in captured.err
 
 
+def test_demo_figure_format_is_refused_without_leaving_a_folder(tmp_path, capsys):
+    figure = tmp_path / "new" / "grid.xyz"
+    assert main(["demo", "--out", str(figure)]) == 2
+    assert "cannot write a .xyz figure; use one of" in capsys.readouterr().err
+    assert not figure.parent.exists()
+
+
 def test_demo_out_under_a_file_is_refused_before_loading(tmp_path, capsys):
     text = tmp_path / "prompts.txt"
     text.write_text("a red circle\n")

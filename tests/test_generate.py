@@ -306,6 +306,7 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         "negative seed": ([*args(), "--seed", "-1"], "--seed -1: seeds must be >= 0"),
         "negative guidance": ([*args(), "--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
+        "unknown device": ([*args(), "--device", "gpu0"], "--device gpu0: not a device name"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
         "unknown --set option": ([*args(), "--set", "speed=11"], "expected KEY=VALUE with KEY one of"),
         "--set without merging": (
@@ -327,6 +328,7 @@ def test_bad_input_exits_2_with_a_clear_message_before_loading(
         error = capsys.readouterr().err
         assert error.startswith("imptome: error: ") and message in error, (name, error)
         assert "Traceback" not in error
+    assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind
 
 
 def test_the_guidance_default_is_the_bundled_models_own_without_model(tmp_path, prompts_file):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError
+from imptome.cli import CliError, prepare_output_folder
 from imptome.loading import load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
@@ -102,6 +102,7 @@ def _check_figure_format(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_figure_format(args)  # the other checks ran before torch was imported (imptome.commands.demo)
     out = args.figure
+    prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
     prompts = args.prompt or default_prompts()
 
     pipe = load_pipeline(args.model, args.device, args.dtype)

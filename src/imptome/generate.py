@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError
+from imptome.cli import CliError, prepare_output_folder
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 
 METADATA_KEY = "imptome"
@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)  # the other checks ran before torch was imported (imptome.commands.generate)
     items = work_items(args.prompt_list, range(args.seed, args.seed + args.seeds))
     out = args.out_folder
+    prepare_output_folder(out)
     settings = _settings(args)
     state = _process_state(args.device)
     if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier

@@ -183,7 +183,7 @@ class _Record:
 
 def _set_attention(model: torch.nn.Module, spec: ArchSpec, attention: str) -> None:
     """SDPA or math processors everywhere; SD3 keeps its joint-attention processors (always SDPA, text and
-    image tokens together; `_parse` refuses "math" for it)."""
+    image tokens together; `imptome.commands.speed.check` refuses "math" for it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if spec.family != "sd3":

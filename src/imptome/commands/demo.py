@@ -12,7 +12,6 @@ from imptome.cli import (
     check_guidance,
     check_seed,
     merge_options,
-    prepare_output_folder,
 )
 from imptome.miniature import GUIDANCE
 
@@ -50,12 +49,11 @@ def check(args: argparse.Namespace) -> None:
 
 
 def _figure_path(name: str) -> Path:
-    """The figure's path: `name`, with .png added when it has no suffix; its folder is made. A CliError when
-    `name` is a folder or its folder cannot be written."""
+    """The figure's path: `name`, with .png added when it has no suffix; a CliError when `name` is a folder.
+    (The job checks the format and makes the folder, which needs matplotlib.)"""
     out = Path(name).expanduser()
     if out.is_dir():
         raise CliError(f"--out {name} is a folder; name a file in it, e.g. {out / 'imptome-demo.png'}")
     if not out.suffix:
         out = out.with_suffix(".png")
-    prepare_output_folder(out.parent)
     return out

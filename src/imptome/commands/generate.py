@@ -13,7 +13,6 @@ from imptome.cli import (
     check_model,
     check_seed,
     merge_options,
-    prepare_output_folder,
     read_prompts,
 )
 from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
@@ -79,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace) -> None:
     """Everything checkable without torch or the model. Sets `args.options` (the --set options), the
     `args.guidance` default, `args.prompt_list` (the prompts of --prompts), `args.model_source` (the model's
-    absolute folder, or its hub id) and `args.out_folder` (absolute, created)."""
+    absolute folder, or its hub id) and `args.out_folder` (absolute; the job makes it once the device is
+    checked, so that a refused run leaves no folder behind)."""
     if args.method == "none" and args.set:
         raise CliError("--set configures merging; it cannot be used with --method none")
     args.options = {} if args.method == "none" else merge_options(args.set, args.ratio, args.method)
@@ -103,4 +103,3 @@ def check(args: argparse.Namespace) -> None:
         source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
     args.model_source = source
     args.out_folder = Path(args.out).expanduser().resolve()
-    prepare_output_folder(args.out_folder)

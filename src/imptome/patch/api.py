@@ -221,7 +221,7 @@ def importance_map(target: Any) -> torch.Tensor | None:
     U is the number of images (for video: images x frames); each merged layer area-pools it to its own token
     grid (PixArt/DiT: H / patch x W / patch). None before the first guided call of a generation (throughout a
     generation without CFG) or when `target` is not patched; calls without CFG keep the last guided map.
-    A copy: the patch overwrites its own map in place.
+    A copy: editing it leaves the maps the patch merges with as they are.
     """
     state = _state(target)
     importance = None if state is None else state.importance

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -67,6 +68,26 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     # ... and so does a copy of the model at another path (the bundled model in another install)
     shutil.copytree(model, tmp_path / "copy")
     assert main([*argv, "--model", str(tmp_path / "copy")]) == 0
+
+    # other prompts with the same cache: only the shared prompt's images are found, the new one is made
+    monkeypatch.undo()
+    made, save = [], quality.ImageCache.save
+
+    def record(self, variant, prompt_index, seed, image):
+        made.append(prompt_index)
+        save(self, variant, prompt_index, seed, image)
+
+    monkeypatch.setattr(quality.ImageCache, "save", record)
+    other = tmp_path / "other.txt"
+    other.write_text("a blue square\na green triangle\n")
+    assert main([*argv, "--prompts", str(other)]) == 0
+    assert made == [1, 1]  # "a green triangle" (prompt 1 of the new file), for none and importance
+    monkeypatch.undo()
+
+    # another batch size (which rounds differently) is refused, not mixed with the cache
+    capsys.readouterr()
+    assert main([*argv, "--batch-size", "2"]) == 2
+    assert re.search(r"other settings: batch_size \d+ \(now 2\)", capsys.readouterr().err)
 
     # the same folder with other weights (a model retrained in place) is refused, not mixed with the cache
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"

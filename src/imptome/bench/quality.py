@@ -16,6 +16,7 @@ Every method runs in one process on the same prompts and seeds. Images are cache
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -157,10 +158,12 @@ def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str |
 
 
 class ImageCache:
-    """PNG per (variant, prompt, seed); written atomically, so a file that exists is complete."""
+    """PNG per (variant, prompt, seed), named by the prompt's text (a run with other prompts finds only the
+    images of prompts it shares); written atomically, so a file that exists is complete."""
 
-    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, root: Path, settings: dict[str, Any], prompts: list[str]) -> None:
         self.root, self.settings = root, settings
+        self._prompt_keys = [hashlib.sha256(prompt.encode()).hexdigest()[:16] for prompt in prompts]
         self._settings_file = root / "settings.json"
         if self._settings_file.exists():
             previous = json.loads(self._settings_file.read_text())
@@ -180,7 +183,7 @@ class ImageCache:
             self._settings_file.write_text(json.dumps(self.settings, indent=1))
 
     def path(self, variant: Variant, prompt_index: int, seed: int) -> Path:
-        return self.root / variant.key / f"{prompt_index:04d}_{seed}.png"
+        return self.root / variant.key / f"{self._prompt_keys[prompt_index]}_{seed}.png"
 
     def has(self, variant: Variant, prompt_index: int, seed: int) -> bool:
         return self.path(variant, prompt_index, seed).exists()
@@ -429,7 +432,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_device(args.device)  # the other checks ran before torch was imported (imptome.commands.quality)
+    device = check_device(args.device)  # the other checks ran before torch (imptome.commands.quality)
     prompts, seeds, model = args.prompt_list, args.seed_list, args.model_source
     variants = [Variant("none", 0.0)]
     variants += [Variant(method, ratio) for ratio in args.ratios for method in args.method_list]
@@ -443,8 +446,10 @@ def run(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "guidance": args.guidance,
         "dtype": args.dtype,
+        "device": torch.device(device).type,  # kernels round differently
+        "batch_size": args.batch_size,  # so do batched ones
     }
-    cache = ImageCache(cache_root, settings)
+    cache = ImageCache(cache_root, settings, prompts)
     items = [(p, seed) for seed in seeds for p in range(len(prompts))]
 
     pipe = load_pipeline(args.model, args.device, args.dtype)

@@ -69,8 +69,9 @@ if TYPE_CHECKING:  # loaded on first use (see __getattr__)
 # its own crop's map, not the crop's before it; Heun with a CFG batch: its own evaluation's); apply_patch
 # refuses method="importance" on SEGA, whose 2 + n copies passed for a CFG batch; every subcommand checks its
 # input before importing torch (--help and input errors in 0.2 s, not 7 s); `bench quality`'s SSIM averages
-# the map the same way with every torchmetrics (1.3 left out the border). Images of pipelines with one guided
-# call per step do not change.
+# the map the same way with every torchmetrics (1.3 left out the border), and its image cache is keyed by
+# prompt text (other prompts with the same --json reused images by index). Images of pipelines with one
+# guided call per step do not change.
 __version__ = "0.6.8"
 
 

@@ -6,7 +6,7 @@
     imptome bench quality ... prompt accuracy, Frechet distance, PSNR/SSIM on the bundled model
 
 Each subcommand has two modules. `imptome.commands.<name>` defines its arguments (`add_arguments(parser)`)
-and, where it has some, the input checks that need neither torch nor the model (`check(args)`); it imports
+and the input checks that need neither torch nor the model (`check(args)`); it imports
 neither torch nor diffusers, so that `--help`, a mistyped argument or a missing prompt file are answered at
 once. The job's module (`imptome.generate`, `imptome.bench.speed`, ...) is imported only after those checks,
 and runs it (`run(args) -> int`).
@@ -36,8 +36,8 @@ from imptome.miniature import miniature_path
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: `arguments` names the module with its `add_arguments(parser)` (and `check(args)`, if it
-    has input checks), `job` the module with its `run(args) -> int`, and `help` is its one-line help."""
+    """A subcommand: `arguments` names the module with its `add_arguments(parser)` and `check(args)`, `job`
+    the module with its `run(args) -> int`, and `help` is its one-line help."""
 
     arguments: str
     job: str
@@ -71,7 +71,7 @@ BENCHMARKS: dict[str, Command] = {
 }
 
 
-#: The choices of `--dtype` (imptome.loading maps them to torch dtypes).
+#: The choices of `--dtype` (see add_dtype_argument).
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -87,6 +87,16 @@ _SET_HELP = (
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model`, resolved by `check_model`."""
+    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, one of DTYPE_NAMES (imptome.loading maps them to torch dtypes)."""
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the weights")
 
 
 def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool = True) -> dict[str, Any]:
@@ -274,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
-            arguments = importlib.import_module(args._command.arguments)
-            if hasattr(arguments, "check"):
-                arguments.check(args)
+            importlib.import_module(args._command.arguments).check(args)
             return importlib.import_module(args._command.job).run(args) or 0
         except CliError as error:
             print(f"imptome: error: {error}", file=sys.stderr)

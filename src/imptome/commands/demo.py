@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from imptome.cli import (
-    DTYPE_NAMES,
     CliError,
+    add_dtype_argument,
+    add_model_argument,
     add_set_argument,
     check_guidance,
     check_seed,
@@ -17,7 +18,7 @@ from imptome.miniature import GUIDANCE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    add_model_argument(parser)
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
     parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -25,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
     parser.add_argument("--out", default="imptome-demo.png", help="figure to write (.png when no suffix)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the weights"
-    )
+    add_dtype_argument(parser)
     add_set_argument(parser)
 
 

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from imptome.cli import (
-    DTYPE_NAMES,
     CliError,
+    add_dtype_argument,
+    add_model_argument,
     add_set_argument,
     check_guidance,
     check_model,
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", required=True, help="text file, one prompt per line (blank lines skipped)"
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing; re-runs resume)")
-    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    add_model_argument(parser)
     parser.add_argument(
         "--method", default="importance", choices=METHODS, help="token merging method (default: %(default)s)"
     )
@@ -63,9 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", help="e.g. cuda:0 or cpu (default: the device accelerate gives the process)"
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the weights"
-    )
+    add_dtype_argument(parser)
     parser.add_argument(
         "--compile",
         choices=COMPILE_MODES,

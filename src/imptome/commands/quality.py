@@ -8,7 +8,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from imptome.cli import DTYPE_NAMES, CliError, check_guidance, check_model, read_prompts
+from imptome.cli import (
+    CliError,
+    add_dtype_argument,
+    add_model_argument,
+    check_guidance,
+    check_model,
+    read_prompts,
+)
 from imptome.config import MergeConfig
 from imptome.miniature import GUIDANCE
 
@@ -65,7 +72,7 @@ def base_method(method: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="pipeline folder or hub id (default: the bundled miniature model)")
+    add_model_argument(parser)
     parser.add_argument("--prompts", type=Path, help="one prompt per line (default: built-in held-out set)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[8], help="N (seeds 0..N-1) or a list")
     parser.add_argument(
@@ -91,9 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, help="metric-vs-ratio plot (default: next to --json)")
     parser.add_argument("--cache", type=Path, help="image cache for resuming (default: <json>.cache/)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the weights"
-    )
+    add_dtype_argument(parser)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import DTYPE_NAMES, CliError
+from imptome.cli import CliError, add_dtype_argument
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the weights")
+    add_dtype_argument(parser)
     parser.add_argument(
         "--attention",
         default="sdpa",

@@ -477,6 +477,37 @@ def test_half_precision_pipeline(sd, dtype):
     assert torch.equal(generate(pipe), base)
 
 
+@pytest.mark.parametrize("proportional", [False, True], ids=["plain", "proportional"])
+@pytest.mark.parametrize("speed_up", ["attention_slicing", "fused_qkv"])
+def test_attention_slicing_and_fused_projections_merge_as_sdpa_does(speed_up, proportional):
+    """diffusers' attention slicing (another processor, a loop over slices of batch x heads) and fused QKV
+    projections (one to_qkv instead of to_q, to_k, to_v) both run the merged tokens, with proportional
+    attention's mask too, and give the SDPA result up to float rounding; removing the patch restores
+    the sped-up pipeline's own output."""
+    reference = tiny_sd_pipeline()
+    imptome.apply_patch(reference, ratio=0.7, proportional_attention=proportional)
+    expected = generate(reference)
+    pipe = tiny_sd_pipeline()
+    if speed_up == "attention_slicing":
+        pipe.enable_attention_slicing(1)
+    else:
+        pipe.fuse_qkv_projections()
+    base = generate(pipe)
+    imptome.apply_patch(pipe, ratio=0.7, proportional_attention=proportional)
+    projection = "to_q" if speed_up == "attention_slicing" else "to_qkv"
+    seen: list[int] = []
+    module = getattr(pipe.unet.get_submodule(TOP_SELF_ATTENTION), projection)
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        merged = generate(pipe)
+    finally:
+        handle.remove()
+    assert seen == [N - math.floor(N * 0.7)] * 4
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    imptome.remove_patch(pipe)
+    assert torch.equal(generate(pipe), base)
+
+
 def test_channels_last_unet(sd):
     """A UNet in channels_last memory format (a common GPU speed-up) hands its transformer blocks tokens
     with another stride pattern; merging follows the contiguous-format result up to float rounding."""

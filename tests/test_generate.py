@@ -340,3 +340,20 @@ def test_the_guidance_default_is_the_bundled_models_own_without_model(tmp_path, 
     args = build_parser(argv).parse_args(argv)
     generate_command.check(args)
     assert args.guidance == GUIDANCE == 5.0
+
+
+def test_a_model_that_fails_to_load_leaves_no_output_folder_behind(tmp_path, prompts_file, capsys):
+    broken = tmp_path / "broken"  # a pipeline folder whose UNet has no files
+    broken.mkdir()
+    (broken / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out in (tmp_path / "new" / "images", existing):
+        argv = ["generate", "--prompts", str(prompts_file), "--out", str(out), "--model", str(broken)]
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"imptome: error: cannot load {broken}: " in error and "Traceback" not in error
+    assert not (tmp_path / "new" / "images").exists()
+    assert existing.is_dir()  # a folder the user had is kept, even empty

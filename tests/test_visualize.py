@@ -36,6 +36,8 @@ def test_overlay_and_grid_refuse_bad_input(tmp_path):
         heatmap_overlay(image, torch.zeros(2, 2), cmap="nope")
     with pytest.raises(ValueError, match="heat holds NaN or infinite values"):
         heatmap_overlay(image, torch.tensor([[float("nan"), 1.0], [0.0, 2.0]]))
+    with pytest.raises(TypeError, match="image must be a PIL image .*got ndarray"):
+        heatmap_overlay(np.zeros((8, 8, 3), dtype=np.uint8), torch.zeros(2, 2))
     grid = tmp_path / "grid.png"
     with pytest.raises(ValueError, match="unknown panel kind 'mask'"):
         comparison_grid(grid, ["p"], [("x", [torch.zeros(2, 2)], "mask")])

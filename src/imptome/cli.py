@@ -79,14 +79,16 @@ class CliError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
-_SET_HELP = (
-    "a MergeConfig option as KEY=VALUE, repeatable (e.g. --set proportional_attention=true --set "
-    "fallback=tome; block_range=7,21; none for no value); see imptome.MergeConfig"
-)
-
-
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE` (repeatable), read by `merge_options`; `example` shows one use in the help."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"a MergeConfig option as KEY=VALUE, repeatable (e.g. {example}; block_range=7,21; none for no "
+        "value); see imptome.MergeConfig",
+    )
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +174,7 @@ def prepare_output_folder(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        raise CliError(f"output folder {out} is not writable: {error.strerror or error}") from None
+        raise CliError(f"cannot write a file in output folder {out}: {error.strerror or error}") from None
 
 
 def _typed(text: str, annotation: Any) -> Any:

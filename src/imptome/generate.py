@@ -154,7 +154,17 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)  # the other checks ran before torch was imported (imptome.commands.generate)
     items = work_items(args.prompt_list, range(args.seed, args.seed + args.seeds))
     out = args.out_folder
+    created = not out.exists()
     prepare_output_folder(out)
+    try:
+        return _run_in(out, items, args)
+    except CliError:  # e.g. a model that does not load: leave no empty folder behind
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = _process_state(args.device)
     if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier

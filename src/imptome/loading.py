@@ -77,8 +77,13 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         )
     except (OSError, ValueError) as error:  # no such hub id, no internet, missing files or components
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
-        hint = "" if local else "; a hub id needs internet on first use, or give a local pipeline folder"
+        hint = (
+            ""
+            if local
+            else "; a hub id needs internet on first use (HF_HUB_OFFLINE=1 skips the retries where there is "
+            "none), or give a local pipeline folder"
+        )
         message = str(error).replace(" Please check out the root cause in the stacktrace above.", "")
-        raise CliError(f"cannot load {source}: {message}{cause}{hint}") from None
+        raise CliError(f"cannot load {source}: {message.rstrip('. ')}{cause}{hint}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

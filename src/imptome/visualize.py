@@ -29,6 +29,11 @@ def heatmap_overlay(
     The map is scaled to [0, 1] by its own range, coloured with the matplotlib colormap `cmap`, resized to the
     image (each token a block of pixels) and blended in with weight `alpha` (0: the image, 1: the map).
     """
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"image must be a PIL image (e.g. pipe(...).images[0]), got {type(image).__name__}; convert arrays "
+            "with PIL.Image.fromarray"
+        )
     heat = torch.as_tensor(heat)
     if heat.ndim != 2:
         raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")

@@ -633,6 +633,9 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     with pytest.raises(TypeError, match="cannot inspect AutoencoderKL objects"):
         imptome.importance_map(sd.vae)
     assert not imptome.is_patched(sd.vae) and not imptome.is_patched("a string")
+    for inspect in (imptome.importance_map, imptome.merge_plan):  # forgot to patch: say so
+        with pytest.raises(ValueError, match="this StableDiffusionPipeline is not patched.*apply_patch"):
+            inspect(sd)
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
     with pytest.raises(TypeError, match=r"config must be an imptome.MergeConfig, got dict; pass options as"):

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="imptome-demo.png", help="figure to write (.png when no suffix)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     add_dtype_argument(parser)
-    add_set_argument(parser)
+    add_set_argument(parser, "--set dst_selection=random --set pool_factor=1.4 for the paper's partition")
 
 
 def check(args: argparse.Namespace) -> None:

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the denoiser in this mode after patching; reduce-overhead replays CUDA graphs, "
         "the fastest way to merge on a GPU (default: no compiling). The first images wait for compiling",
     )
-    add_set_argument(parser)
+    add_set_argument(parser, "--set proportional_attention=true --set fallback=tome")
 
 
 def check(args: argparse.Namespace) -> None:

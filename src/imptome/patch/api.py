@@ -215,20 +215,30 @@ def is_patched(target: Any) -> bool:
         return False
 
 
+def _patched_state(target: Any, function: str) -> PatchState:
+    state = _state(target)
+    if state is None:
+        raise ValueError(
+            f"imptome.{function}: this {type(target).__name__} is not patched, so there is nothing to "
+            "inspect; call imptome.apply_patch on it first (imptome.is_patched tells)"
+        )
+    return state
+
+
 def importance_map(target: Any) -> torch.Tensor | None:
     """The latest CFG importance map, float32 [U, H, W] on the latent grid, or None.
 
     U is the number of images (for video: images x frames); each merged layer area-pools it to its own token
     grid (PixArt/DiT: H / patch x W / patch). None before the first guided call of a generation (throughout a
-    generation without CFG) or when `target` is not patched; calls without CFG keep the last guided map.
-    A copy: editing it leaves the maps the patch merges with as they are.
+    generation without CFG); calls without CFG keep the last guided map. A copy: editing it leaves the maps
+    the patch merges with as they are. A ValueError when `target` is not patched.
     """
-    state = _state(target)
-    importance = None if state is None else state.importance
+    importance = _patched_state(target, "importance_map").importance
     return None if importance is None else importance.clone()
 
 
 def merge_plan(target: Any) -> list[PlanRecord]:
-    """The plans used in the last denoiser call, one per token grid (per layer with plan_scope="layer")."""
-    state = _state(target)
-    return [] if state is None else state.records()
+    """The plans used in the last denoiser call, one per token grid (per layer with plan_scope="layer");
+    empty before the first call or when that call merged nothing. A ValueError when `target` is not
+    patched."""
+    return _patched_state(target, "merge_plan").records()

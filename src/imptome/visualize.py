@@ -31,8 +31,8 @@ def heatmap_overlay(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(
-            f"image must be a PIL image (e.g. pipe(...).images[0]), got {type(image).__name__}; convert arrays "
-            "with PIL.Image.fromarray"
+            f"image must be a PIL image (e.g. pipe(...).images[0]), got {type(image).__name__}; convert "
+            "arrays with PIL.Image.fromarray"
         )
     heat = torch.as_tensor(heat)
     if heat.ndim != 2:

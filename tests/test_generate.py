@@ -357,3 +357,15 @@ def test_a_model_that_fails_to_load_leaves_no_output_folder_behind(tmp_path, pro
         assert f"imptome: error: cannot load {broken}: " in error and "Traceback" not in error
     assert not (tmp_path / "new" / "images").exists()
     assert existing.is_dir()  # a folder the user had is kept, even empty
+
+
+def test_prompts_outside_the_bundled_models_language_are_named_in_a_warning(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\ntop left: red circle\n")
+    argv = ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2"]
+    assert main(argv) == 0
+    warning = capsys.readouterr().err
+    assert "imptome: warning: 1 of 2 prompt(s) are outside the bundled model's language" in warning
+    assert "'a photo of a cat'" in warning and "'top left: red circle'" not in warning.split(". It reads")[0]
+    assert "shapes circle, square, triangle, cross" in warning
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2  # a warning, not a refusal

@@ -4,6 +4,7 @@ attention), side by side, on the same seeds."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
 from imptome.cli import CliError, prepare_output_folder
 from imptome.loading import load_pipeline
+from imptome.miniature.data import outside_grammar_warning
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
@@ -104,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.figure
     prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
     prompts = args.prompt or default_prompts()
+    warning = None if args.model else outside_grammar_warning(prompts)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     pipe("warm-up", num_inference_steps=1, generator=torch.Generator(pipe.device).manual_seed(0))

@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.cli import CliError, prepare_output_folder
 from imptome.loading import check_device, load_pipeline, model_fingerprint
+from imptome.miniature.data import outside_grammar_warning
 
 METADATA_KEY = "imptome"
 MANIFEST = "manifest.jsonl"
@@ -167,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = _process_state(args.device)
+    warning = None if args.model else outside_grammar_warning(args.prompt_list)
+    if warning and state.is_main_process:
+        print(warning, file=sys.stderr, flush=True)
     if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier
         for leftover in out.glob("*.png.tmp"):
             leftover.unlink(missing_ok=True)

@@ -50,3 +50,9 @@ def test_objects_drawn_where_prompted():
     red = np.asarray(data.COLOURS["red"]) / 255
     assert np.abs(img[m] - red).max() < 0.15
     assert m[32, 32] and not m[5, 5]
+
+
+def test_prompts_outside_the_grammar_are_found():
+    inside = ["top left: red circle", "middle center: blue cross and bottom right: green square"]
+    outside = ["a photo of a cat", "center: blue cross", "top left: purple circle", "top left: red"]
+    assert data.outside_grammar(inside + outside) == outside

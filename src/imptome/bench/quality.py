@@ -134,7 +134,7 @@ def _parse_all(prompts: list[str]) -> list[list | None]:
 
 def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str | None:
     """What the user is told when some prompts are outside the classifier's grammar; None when all are in."""
-    from imptome.miniature.data import COLOUR_NAMES, COLS, N_POS, ROWS, SHAPES, Obj, prompt_for
+    from imptome.miniature.data import grammar
 
     outside = [prompt for prompt, objs in zip(prompts, objects, strict=True) if objs is None]
     if not outside:
@@ -144,13 +144,10 @@ def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str |
         shown += f" and {len(outside) - 5} more"
     scored = len(prompts) - len(outside)
     covered = f"cover only the other {scored} prompt(s)" if scored else "are not computed ('-')"
-    example = prompt_for([Obj(0, 0, 0), Obj(1, 1, N_POS - 1)])
     return (
         f"imptome: warning: the attribute classifier cannot score {len(outside)} of {len(prompts)} "
         f"prompt(s): {shown}; accuracy, position accuracy and Frechet distance {covered}. "
-        f"The classifier reads prompts like {example!r}: '<row> <column>: <colour> <shape>', "
-        f"objects joined by ' and ', with rows {', '.join(ROWS)}; columns {', '.join(COLS)}; "
-        f"colours {', '.join(COLOUR_NAMES)}; shapes {', '.join(SHAPES)}."
+        f"The classifier reads {grammar()}."
     )
 
 

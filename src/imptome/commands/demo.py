@@ -19,7 +19,12 @@ from imptome.miniature import GUIDANCE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--prompt", action="append", help="a prompt; repeat for more (default: 4 held-out)")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt; repeat for more (default: 4 held-out; the bundled model reads prompts like "
+        "'top left: red circle', see README)",
+    )
     parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (1 or less: no CFG)")

@@ -88,6 +88,39 @@ def parse_prompt(prompt: str) -> list[Obj]:
     return objs
 
 
+def grammar() -> str:
+    """The prompt language of the bundled model, in words, with an example."""
+    example = prompt_for([Obj(0, 0, 0), Obj(1, 1, N_POS - 1)])
+    return (
+        f"prompts like {example!r}: '<row> <column>: <colour> <shape>', objects joined by ' and ', with rows "
+        f"{', '.join(ROWS)}; columns {', '.join(COLS)}; colours {', '.join(COLOUR_NAMES)}; shapes "
+        f"{', '.join(SHAPES)}"
+    )
+
+
+def outside_grammar(prompts: list[str]) -> list[str]:
+    """The prompts that `parse_prompt` cannot read (the bundled model draws textures for them)."""
+    outside = []
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            outside.append(prompt)
+    return outside
+
+
+def outside_grammar_warning(prompts: list[str]) -> str | None:
+    """The CLI's warning for prompts given to the bundled model outside its language; None when all are in."""
+    outside = outside_grammar(prompts)
+    if not outside:
+        return None
+    shown = ", ".join(repr(prompt) for prompt in outside[:3]) + (" ..." if len(outside) > 3 else "")
+    return (
+        f"imptome: warning: {len(outside)} of {len(prompts)} prompt(s) are outside the bundled model's "
+        f"language and will come out as textures without objects: {shown}. It reads {grammar()}."
+    )
+
+
 def _shape_masks(supersample: int = 4) -> np.ndarray:
     """Anti-aliased float masks [n_shapes, n_pos, H, W] in [0, 1]."""
     ss = supersample

@@ -230,3 +230,12 @@ def test_a_model_that_fails_to_load_leaves_no_cache(prompt_file, tmp_path, capsy
     assert main(argv) == 2
     assert f"cannot load {broken}" in capsys.readouterr().err
     assert not out.with_name("q.cache").exists()  # else its settings would refuse the next, fixed run
+
+
+def test_the_table_says_how_many_images_each_frechet_distance_rests_on():
+    row = quality.Row("none", 0.0, 24, 0.9, (0.8, 1.0), 0.9, (0.8, 1.0), 301.5, *[None] * 5, 1e9)
+    unscored = quality.Row("none", 0.0, 1, *[None] * 10, 1e9)
+    table = quality.markdown_table([row, unscored], [], cfg=True)
+    assert "| 301.50 |" in table
+    assert "Frechet: from 24 images per method; the estimate is biased by the number of images" in table
+    assert "Frechet:" not in quality.markdown_table([unscored], [], cfg=True)

@@ -17,7 +17,7 @@ import imptome
 from imptome.bench import archs, denoisers
 from imptome.bench.flops import count_flops
 from imptome.bench.operators import count_operators
-from imptome.bench.speed import Variant, _denoiser_call
+from imptome.bench.speed import Variant, _denoiser_call, markdown_table
 from imptome.cli import build_parser, main
 from imptome.commands.speed import VARIANTS
 from imptome.commands.speed import check as check_speed_arguments
@@ -220,7 +220,19 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
     table = out.with_suffix(".md").read_text()
     assert "| tiny-sd | 128 | importance | 0.5 |" in table and "does not run" in table
     assert "| median s/step |" in table and "peak resident memory, weights included" in table
+    assert "1 round(s) only: each median rests on so few steps" in table
     assert "round 1/1" in capsys.readouterr().err
+
+
+def test_table_notes_explain_efficiencies_above_1_and_few_rounds():
+    row = {"arch": "sd2", "res": 768, "variant": "importance", "ratio": 0.7, "error": None, "median_s": 1.0}
+    row |= {"iqr_s": 0.1, "speedup": 1.4, "flops": 3e12, "ideal_speedup": 1.3, "device": "cuda", "rounds": 5}
+    row |= {"efficiency": 1.4 / 1.3}
+    table = markdown_table([row])
+    assert "An efficiency above 1: the FLOP count sees matrix products only" in table
+    assert "round(s) only" not in table
+    table = markdown_table([row | {"efficiency": 0.9, "rounds": 2}])
+    assert "An efficiency above 1" not in table and "2 round(s) only" in table
 
 
 def test_channels_last_memory_format(tiny_archs, tmp_path):

@@ -383,6 +383,12 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]], cfg: bool
         f"\ns/step: median time of one denoiser call on a batch of --batch-size prompts {with_cfg}; "
         f"GFLOPs/step: one call for one prompt {with_cfg}, averaged over the schedule.\n"
     )
+    counts = sorted({r.n_images for r in rows if r.frechet is not None})
+    if counts:
+        text += (
+            f"Frechet: from {', '.join(map(str, counts))} images per method; the estimate is biased by the "
+            "number of images (strongly below a few hundred), so compare it only between rows of one run.\n"
+        )
     if comparisons:
         text += (
             "\n| method | minus | ratio | accuracy difference (paired) [95% CI] "

@@ -467,6 +467,17 @@ def markdown_table(rows: list[dict]) -> str:
         )
     if any(row.get("device", "").startswith("cpu") for row in rows):
         lines.append("\nOn the CPU, peak mem is the process's peak resident memory, weights included.")
+    if any((row.get("efficiency") or 0) > 1 for row in rows):
+        lines.append(
+            "\nAn efficiency above 1: the FLOP count sees matrix products only, while merging also shrinks "
+            "the memory traffic of the attention scores and softmax, which falls faster than the FLOPs."
+        )
+    measured = [row["rounds"] for row in rows if row["error"] is None and row.get("rounds") is not None]
+    if measured and min(measured) < 3:
+        lines.append(
+            f"\n{min(measured)} round(s) only: each median rests on so few steps that the IQR says nothing "
+            "about the spread; use --rounds 5 or more for numbers to compare."
+        )
     return "\n".join(lines)
 
 
@@ -493,7 +504,7 @@ def _write(
     header = (
         f"Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}, attention {meta['attention']}, "
         f"{meta['memory_format']} memory format, "
-        f"{meta['rounds']} rounds, load average {meta['loadavg_start'][0]:.2f} at start and "
+        f"{meta['rounds']} round(s), load average {meta['loadavg_start'][0]:.2f} at start and "
         f"{meta['loadavg_now'][0]:.2f} at the end.\n\n`{meta['command']}`\n\n"
     )
     text = header + markdown_table(rows) + "\n"

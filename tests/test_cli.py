@@ -44,7 +44,7 @@ def test_values_take_the_type_of_their_field():
         ("ratio=0.3", "use --ratio"),
         ("method=tome", "use --method"),
         ("proportional_attention", "expected KEY=VALUE"),
-        ("no_such_option=1", "KEY one of dst_fraction, pool_factor"),
+        ("no_such_option=1", "unknown option 'no_such_option'; KEY is one of dst_fraction, pool_factor"),
         ("proportional_attention=maybe", "'maybe' is not a valid proportional_attention (true or false)"),
         ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
         ("pool_factor=big", "'big' is not a valid pool_factor (float)"),

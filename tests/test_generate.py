@@ -308,7 +308,10 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "unknown device": ([*args(), "--device", "gpu0"], "--device gpu0: not a device name"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
-        "unknown --set option": ([*args(), "--set", "speed=11"], "expected KEY=VALUE with KEY one of"),
+        "unknown --set option": (
+            [*args(), "--set", "speed=11"],
+            "--set speed=11: unknown option 'speed'; KEY is one of",
+        ),
         "--set without merging": (
             [*args(), "--method", "none", "--set", "seed=1"],
             "--set configures merging; it cannot be used with --method none",

@@ -115,8 +115,10 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
             raise CliError(f"--set {pair}: this command runs every method; the method cannot be set")
         if key in ("ratio", "method"):
             raise CliError(f"--set {pair}: use --{key} for the {key}")
-        if not equals or key not in settable:
+        if not equals:
             raise CliError(f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(settable)}")
+        if key not in settable:
+            raise CliError(f"--set {pair}: unknown option {key!r}; KEY is one of {', '.join(settable)}")
         try:
             options[key] = _typed(text.strip(), hints[key])
         except ValueError:

@@ -102,7 +102,7 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--ratios", "0.8"], "allowed 0 <= ratio <= 0.75"),
+        (["--ratios", "0.8"], "--ratios 0.8 for method tome: ratio=0.8 is out of range: allowed 0 <= ratio"),
         (["--methods", "random"], "unknown method"),
         (["--methods", "importance-pool0.5"], "pool_factor=0.5 must be a finite number >= 1"),
         (["--seeds", "0"], "--seeds 0"),

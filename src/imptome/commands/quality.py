@@ -154,7 +154,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
             try:
                 MergeConfig(ratio=ratio, method=base_method(method), **(ablation_options(method) or {}))
             except ValueError as error:
-                raise CliError(str(error)) from error
+                raise CliError(f"--ratios {ratio:g} for method {method}: {error}") from None
     return methods
 
 

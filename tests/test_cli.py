@@ -142,3 +142,11 @@ def test_help_argument_errors_and_input_checks_import_no_heavy_library(tmp_path)
     assert result.stderr.count("missing.txt does not exist") == 2
     assert "--seed -3: seeds must be >= 0" in result.stderr
     assert "unknown --arch sd21" in result.stderr
+
+
+def test_help_names_defaults_as_they_are_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "merge ratios (default: 0.3 0.5 0.7)" in text and "(default: 20)" in text
+    assert "[0.3" not in text

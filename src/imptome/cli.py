@@ -222,6 +222,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         unset = any(default is none for none in (None, False, argparse.SUPPRESS)) or default == []
         if unset or "default" in text:
             return text
+        if isinstance(default, list | tuple):  # as the values are typed: 0.3 0.5 0.7, not [0.3, 0.5, 0.7]
+            return f"{text} (default: {' '.join(map(str, default))})"
         return f"{text} (default: %(default)s)"
 
 

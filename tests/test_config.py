@@ -37,6 +37,13 @@ from imptome import PRESETS, MergeConfig
         ({"pool_factor": True}, "pool_factor=True must be a number"),
         ({"proportional_attention": "no"}, "proportional_attention='no' must be True or False"),
         ({"merge_mlp": 1}, "merge_mlp=1 must be True or False"),
+        ({"ratio": 0.9, "sx": 4}, "allowed 0 <= ratio <= 0.875 for method='importance' with 4x2 cells"),
+        (
+            {"ratio": 0.6, "dst_selection": "random", "dst_fraction": 0.5},
+            "allowed 0 <= ratio <= 0.5 for method='importance' with dst_selection='random', dst_fraction=0.5",
+        ),
+        ({"merge_start_step": -1}, "importance_start_step=2 and merge_start_step=-1 must both be >= 0"),
+        ({"similarity_chunk": 0}, "similarity_chunk=0 must be >= 1"),
     ],
 )
 def test_bad_values_are_refused_with_what_is_allowed(options, message):

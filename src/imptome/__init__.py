@@ -3,7 +3,7 @@
 import imptome
 imptome.apply_patch(pipe, ratio=0.7)     # merge what classifier-free guidance says matters least
 image = pipe(prompt).images[0]
-imptome.importance_map(pipe)             # [B, h, w] map of the last step
+imptome.importance_map(pipe)             # [images, H, W] map of the last step
 imptome.remove_patch(pipe)               # back to the original model, bit for bit
 """
 

@@ -158,7 +158,10 @@ class MergeConfig:
         if downsample is not None and not (_is_int(downsample) and downsample in (1, 2, 4, 8)):
             raise ValueError(f"max_downsample={downsample!r} must be None (auto) or one of 1, 2, 4, 8")
         if self.importance_start_step < 0 or self.merge_start_step < 0:
-            raise ValueError("importance_start_step and merge_start_step must be >= 0")
+            raise ValueError(
+                f"importance_start_step={self.importance_start_step} and merge_start_step="
+                f"{self.merge_start_step} must both be >= 0"
+            )
         if self.block_range is not None:
             pair = self.block_range
             if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(map(_is_int, pair))):
@@ -174,11 +177,14 @@ class MergeConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a non-negative int")
         if self.similarity_chunk < 1:
-            raise ValueError("similarity_chunk must be >= 1")
+            raise ValueError(f"similarity_chunk={self.similarity_chunk} must be >= 1")
         if not 0.0 <= self.ratio <= self.max_ratio:
+            cells = f"{self.sx}x{self.sy} cells"
+            if self.max_ratio < 1.0 - 1.0 / (self.sx * self.sy):
+                cells = f"dst_selection={self.dst_selection!r}, dst_fraction={self.dst_fraction:g}"
             raise ValueError(
                 f"ratio={self.ratio} is out of range: allowed 0 <= ratio <= {self.max_ratio:g} for "
-                f"method={self.method!r} (at most N - D tokens can be removed, D = destinations)"
+                f"method={self.method!r} with {cells} (at most N - D tokens can be removed, D = destinations)"
             )
 
     @property

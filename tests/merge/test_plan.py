@@ -169,6 +169,12 @@ def test_topk_destinations_are_the_most_important():
     assert torch.equal(dst_idx.sort(1).values, expected.sort(1).values)
 
 
+@pytest.mark.parametrize("num_pool", [9, 41])
+def test_a_pool_that_cannot_hold_the_destinations_is_a_clear_error(num_pool):
+    with pytest.raises(ValueError, match=rf"num_pool={num_pool} must be in \[num_dst=10, N=40\]"):
+        importance_partition(torch.rand(3, 40), 10, num_pool, torch.tensor(0))
+
+
 def test_importance_pool_marks_the_most_important_tokens():
     importance = torch.rand(3, 40)
     in_pool = importance_pool(importance, 12)

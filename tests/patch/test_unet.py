@@ -511,6 +511,16 @@ def test_ratio_zero_does_not_warn_about_calls_without_cfg(sd):
     assert [str(w.message) for w in caught if "imptome" in str(w.message)] == []
 
 
+@pytest.mark.parametrize(
+    ("fallback", "cells", "says"), [("tome", (4, 2), "random 4x2-cell"), ("random", (2, 2), "random map")]
+)
+def test_the_warning_about_calls_without_cfg_names_the_fallback(sd, fallback, cells, says):
+    imptome.apply_patch(sd, ratio=0.5, fallback=fallback, sx=cells[0], sy=cells[1])
+    with pytest.warns(UserWarning, match="no classifier-free guidance") as caught:
+        generate(sd, steps=3, guidance_scale=1.0)
+    assert says in str(caught[0].message) and f"(fallback: {fallback})" in str(caught[0].message)
+
+
 def test_no_cfg_fallback_tome_is_tomesd_and_random_keeps_a_random_pool(sd):
     def plans_and_latents(**options):
         imptome.apply_patch(sd, ratio=0.7, merge_start_step=0, **options)
@@ -633,6 +643,11 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     with pytest.raises(TypeError, match="cannot inspect AutoencoderKL objects"):
         imptome.importance_map(sd.vae)
     assert not imptome.is_patched(sd.vae) and not imptome.is_patched("a string")
+    imptome.apply_patch(sd.unet)
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, sd.unet.config.cross_attention_dim)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'timestep'"):
+        sd.unet(sample, encoder_hidden_states=text)  # diffusers' own error, not one from imptome's hook
+    imptome.remove_patch(sd.unet)
     for inspect in (imptome.importance_map, imptome.merge_plan):  # forgot to patch: say so
         with pytest.raises(ValueError, match="this StableDiffusionPipeline is not patched.*apply_patch"):
             inspect(sd)

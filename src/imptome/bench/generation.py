@@ -23,7 +23,6 @@ import imptome
 from imptome.bench.timing import quartiles, synchronize
 from imptome.commands.speed import DEEPCACHE_INTERVAL
 
-GENERATION_VARIANTS = ("none", "importance", "deepcache", "deepcache+importance")
 CACHE_BRANCH = 0  # with DEEPCACHE_INTERVAL, DeepCache's own example setting
 
 
@@ -59,7 +58,7 @@ def sd_pipeline(unet: torch.nn.Module) -> StableDiffusionPipeline:
 
 @dataclass(frozen=True)
 class GenerationVariant:
-    name: str  # a GENERATION_VARIANTS entry
+    name: str  # none, importance, deepcache or deepcache+importance
     ratio: float  # 0 without imptome
 
     @property

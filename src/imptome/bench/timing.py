@@ -102,10 +102,6 @@ class WorkTimer:
     def reset(self) -> None:
         self.seconds = defaultdict(float)
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
     def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,8 @@ def importance_partition(
         dst_idx [U, D] token indices and in_pool [U, N] bool.
     """
     units, num_tokens = importance.shape
+    if not num_dst <= num_pool <= num_tokens:
+        raise ValueError(f"num_pool={num_pool} must be in [num_dst={num_dst}, N={num_tokens}]")
     pool = importance.topk(num_pool, dim=-1).indices  # [U, M], most important first
     if topk_dst:
         dst_idx = pool[:, :num_dst]

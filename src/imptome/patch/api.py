@@ -1,4 +1,4 @@
-"""The public verbs: apply_patch, remove_patch, importance_map, merge_plan."""
+"""The public verbs: apply_patch, remove_patch, is_patched, importance_map, merge_plan."""
 
 from __future__ import annotations
 
@@ -158,8 +158,8 @@ def _check_block_range(denoiser: nn.Module, block_range: tuple[int, int] | None)
     name = type(denoiser).__name__
     if depth == 0:
         raise ValueError(
-            f"block_range={block_range} selects blocks of transformer denoisers (PixArt, DiT); a {name} has "
-            "none: pass block_range=None and choose its merged levels with max_downsample"
+            f"block_range={block_range} selects blocks of transformer denoisers (PixArt, DiT, SD3); a {name} "
+            "has none: pass block_range=None and choose its merged levels with max_downsample"
         )
     if block_range[1] > depth:
         raise ValueError(
@@ -238,7 +238,7 @@ def importance_map(target: Any) -> torch.Tensor | None:
 
 
 def merge_plan(target: Any) -> list[PlanRecord]:
-    """The plans used in the last denoiser call, one per token grid (per layer with plan_scope="layer");
-    empty before the first call or when that call merged nothing. A ValueError when `target` is not
-    patched."""
+    """The plans used in the last denoiser call, one per token grid (per merged block with
+    plan_scope="layer"); empty before the first call or when that call merged nothing. A ValueError when
+    `target` is not patched."""
     return _patched_state(target, "merge_plan").records()

@@ -24,7 +24,8 @@ _SAMPLE_KEYS = ("sample", "hidden_states")
 
 @dataclass(frozen=True)
 class MergedLayer:
-    """A sub-layer of a transformer block (attn1, attn2 or ff) whose token input is merged."""
+    """A sub-layer of a transformer block (attn1, attn2, ff; SD3: attn, attn2, ff) whose token input is
+    merged."""
 
     name: str
     block_name: str
@@ -41,7 +42,7 @@ def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any,
 
 
 def _timestep_position(denoiser: nn.Module) -> int:
-    """Positional index of `timestep` in the denoiser's forward: 1 for UNets and DiT, 2 for PixArt.
+    """Positional index of `timestep` in the denoiser's forward (e.g. 1 for UNets and DiT, 2 for PixArt).
 
     Read from the class: tools such as DeepCache replace the instance's `forward` with a (*args, **kwargs)
     wrapper that still passes the original arguments through.
@@ -69,6 +70,8 @@ class _DenoiserHooks:
     @torch.compiler.disable
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
+        if "timestep" not in kwargs and len(args) <= self.timestep_position:
+            return  # the denoiser's forward raises its own error for the missing argument
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[self.timestep_position]
         self.state.begin_call(sample, timestep)
 

@@ -39,11 +39,14 @@ _RANDOM_MAP_STREAM = stream_id(0x52414E44) | (1 << 31)
 _POSITIONS_KEPT = 256
 
 
-def _outside_libraries(libraries: tuple[str, ...] = ("imptome", "diffusers", "torch")) -> int:
+_LIBRARIES = ("imptome", "diffusers", "torch")
+
+
+def _outside_libraries() -> int:
     """The `stacklevel` at which `warnings.warn`, called by this function's caller, names the first frame
-    outside these libraries: the user's pipeline call, not a hook inside torch."""
+    outside imptome, diffusers and torch: the user's pipeline call, not a hook inside torch."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in libraries:
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
         frame, level = frame.f_back, level + 1
     return level
 
@@ -133,8 +136,10 @@ class PatchState:
     latent_grid: tuple[int, int] | None = None
     rows: int = 0  # token rows every merged layer sees this call: batch, times frames for video
     # The batch is `copies` equal chunks of U images that share one plan per image: 2 for CFG [uncond, cond]
-    # (DiT: [cond, uncond]), 3 for PAG with CFG [uncond, cond, perturbed]. Matching reads chunk `cond_copy`;
-    # the map is |chunk cond_copy - chunk uncond_copy| (None: the batch has no unconditional chunk).
+    # (DiT: [cond, uncond]), 3 for PAG with CFG [uncond, cond, perturbed] and for InstructPix2Pix
+    # [instruction + image, image only, neither] (cond_copy 0, uncond_copy 2). Matching reads chunk
+    # `cond_copy`; the map is |chunk cond_copy - chunk uncond_copy| (None: the batch has no unconditional
+    # chunk).
     copies: int = 1
     cond_copy: int = 0
     uncond_copy: int | None = None
@@ -323,7 +328,7 @@ class PatchState:
                 + (
                     "a random map stands in for it (fallback: random)."
                     if self.config.fallback_partition == "random"
-                    else "ToMeSD's random 2x2-cell partition (fallback: tome)."
+                    else f"ToMeSD's random {self.config.sx}x{self.config.sy}-cell partition (fallback: tome)."
                 ),
                 stacklevel=_outside_libraries(),
             )
@@ -456,7 +461,7 @@ class PatchState:
     def plan_for(
         self, layer: str, layer_index: int, grid: tuple[int, int], tokens: torch.Tensor
     ) -> MergePlan | None:
-        """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per layer.
+        """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per block.
 
         `layer_index` (the layer's position among the patched layers) keys per-layer random draws."""
         per_step = self.config.plan_scope == "step"

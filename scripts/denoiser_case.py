@@ -63,7 +63,7 @@ def build_case(args: argparse.Namespace) -> DenoiserCase:
 
 def first_plan_builds(call: Callable[[], Any]) -> dict[tuple[int, int], tuple[PatchState, tuple]]:
     """Run `call` once on a patched model and keep the arguments of the first `PatchState.plan_for` of each
-    token grid: (state, (layer, layer_index, grid, tokens)), to build those plans again alone."""
+    token grid: (state, (block, block_index, grid, tokens)), to build those plans again alone."""
     first: dict[tuple[int, int], tuple[PatchState, tuple]] = {}
     original = PatchState.plan_for
 

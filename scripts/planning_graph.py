@@ -55,9 +55,9 @@ def same_plan(a: MergePlan, b: MergePlan) -> bool:
 
 def graphed_build(state, args: tuple) -> tuple[Callable[[], MergePlan], MergePlan]:
     """Capture one plan build in a CUDA graph; returns (copy the tokens in and replay, the captured plan)."""
-    layer, layer_index, grid, tokens = args
+    block, block_index, grid, tokens = args
     static_tokens = tokens.clone()
-    static_args = (layer, layer_index, grid, static_tokens)
+    static_args = (block, block_index, grid, static_tokens)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks

@@ -99,8 +99,8 @@ class MergeConfig:
             it; it selects the conditional half whose features drive matching.
         seed: keys imptome's own random draws (never the global RNG), a non-negative int. Draws are
             counter-based: a plan's draws depend on the seed, the denoiser call within the generation, the
-            grid (or layer with plan_scope="layer") and the image's row in the batch, and are the same on
-            every device.
+            grid (with plan_scope="layer": the block's position among the merged blocks) and the image's row
+            in the batch, and are the same on every device.
         similarity_chunk: upper bound on similarity-matrix entries held at once per plan (bounds memory
             at large token counts). The default, 2**26 (128 MB in half precision), computes SD2's 1024 px
             top level (12288 sources x 4096 destinations) in one piece: fewer launches on a GPU.

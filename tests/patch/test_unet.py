@@ -295,6 +295,24 @@ def test_plan_scope_layer_plans_every_block(sd):
     assert len(layers) == len(set(layers)) == 5  # 2 down + 3 up blocks at the top level
 
 
+def test_per_block_draws_do_not_move_when_more_sub_layers_are_merged(sd):
+    """With plan_scope="layer" each block's random destinations are keyed by the block's position among the
+    merged blocks, so merging its cross-attention or MLP too leaves the draws of every block as they were
+    (0.6.8 keyed them by the sub-layer's position: every block after the first moved)."""
+
+    def first_call_destinations(**options) -> dict[str, torch.Tensor]:
+        imptome.apply_patch(sd, ratio=0.7, method="tome", plan_scope="layer", **options)
+        generate(sd, steps=1)
+        return {record.layer: record.roles == DESTINATION for record in imptome.merge_plan(sd)}
+
+    attention_only = first_call_destinations()
+    assert len(attention_only) == 5
+    for options in ({"merge_crossattn": True}, {"merge_mlp": True}):
+        moved = first_call_destinations(**options)
+        assert moved.keys() == attention_only.keys()
+        assert all(torch.equal(moved[block], attention_only[block]) for block in moved), options
+
+
 def test_tome_partition_has_one_destination_per_cell(sd):
     imptome.apply_patch(sd, ratio=0.7, method="tome")
     generate(sd, steps=2)

@@ -90,10 +90,10 @@ class _DenoiserHooks:
 class _LayerHooks:
     """Merges the token input of one attention / MLP module and unmerges its output."""
 
-    def __init__(self, state: PatchState, layer: MergedLayer, layer_index: int) -> None:
+    def __init__(self, state: PatchState, layer: MergedLayer, block_index: int) -> None:
         self.state = state
         self.block_name = layer.block_name
-        self.layer_index = layer_index
+        self.block_index = block_index
         self.self_attention = layer.self_attention
         self.mask_dtype = MaskDtype(layer.module)
         if layer.self_attention:
@@ -138,7 +138,7 @@ class _LayerHooks:
                 "AnimateDiff FreeNoise's enable_free_noise_split_inference), and imptome plans for the whole "
                 "batch. Merge without split inference (FreeNoise itself works) or remove the patch."
             )
-        return None if grid is None else self.state.plan_for(self.block_name, self.layer_index, grid, tokens)
+        return None if grid is None else self.state.plan_for(self.block_name, self.block_index, grid, tokens)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         plan = self.pending.pop() if self.pending else None
@@ -224,6 +224,9 @@ def register_hooks(
 ) -> list[RemovableHandle]:
     """Hook the denoiser and each merged layer; returns the handles to remove."""
     handles = _DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
-    for index, layer in enumerate(layers):
-        handles += _LayerHooks(state, layer, index).register(layer.module)
+    # a block's position among the merged blocks keys its per-block draws (plan_scope="layer"), so merging
+    # more or fewer of its sub-layers (merge_crossattn, merge_mlp) leaves every block's draws as they are
+    blocks = list(dict.fromkeys(layer.block_name for layer in layers))
+    for layer in layers:
+        handles += _LayerHooks(state, layer, blocks.index(layer.block_name)).register(layer.module)
     return handles

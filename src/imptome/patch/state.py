@@ -115,12 +115,12 @@ class PlanRecord:
 @dataclass
 class _Built:
     plan: MergePlan
-    layer: str
+    block: str
     importance: torch.Tensor | None
 
     def clone(self) -> _Built:
         importance = None if self.importance is None else self.importance.clone()
-        return _Built(self.plan.clone(), self.layer, importance)
+        return _Built(self.plan.clone(), self.block, importance)
 
 
 @dataclass
@@ -459,20 +459,20 @@ class PatchState:
         return None
 
     def plan_for(
-        self, layer: str, layer_index: int, grid: tuple[int, int], tokens: torch.Tensor
+        self, block: str, block_index: int, grid: tuple[int, int], tokens: torch.Tensor
     ) -> MergePlan | None:
         """The plan for a layer's tokens [B, N, C]: reused per grid (plan_scope="step") or per block.
 
-        `layer_index` (the layer's position among the patched layers) keys per-layer random draws."""
+        `block_index` (the block's position among the merged blocks) keys per-block random draws."""
         per_step = self.config.plan_scope == "step"
-        key = grid if per_step else (layer, grid)
+        key = grid if per_step else (block, grid)
         built = self.plans.get(key)
         if built is None:
-            stream = stream_id(*grid) if per_step else stream_id(layer_index)
+            stream = stream_id(*grid) if per_step else stream_id(block_index)
             # plans are indices: no graph to record when training (gradient checkpointing's recomputation
             # finds the plan built and must save the same tensors as the first forward did)
             with torch.no_grad():
-                built = self._build(layer, grid, tokens, stream)
+                built = self._build(block, grid, tokens, stream)
             if built is None:
                 return None
             self.plans[key] = built
@@ -487,7 +487,7 @@ class PatchState:
         patch = self.info.patch_size
         return tuple(side // patch for side in call_map.shape[-2:]) == self.latent_grid
 
-    def _build(self, layer: str, grid: tuple[int, int], tokens: torch.Tensor, stream: int) -> _Built | None:
+    def _build(self, block: str, grid: tuple[int, int], tokens: torch.Tensor, stream: int) -> _Built | None:
         config = self.config
         rows, num_tokens = tokens.shape[:2]
         num_remove = math.floor(num_tokens * config.ratio)
@@ -499,7 +499,7 @@ class PatchState:
         if self.copies > 1 and not per_row:
             features = tokens[self.cond_copy * units : (self.cond_copy + 1) * units]
         importance = in_pool = None
-        # [] int64: this call's draws for this grid or layer (moved only when a model spans devices)
+        # [] int64: this call's draws for this grid or block (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
         guided = self.use_importance and self.guided and self._map_fits(units)
         if guided:
@@ -541,7 +541,7 @@ class PatchState:
         if guided:  # at the map's own grid a view of the map, which the next guided call overwrites
             record = importance.view(units, *grid)
             record = record.clone() if record.shape == self.call_map.shape else record
-        return _Built(plan, layer, record)
+        return _Built(plan, block, record)
 
     def records(self) -> list[PlanRecord]:
         """The last call's plans, expanded to one entry per denoiser row. New tensors: under CUDA graphs the
@@ -553,5 +553,5 @@ class PatchState:
             roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
             source = plan.source()
             importance = None if built.importance is None else built.importance.clone()
-            out.append(PlanRecord(plan.grid, built.layer, importance, roles, source, plan.pruned))
+            out.append(PlanRecord(plan.grid, built.block, importance, roles, source, plan.pruned))
         return out

@@ -150,3 +150,25 @@ def test_help_names_defaults_as_they_are_typed(capsys):
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert "merge ratios (default: 0.3 0.5 0.7)" in text and "(default: 20)" in text
     assert "[0.3" not in text
+
+
+def test_help_names_each_default_once_and_no_empty_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "--set KEY=VALUE" in text
+    assert text.count("(default: importance)") == 1 and text.count("(default: 20)") == 1
+    assert "(default: )" not in text and "(default: [])" not in text
+
+
+def test_an_output_folder_where_no_file_can_be_written_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    from imptome.cli import prepare_output_folder
+
+    def refuse(*args, **kwargs):  # as root, chmod cannot make a folder unwritable
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(CliError, match="cannot write a file in output folder .*out: Permission denied"):
+        prepare_output_folder(tmp_path / "out")

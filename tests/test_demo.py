@@ -89,3 +89,25 @@ def test_demo_out_under_a_file_is_refused_before_loading(tmp_path, capsys):
     text.write_text("a red circle\n")
     assert main(["demo", "--out", str(text / "grid.png")]) == 2
     assert f"output folder {text} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("own_model", [False, True], ids=["bundled", "--model"])
+def test_demo_names_prompts_outside_the_bundled_models_language(own_model, tmp_path, capsys, monkeypatch):
+    import imptome.demo as demo
+    from imptome.cli import CliError
+
+    def stop(*args, **kwargs):  # the warning comes before the model is loaded
+        raise CliError("stopped before loading")
+
+    monkeypatch.setattr(demo, "load_pipeline", stop)
+    argv = ["demo", "--prompt", "a photo of a cat", "--prompt", "top left: red circle"]
+    argv += ["--out", str(tmp_path / "grid.png")]
+    if own_model:  # another model has its own language: no warning
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "model_index.json").write_text("{}")
+        argv += ["--model", str(tmp_path / "model")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "stopped before loading" in error
+    assert ("1 of 2 prompt(s) are outside the bundled model's language" in error) != own_model
+    assert ("'a photo of a cat'" in error) != own_model

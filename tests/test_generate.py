@@ -372,3 +372,17 @@ def test_prompts_outside_the_bundled_models_language_are_named_in_a_warning(tmp_
     assert "'a photo of a cat'" in warning and "'top left: red circle'" not in warning.split(". It reads")[0]
     assert "shapes circle, square, triangle, cross" in warning
     assert len(list((tmp_path / "out").glob("*.png"))) == 2  # a warning, not a refusal
+
+
+def test_a_run_refused_after_writing_images_keeps_the_folder_it_created(
+    tmp_path, prompts_file, capsys, monkeypatch
+):
+    def write_then_refuse(args, settings, out, batches, pending, state):  # e.g. --compile failing on a batch
+        (out / "written.png").write_bytes(b"")
+        raise CliError("torch.compile (--compile default) failed")
+
+    monkeypatch.setattr(generate, "_generate", write_then_refuse)
+    out = tmp_path / "new"
+    assert main(["generate", "--prompts", str(prompts_file), "--out", str(out)]) == 2
+    assert "imptome: error: torch.compile (--compile default) failed" in capsys.readouterr().err
+    assert (out / "written.png").exists()

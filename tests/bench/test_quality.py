@@ -239,3 +239,11 @@ def test_the_table_says_how_many_images_each_frechet_distance_rests_on():
     assert "| 301.50 |" in table
     assert "Frechet: from 24 images per method; the estimate is biased by the number of images" in table
     assert "Frechet:" not in quality.markdown_table([unscored], [], cfg=True)
+
+
+def test_the_frechet_note_names_every_image_count_of_the_table():
+    rows = [
+        quality.Row("none", 0.0, n, 0.9, (0.8, 1.0), 0.9, (0.8, 1.0), 301.5, *[None] * 5, 1e9)
+        for n in (24, 12)
+    ]
+    assert "Frechet: from 12, 24 images per method" in quality.markdown_table(rows, [], cfg=True)

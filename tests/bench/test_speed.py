@@ -292,3 +292,13 @@ def test_tomesd_without_its_package_is_named_or_left_out(monkeypatch, capsys):
     args = build_parser(argv).parse_args(argv)
     check_speed_arguments(args)
     assert "tomesd" not in args.variant_names and len(args.variant_names) > 1  # the default list
+
+
+def test_table_notes_leave_out_the_none_row_and_name_the_fewest_rounds():
+    none = {"arch": "sd2", "res": 768, "variant": "none", "ratio": 0.0, "error": None, "median_s": 1.0}
+    none |= {"iqr_s": 0.1, "speedup": 1.0, "flops": 3e12, "ideal_speedup": 1.0, "efficiency": 1.0}
+    merged = none | {"variant": "importance", "ratio": 0.7, "speedup": 1.2, "ideal_speedup": 1.3}
+    merged |= {"efficiency": 1.2 / 1.3, "rounds": 5}
+    table = markdown_table([none | {"rounds": 3}, merged])  # efficiency 1 is not above 1; 3 rounds suffice
+    assert "An efficiency above 1" not in table and "round(s) only" not in table
+    assert "2 round(s) only" in markdown_table([none | {"rounds": 2}, merged])

@@ -56,3 +56,14 @@ def test_prompts_outside_the_grammar_are_found():
     inside = ["top left: red circle", "middle center: blue cross and bottom right: green square"]
     outside = ["a photo of a cat", "center: blue cross", "top left: purple circle", "top left: red"]
     assert data.outside_grammar(inside + outside) == outside
+
+
+def test_the_warning_names_three_prompts_outside_the_grammar_and_counts_them_all():
+    outside = ["a cat", "a dog", "a fox", "an owl"]
+    warning = data.outside_grammar_warning(["top left: red circle", *outside])
+    assert (
+        "4 of 5 prompt(s)" in warning and "'a cat', 'a dog', 'a fox' ..." in warning and "owl" not in warning
+    )
+    three = data.outside_grammar_warning(outside[:3])
+    assert "'a cat', 'a dog', 'a fox'. It reads" in three and "..." not in three
+    assert data.outside_grammar_warning(["top left: red circle"]) is None

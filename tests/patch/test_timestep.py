@@ -79,3 +79,16 @@ def test_a_pipeline_through_the_host_copy_makes_the_same_images(monkeypatch):
     assert len(copies) == 2
     for got, want in zip(through_copy, direct, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_tensor_that_held_two_timesteps_is_a_schedule():
+    """A whole tensor (no view) written with each step's timestep in place is a schedule once it has held two
+    of them; a later timestep in other memory then starts a new schedule."""
+    from imptome.patch.timestep import TimestepMemory
+
+    memory, timestep = TimestepMemory(), torch.tensor(900.0)
+    assert memory(timestep, 900.0) == (None, False) and not memory.in_schedule
+    assert memory(timestep, 900.0) == (True, False) and not memory.in_schedule  # the same timestep again
+    timestep.fill_(700.0)
+    assert memory(timestep, 700.0) == (True, False) and memory.in_schedule
+    assert memory(torch.tensor(500.0), 500.0) == (False, True)

@@ -1315,3 +1315,182 @@ def test_split_cfg_by_hand_steps_through_the_generation(made_per_step):
             assert state.step == step and state.paired
             latent = latent - 0.1 * (second + 3 * (first - second))
     assert state.calls == len(schedule) - 1  # one draw key per pair
+
+
+def test_a_schedule_after_a_one_step_generation_at_its_timestep_starts_afresh(sd):
+    """A one-step generation (trailing spacing: timesteps [999]) and then a 4-step one whose schedule also
+    starts at 999 (999, 749, 499, 249): its first call, at the last call's timestep but in a new schedule of
+    several, starts a new generation; it is not another call of the one-step generation's step."""
+    from diffusers import DDIMScheduler
+
+    trailing = DDIMScheduler.from_config(sd.scheduler.config, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(**dict(sd.components, scheduler=trailing))  # sd's UNet, patched below
+    imptome.apply_patch(pipe, ratio=0.7)
+    fresh = generate(pipe, steps=4)
+    generate(pipe, steps=1)
+    assert np.array_equal(generate(pipe, steps=4), fresh)
+
+
+def test_two_passes_after_a_split_cfg_pair_make_no_second_pair():
+    """Split CFG and then two more passes at the same sample and timestep (e.g. two extra guidance terms):
+    only the first two calls of each step are a pair; the fourth call is no second pair with the third, and
+    the map stays |cond - uncond| of the pair."""
+    unet, state, latent, cond, uncond = split_cfg_case()
+    extra = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in torch.tensor([900, 700, 500]):  # views of one schedule (int timesteps would make the
+            # third call at the first timestep a new one-step generation)
+            eps_cond = unet(latent, t, encoder_hidden_states=cond).sample
+            eps_uncond = unet(latent, t, encoder_hidden_states=uncond).sample
+            paired = [state.paired]
+            for text in extra:
+                unet(latent, t, encoder_hidden_states=text)
+                paired.append(state.paired)
+            assert paired == [True, False, False]
+            torch.testing.assert_close(
+                imptome.importance_map(unet), (eps_cond - eps_uncond).abs().mean(dim=1)
+            )
+            latent = latent - 0.1 * eps_uncond
+
+
+@pytest.mark.filterwarnings("ignore:imptome. this denoiser call has no classifier-free guidance")
+def test_a_one_step_generation_of_another_batch_size_after_one_starts_afresh(sd):
+    """One-step generations back to back, the second with another batch size: its timestep lives in a new
+    one-element schedule, so it starts a new generation (same images as when it runs first)."""
+    imptome.apply_patch(sd, ratio=0.7, plan_scope="layer", importance_start_step=0, merge_start_step=0)
+    one_step = dict(steps=1, guidance_scale=1.0)
+    pair = ["a blue square", "a red circle"]
+    fresh_pair = generate(sd, prompt=pair, **one_step)  # the first generation since patching
+    generate(sd, prompt="a blue square", **one_step)
+    assert np.array_equal(generate(sd, prompt=pair, **one_step), fresh_pair)
+
+
+def test_panorama_after_a_one_step_panorama_at_its_timestep_merges_each_crop_with_its_own_map():
+    """A one-step panorama (trailing spacing: timestep 999) and then a 4-step one that starts at 999 too: the
+    second is a new generation whose crops count their positions from 0, so from step 1 on each crop merges
+    with the map its own crop made in the step before."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+
+    parts = tiny_sd_pipeline().components
+    trailing = DDIMScheduler.from_config(parts["scheduler"].config, timestep_spacing="trailing")
+    pipe = StableDiffusionPanoramaPipeline(**dict(parts, scheduler=trailing))
+    imptome.apply_patch(pipe, ratio=0.5, importance_start_step=1)
+    made, used = [], []
+
+    def record(*_):
+        made.append(imptome.importance_map(pipe))
+        finest = max(imptome.merge_plan(pipe), key=lambda record: record.grid[0] * record.grid[1])
+        used.append(finest.importance)
+
+    pipe("a", height=128, width=640, num_inference_steps=1, output_type="latent")
+    pipe.unet.register_forward_hook(record)
+    pipe("a", height=128, width=640, num_inference_steps=4, output_type="latent")
+    crops = 3
+    assert len(made) == 4 * crops and all(u is None for u in used[:crops])
+    for call in range(crops, len(used)):
+        assert torch.equal(used[call], made[call - crops])
+
+
+@pytest.mark.filterwarnings("ignore:imptome. this denoiser call has no classifier-free guidance")
+def test_a_generation_whose_first_step_has_no_cfg_merges_with_no_map_of_the_generation_before():
+    """A guided generation, then one whose first step runs without CFG (guidance from step 1 on): its first
+    guided call has no map of its own generation, and must not take the last generation's."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=0)
+    generator = torch.Generator().manual_seed(0)
+    latent, other = torch.randn(2, 1, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    with torch.no_grad():
+        for t in (900, 700):
+            unet(latent.repeat(2, 1, 1, 1), t, encoder_hidden_states=text)
+        unet(other, 950, encoder_hidden_states=text[:1])  # timestep up: a new generation, without CFG
+        unet(other.repeat(2, 1, 1, 1), 750, encoder_hidden_states=text)
+    assert imptome.merge_plan(unet)[0].importance is None
+
+
+def test_a_call_without_a_call_at_its_position_in_the_step_before_merges_with_the_latest_map():
+    """Steps of 3, 2 and 3 guided calls (views of one schedule): the last call has no call at its position
+    in the step before, so it merges with the latest map, not with the map of its position two steps back."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=0)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    schedule = torch.tensor([900, 800, 700])
+    with torch.no_grad():
+        for t, calls in zip(schedule, (3, 2, 3), strict=True):
+            for _ in range(calls):
+                latest = imptome.importance_map(unet)
+                latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+                unet(latent, t, encoder_hidden_states=text)
+    assert torch.equal(imptome.merge_plan(unet)[0].importance, latest)
+
+
+@pytest.mark.parametrize("case", ["inpaint-cfg", "third-zero-only"])
+def test_equal_latents_with_image_channels_unlike_instruct_pix2pix_are_no_such_batch(case):
+    """InstructPix2Pix's copies carry the image latents in the first two and zeros in the third. Inpainting
+    with CFG and three prompts seeded alike (six equal latents, mask and masked image equal in every copy)
+    is a CFG batch; three rows whose image channels differ in the first two are no copies at all."""
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator)
+    if case == "inpaint-cfg":
+        unet, rows = tiny_sd_unet(in_channels=9, seed=3), 6
+        image = torch.rand(1, 5, 16, 16, generator=generator).repeat(rows, 1, 1, 1)
+        expected = (2, 1, 0)  # [uncond, cond]
+    else:
+        unet, rows = tiny_sd_unet(in_channels=8, seed=2), 3
+        image = torch.cat([torch.rand(2, 4, 16, 16, generator=generator), torch.zeros(1, 4, 16, 16)])
+        expected = (1, 0, None)
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=1)
+    sample = torch.cat([latent.repeat(rows, 1, 1, 1), image], dim=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet(sample, 900, encoder_hidden_states=torch.randn(rows, 77, TEXT_HIDDEN, generator=generator))
+    state = _state(unet)
+    assert (state.copies, state.cond_copy, state.uncond_copy) == expected
+
+
+def test_a_subclass_of_the_sega_pipeline_is_refused_with_importance_too():
+    from diffusers import SemanticStableDiffusionPipeline
+
+    class CustomSega(SemanticStableDiffusionPipeline):  # e.g. a community pipeline built on SEGA
+        pass
+
+    parts = tiny_sd_pipeline().components
+    pipe = CustomSega(**{name: parts[name] for name in parts if name != "image_encoder"})
+    with pytest.raises(ValueError, match="does not work with SemanticStableDiffusionPipeline: SEGA"):
+        imptome.apply_patch(pipe, ratio=0.5)
+    assert _state(pipe) is None
+
+
+def test_editing_the_returned_importance_map_leaves_the_patch_maps_as_they_are():
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5)
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    with torch.no_grad():
+        unet(latent, 900, encoder_hidden_states=text)
+    returned = imptome.importance_map(unet)
+    kept = returned.clone()
+    returned.zero_()
+    assert torch.equal(imptome.importance_map(unet), kept) and kept.any()
+
+
+def test_a_map_is_not_overwritten_by_a_later_call_that_merges_with_another_map():
+    """Step 0: a CFG batch, a pass without CFG (merges with the latest map), a second CFG batch and a second
+    pass without CFG; step 1's first call merges with the map of the first CFG batch of step 0, unchanged."""
+    unet = tiny_sd_unet()
+    imptome.apply_patch(unet, ratio=0.5, importance_start_step=0)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+    schedule = torch.tensor([900, 800])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        maps = []
+        for copies in (2, 1, 2, 1):
+            latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(copies, 1, 1, 1)
+            unet(latent, schedule[0], encoder_hidden_states=text[:copies])
+            maps.append(imptome.importance_map(unet))
+        unet(latent.repeat(2, 1, 1, 1), schedule[1], encoder_hidden_states=text)
+    assert torch.equal(imptome.merge_plan(unet)[0].importance, maps[0])
+    assert not torch.equal(maps[0], maps[2])

@@ -1494,3 +1494,24 @@ def test_a_map_is_not_overwritten_by_a_later_call_that_merges_with_another_map()
         unet(latent.repeat(2, 1, 1, 1), schedule[1], encoder_hidden_states=text)
     assert torch.equal(imptome.merge_plan(unet)[0].importance, maps[0])
     assert not torch.equal(maps[0], maps[2])
+
+
+@pytest.mark.parametrize("timestep_kind", ["tensor made per step", "python number"])
+def test_a_pass_after_a_split_cfg_pair_at_the_first_step_stays_in_its_generation(timestep_kind):
+    """Split CFG and a third pass (PAG or skip-layer guidance with guiders) in a hand-written loop whose
+    timesteps are no views of one schedule: the third pass at the first timestep is another pass of step 0,
+    not a new one-step generation (0.6.8 restarted there, dropping the pair's map and reusing its draws)."""
+    unet, state, latent, cond, uncond = split_cfg_case()
+    perturbed = torch.randn(1, 77, TEXT_HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for step, t in enumerate((900, 700, 500)):
+            timestep = torch.full((1,), float(t)) if timestep_kind == "tensor made per step" else t
+            eps_cond = unet(latent, timestep, encoder_hidden_states=cond).sample
+            eps_uncond = unet(latent, timestep, encoder_hidden_states=uncond).sample
+            unet(latent, timestep, encoder_hidden_states=perturbed)
+            assert (state.step, state.position, state.paired) == (step, 2, False)
+            assert state.calls == 2 * step + 1  # one draw key for the pair, one for the third pass
+            torch.testing.assert_close(
+                imptome.importance_map(unet), (eps_cond - eps_uncond).abs().mean(dim=1)
+            )
+            latent = latent - 0.1 * eps_uncond

@@ -243,9 +243,10 @@ class PatchState:
 
         A new generation starts when the timestep goes up, when it lives in other memory than the last
         call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts lower),
-        or when a call at the first timestep of a generation repeats and is no split-CFG pair, with the same
-        input shape or a timestep in other memory: one-step generations run back to back, whose plans must
-        not depend on how many ran before (the very timestep of a schedule of several is no such repeat).
+        or when a call at the first timestep of a generation repeats and is no split-CFG pair nor a further
+        pass on the pair's sample, with the same input shape or a timestep in other memory: one-step
+        generations run back to back, whose plans must not depend on how many ran before (the very timestep
+        of a schedule of several is no such repeat).
         Other calls at the same timestep belong to one step (e.g. Zero123++'s reference-image pass before the
         main pass, the two passes of split CFG, SD3's skip-layer-guidance pass after the CFG batch, or
         MultiDiffusion's crops). A guided call merges with the map made by the call at its position in the
@@ -267,11 +268,16 @@ class PatchState:
         # the very timestep of a schedule of several is another call of the step, not a one-step generation
         # (MultiDiffusion's next crop)
         step_of_a_schedule = same_memory is True and self.compare_timestep_memory.in_schedule
+        # a further pass on the sample of this step's split-CFG pair (PAG or skip-layer guidance with guiders)
+        pass_after_pair = (
+            same_memory is not False and self.pair_step == self.step and not self.sample_moved_since_pair
+        )
         repeated_start = (
             same_timestep
             and self.step == 0
             and not self.paired
             and not step_of_a_schedule
+            and not pass_after_pair
             and (self.last_shape == sample.shape or same_memory is False)
         )
         self.last_shape = sample.shape

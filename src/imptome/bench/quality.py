@@ -40,6 +40,7 @@ from imptome.bench.timing import busy_machine_note
 from imptome.cli import CliError
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
+from imptome.miniature.data import grammar, parse_prompts
 from imptome.patch.api import _state, find_denoiser
 
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
@@ -118,24 +119,8 @@ class Row:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _parse_all(prompts: list[str]) -> list[list | None]:
-    """Object list of each prompt in the bundled model's grammar; None for a prompt outside it (the
-    classifier cannot score its images)."""
-    from imptome.miniature.data import parse_prompt
-
-    objects: list[list | None] = []
-    for prompt in prompts:
-        try:
-            objects.append(parse_prompt(prompt))
-        except ValueError:
-            objects.append(None)
-    return objects
-
-
 def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str | None:
     """What the user is told when some prompts are outside the classifier's grammar; None when all are in."""
-    from imptome.miniature.data import grammar
-
     outside = [prompt for prompt, objs in zip(prompts, objects, strict=True) if objs is None]
     if not outside:
         return None
@@ -439,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, seeds, model = args.prompt_list, args.seed_list, args.model_source
     variants = [Variant("none", 0.0)]
     variants += [Variant(method, ratio) for ratio in args.ratios for method in args.method_list]
-    objects = _parse_all(prompts)
+    objects = parse_prompts(prompts)
     warning = _unscorable_warning(prompts, objects)
     cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
     settings = {

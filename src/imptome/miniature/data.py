@@ -98,15 +98,21 @@ def grammar() -> str:
     )
 
 
-def outside_grammar(prompts: list[str]) -> list[str]:
-    """The prompts that `parse_prompt` cannot read (the bundled model draws textures for them)."""
-    outside = []
+def parse_prompts(prompts: list[str]) -> list[list[Obj] | None]:
+    """`parse_prompt` of each prompt, None for a prompt outside the grammar (the bundled model draws textures
+    for it, and the classifier cannot score its images)."""
+    objects: list[list[Obj] | None] = []
     for prompt in prompts:
         try:
-            parse_prompt(prompt)
+            objects.append(parse_prompt(prompt))
         except ValueError:
-            outside.append(prompt)
-    return outside
+            objects.append(None)
+    return objects
+
+
+def outside_grammar(prompts: list[str]) -> list[str]:
+    """The prompts that `parse_prompt` cannot read."""
+    return [prompt for prompt, objs in zip(prompts, parse_prompts(prompts), strict=True) if objs is None]
 
 
 def outside_grammar_warning(prompts: list[str]) -> str | None:

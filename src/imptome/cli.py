@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import math
 import sys
 import tempfile
@@ -140,6 +141,12 @@ def check_seed(seed: int) -> None:
     """A CliError unless `--seed` is >= 0."""
     if seed < 0:
         raise CliError(f"--seed {seed}: seeds must be >= 0")
+
+
+def tomesd_installed() -> bool:
+    """Whether the `tomesd` package (the baseline the benchmarks compare with) can be imported, without
+    importing it (it imports torch)."""
+    return importlib.util.find_spec("tomesd") is not None
 
 
 def check_model(model: str | None) -> str:

@@ -169,10 +169,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = _process_state(args.device)
-    warning = None if args.model else outside_grammar_warning(args.prompt_list)
-    if warning and state.is_main_process:
-        print(warning, file=sys.stderr, flush=True)
-    if state.is_main_process:  # leftovers of a killed run; nobody in this run writes before the barrier
+    if state.is_main_process:
+        warning = None if args.model else outside_grammar_warning(args.prompt_list)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        # leftovers of a killed run; nobody in this run writes before the barrier
         for leftover in out.glob("*.png.tmp"):
             leftover.unlink(missing_ok=True)
     pending = set(pending_items(items, out, settings))

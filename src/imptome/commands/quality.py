@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from imptome.cli import (
     check_guidance,
     check_model,
     read_prompts,
+    tomesd_installed,
 )
 from imptome.config import MergeConfig
 from imptome.miniature import GUIDANCE
@@ -135,7 +135,7 @@ def _seeds(values: list[int]) -> list[int]:
 def _methods(args: argparse.Namespace) -> list[str]:
     """The methods to run at each ratio: --methods (default: every method) and the --ablations, without
     `none` (the job runs it once, unmerged); a CliError for an unknown one, or a ratio one does not allow."""
-    methods = args.methods or [m for m in METHODS if m != "tomesd" or _has_tomesd()]
+    methods = args.methods or [m for m in METHODS if m != "tomesd" or tomesd_installed()]
     unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
     if unknown:
         choices = ", ".join(METHODS + tuple(ABLATIONS))
@@ -143,7 +143,7 @@ def _methods(args: argparse.Namespace) -> list[str]:
             f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
             "-pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
         )
-    if "tomesd" in methods and not _has_tomesd():
+    if "tomesd" in methods and not tomesd_installed():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")
     if args.ablations:  # the fallback ablations make the same images as their base method with guidance
         ablations = [m for m in ABLATIONS if args.guidance <= 1 or "fallback" not in ABLATIONS[m]]
@@ -156,7 +156,3 @@ def _methods(args: argparse.Namespace) -> list[str]:
             except ValueError as error:
                 raise CliError(f"--ratios {ratio:g} for method {method}: {error}") from None
     return methods
-
-
-def _has_tomesd() -> bool:
-    return importlib.util.find_spec("tomesd") is not None

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import CliError, add_dtype_argument
+from imptome.cli import CliError, add_dtype_argument, tomesd_installed
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -81,7 +80,7 @@ def check(args: argparse.Namespace) -> None:
     bad = [name for name in names if name not in VARIANTS]
     if bad:
         raise CliError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    if "tomesd" in names and importlib.util.find_spec("tomesd") is None:
+    if "tomesd" in names and not tomesd_installed():
         if args.variants:
             raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
         names.remove("tomesd")  # the default list: run the rest

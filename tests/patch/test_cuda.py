@@ -1,7 +1,7 @@
 """Checks that need a CUDA device (skipped elsewhere; scripts/gpu_bench.sh runs them on a lent GPU):
 no host synchronisation in the per-layer path nor, after a generation's first two calls, per call; model
-CPU offload to a real GPU, fp16, torch.compile with Inductor, CUDA graphs (with the CFG batch and with
-split CFG)."""
+CPU offload to a real GPU, fp16, torch.compile with Inductor, CUDA graphs (with the CFG batch, with
+split CFG, and with the Triton merge kernel)."""
 
 from __future__ import annotations
 
@@ -231,6 +231,23 @@ def test_cuda_graphs_replay_without_re_recording(full_float32):
     assert all(torch.isfinite(output).all() for output in compiled)
     for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"
+
+
+def test_triton_merge_kernel_under_cuda_graphs(full_float32):
+    """merge_kernel="triton": compiled steps average with imptome's Triton kernel, inside CUDA graphs, and
+    ATen's embedding_bag kernel no longer runs; plans equal eager mode's, outputs match it up to rounding."""
+    unet = tiny_sd_unet().cuda()
+    imptome.apply_patch(unet, ratio=0.7, merge_kernel="triton")
+    eager, eager_plans, eager_maps = denoiser_calls(unet)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        compiled, plans, _ = under_cuda_graphs(unet, eager_maps)
+    names = {event.name for event in profile.events()}
+    assert any("segment_mean" in name for name in names), "the Triton merge kernel did not run"
+    assert not any("EmbeddingBag" in name for name in names), "embedding_bag still ran"
+    for call, (got, want) in enumerate(zip(plans, eager_plans, strict=True)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"call {call}: other plans"
+    for call, (got, want) in enumerate(zip(compiled, eager, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=lambda m, c=call: f"call {c}: {m}")
 
 
 def test_cuda_graphs_with_split_cfg(full_float32):

@@ -13,7 +13,7 @@ from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 
 import imptome
-from imptome.merge import DESTINATION, INDEPENDENT, MERGED
+from imptome.merge import DESTINATION, INDEPENDENT, MERGED, kernels
 from imptome.patch.api import _state
 from imptome.patch.families import finest_attention_downsample
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
@@ -150,6 +150,22 @@ def test_merged_layers_see_n_minus_r_tokens(sd, method):
             assert seen == [n] * 3, name
         else:
             assert seen == [64] * 3, name  # second level: untouched (ToMeSD's max_downsample=1)
+
+
+def test_triton_merge_kernel_keeps_embedding_bag_outside_compiled_cuda_steps(sd):
+    """merge_kernel="triton" changes nothing in eager steps on the CPU (they keep embedding_bag)."""
+    pytest.importorskip("triton")
+    imptome.apply_patch(sd, ratio=0.7)
+    base = generate(sd)
+    imptome.apply_patch(sd, ratio=0.7, merge_kernel="triton")
+    assert np.array_equal(generate(sd), base)
+
+
+def test_triton_merge_kernel_without_triton_is_a_clear_error(sd, monkeypatch):
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    with pytest.raises(ValueError, match="merge_kernel='triton' needs the triton package"):
+        imptome.apply_patch(sd, ratio=0.7, merge_kernel="triton")
+    assert not imptome.is_patched(sd)
 
 
 def test_crossattn_and_mlp_options(sd):

@@ -7,9 +7,15 @@ a sample share one plan), N tokens, D destinations, R removed tokens, K = N - R 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from imptome.merge import kernels
+
+if TYPE_CHECKING:
+    from imptome.config import MergeKernel
 
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
 
@@ -35,9 +41,9 @@ class MergePlan:
             (proportional attention), or None.
 
     merge is one `embedding_bag(mode="mean")` over the flattened rows (a single kernel with no atomics, so
-    deterministic; it sums in the input's dtype, as the index_add_ it replaced did) and unmerge one row
-    `index_select`: few launches matter on a GPU, where a large model's step is often bound by the host
-    issuing kernels.
+    deterministic), or inside torch.compile on CUDA optionally imptome's Triton kernel (`merge.kernels`),
+    and unmerge one row `index_select`: few launches matter on a GPU, where a large model's step is often
+    bound by the host issuing kernels.
     """
 
     kept_idx: torch.Tensor
@@ -72,15 +78,22 @@ class MergePlan:
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning)."""
+    def merge(self, x: torch.Tensor, kernel: MergeKernel = "embedding_bag") -> torch.Tensor:
+        """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning).
+
+        kernel="triton" averages with imptome's Triton kernel where it pays: while torch.compile traces
+        CUDA tokens (see `imptome.merge.kernels`); elsewhere it is `embedding_bag` too.
+        """
         rows, num_tokens, channels = x.shape
         if rows * num_tokens != self.flat_slot.numel():
             raise ValueError(f"this plan is for {tuple(self.slot.shape)} tokens, got {tuple(x.shape[:2])}")
         tokens = x.reshape(rows * num_tokens, channels)
         if self.bag_order is None:
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
-        merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")
+        if kernel == "triton" and tokens.is_cuda and torch.compiler.is_compiling():
+            merged = kernels.segment_mean(tokens, self.bag_order, self.bag_offsets)
+        else:
+            merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")
         return merged.view(rows, self.num_kept, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch._dynamo.eval_frame import reset_code
 from torch.utils.hooks import RemovableHandle
 
 from imptome.config import PRESETS, MergeConfig
+from imptome.merge import kernels
 from imptome.patch.families import (
     DENOISER_FAMILIES,
     check_merged_layers,
@@ -79,6 +80,11 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config = config.replace(**options)
     _check_copies_readable(target, config)
     _check_block_range(denoiser, config.block_range)
+    if config.merge_kernel == "triton" and not kernels.AVAILABLE:
+        raise ValueError(
+            "merge_kernel='triton' needs the triton package, which is not installed (PyTorch's CUDA wheels "
+            "install it); use merge_kernel='embedding_bag'"
+        )
     finest = finest_attention_downsample(denoiser)
     if config.max_downsample is not None and config.max_downsample < finest:
         raise ValueError(

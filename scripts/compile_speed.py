@@ -22,7 +22,11 @@ With --profile-calls N, after the rounds each compiled variant runs N more calls
 the kernels are summed by name. Kernels inside CUDA graphs have no profiler ranges, so imptome's own work
 cannot be attributed by function there; instead a merged variant's kernels whose names the unmerged model
 never runs (planning's sorts and top-k, the merge, kernels into which Inductor fused the unmerge gather) are
-summed as an upper bound on its own work: a fused kernel counts whole, model work in it included.
+summed as an upper bound on its own work: a fused kernel counts whole, model work in it included. Those
+among them named for no model operation (`MODEL_OPERATION`) are imptome's alone: a lower bound.
+
+The variant importance-triton is importance with `merge_kernel="triton"`: the compiled step averages with
+imptome's Triton kernel instead of ATen's embedding_bag (its eager step is the same as importance's).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import re
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 
 from imptome.bench.speed import Variant, _denoiser_call
 from imptome.bench.timing import quartiles, synchronize
+from imptome.config import MergeConfig
 
 from denoiser_case import add_case_arguments, back_to_back, build_case
 from profile_step import kernel_times
@@ -65,6 +71,16 @@ MODEL_OPERATION = re.compile(
 )
 
 
+@dataclass(frozen=True)
+class CompiledVariant(Variant):
+    """A bench variant, or importance-triton: importance with merge_kernel="triton"."""
+
+    def config(self, family: str) -> MergeConfig:
+        if self.name == "importance-triton":
+            return replace(self, name="importance").config(family).replace(merge_kernel="triton")
+        return super().config(family)
+
+
 def kernels_not_in(unmerged: dict[str, float], merged: dict[str, float]) -> dict[str, float]:
     """The merged variant's kernels whose names the unmerged model never runs, most time first."""
     new = {kernel: us for kernel, us in merged.items() if kernel not in unmerged}
@@ -82,7 +98,7 @@ def main() -> None:
         help="Inductor mode; reduce-overhead replays CUDA graphs, which removes the launch cost that bounds "
         "an eager merged step on a GPU",
     )
-    names = ["none", "tome", "importance"]
+    names = ["none", "tome", "importance", "importance-triton"]
     parser.add_argument("--variants", nargs="+", default=names, choices=names)
     parser.add_argument("--back-to-back", type=int, default=5, help="calls in a row per round (0: none)")
     parser.add_argument(
@@ -92,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     case = build_case(args)
     device = case.device
-    variants = [Variant(name, 0.0 if name == "none" else args.ratio) for name in args.variants]
+    variants = [CompiledVariant(name, 0.0 if name == "none" else args.ratio) for name in args.variants]
     # One copy of the model per variant, made before any is patched, so that the rounds can alternate. The
     # copies share their classes' compiled code, and Dynamo by default does not guard on module hooks, so a
     # graph traced for one copy could run for another: turn the hook guards on (for every variant alike).

@@ -26,6 +26,9 @@
 #             (scripts/merge_kernels.py, at most 3 minutes)
 #   planning  planning alone, eager against replayed from a CUDA graph, SD2 and PixArt-alpha at 1024 px
 #             (scripts/planning_graph.py): what a graphed planner could save an eager step
+#   triton    merge_kernel="triton": its tests (CUDA graphs, and the kernel against embedding_bag), then
+#             PixArt-alpha at 1024 px compiled with CUDA graphs, importance with either merge kernel (about
+#             5 minutes; TRITON_ARCHS="pixart-alpha sd2" adds SD2, about 4 more)
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail
@@ -48,7 +51,7 @@ bench="python3 -m imptome bench speed --device cuda --dtype float16 --attention 
 md() { echo "--markdown /tmp/md/$1.md --json $OUT/$1.json"; }
 mkdir -p /tmp/md
 stage_tests() {
-    # 10 tests; on an H100 the first 9 took 243 s with 0.6.2 (the two CUDA-graph tests alone 220 s)
+    # 11 tests; on an H100 the first 9 took 243 s with 0.6.2 (the two CUDA-graph tests alone 220 s)
     # TESTS_K: a pytest -k expression to run some of them
     timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py ${TESTS_K:+-k "$TESTS_K"}
 }
@@ -102,6 +105,14 @@ stage_merge() {
 stage_planning() {
     for arch in sd2 pixart-alpha; do
         timeout 90 python3 scripts/planning_graph.py --arch $arch --res 1024 --json "$OUT/planning_graph_${arch}.json"
+    done
+}
+stage_triton() {
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/merge/test_kernels.py \
+        tests/patch/test_cuda.py -k "triton or segment_mean"
+    for arch in ${TRITON_ARCHS:-pixart-alpha}; do
+        timeout 240 python3 scripts/compile_speed.py --arch $arch --res 1024 --calls 10 --mode reduce-overhead \
+            --variants none importance importance-triton --profile-calls 5 --json "$OUT/compile_triton_${arch}_1024.json"
     done
 }
 for stage in $STAGES; do

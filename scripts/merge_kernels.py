@@ -14,11 +14,13 @@ ratio --ratio, feature matching on random tokens, CFG batch 2) before any of the
 - gather + segment_reduce: the tokens in slot order (`index_select`), then `torch.segment_reduce` mean;
 - sparse CSR: the averaging matrix as a CSR tensor (the plan's bag offsets and order are its row pointers
   and column indices) times the tokens;
-- triton segment mean: a Triton kernel written here, one program per (slot, block of channels), summing its
-  group's rows in float32 in slot order (no atomics, so deterministic); only where Triton runs;
+- triton segment mean: imptome's Triton kernel (`imptome.merge.kernels`, used by `merge_kernel="triton"`),
+  one program per (slot, block of channels), summing its group's rows in float32 in slot order (no atomics,
+  so deterministic); only where Triton runs;
 - unmerge: one `index_select` back to every token, for scale (it moves as many bytes);
 - "compiled ..." rows: the same functions under `torch.compile` (Inductor's own kernels where it has a
-  lowering; index_add becomes one atomic-add kernel fused with the division).
+  lowering; index_add becomes one atomic-add kernel fused with the division; the Triton kernel is called
+  from Inductor's wrapper, as in a compiled step).
 
 Each row: the median time of one call started on an idle GPU (CUDA events around the call, so it includes
 the host's time to launch it: for the compiled rows Dynamo's guards and Inductor's wrapper as well), the
@@ -39,44 +41,12 @@ import torch
 import torch.nn.functional as F
 from sdpa_bias import median_ms
 
+from imptome.merge import kernels
 from imptome.merge.noise import stream_id
 from imptome.merge.partition import cell_partition
 from imptome.merge.plan import MergePlan, build_plan
 
 from profile_step import kernel_times
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of PyTorch comes without Triton
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _segment_mean(tokens, order, offsets, out, channels, BLOCK: tl.constexpr):
-        slot = tl.program_id(0)
-        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = columns < channels
-        start = tl.load(offsets + slot)
-        end = tl.load(offsets + slot + 1)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        position = start
-        while position < end:  # a while loop: Triton's interpreter cannot take loaded bounds in range()
-            row = tl.load(order + position)
-            total += tl.load(tokens + row * channels + columns, mask=inside, other=0.0).to(tl.float32)
-            position += 1
-        mean = total / (end - start).to(tl.float32)
-        tl.store(out + slot * channels + columns, mean.to(out.dtype.element_ty), mask=inside)
-
-
-def triton_segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[M, C] contiguous tokens, [M] row order grouped by slot, [S + 1] group bounds -> [S, C] group means."""
-    slots, channels = offsets.numel() - 1, tokens.shape[1]
-    out = tokens.new_empty(slots, channels)
-    block = min(triton.next_power_of_2(channels), 512)
-    _segment_mean[(slots, triton.cdiv(channels, block))](tokens, order, offsets, out, channels, BLOCK=block)
-    return out
 
 
 def kernel_us(fn: Callable[[], object], iters: int) -> float:
@@ -136,9 +106,9 @@ def ways(plan: MergePlan, dtype: torch.dtype) -> dict[str, Callable[[torch.Tenso
         return averaging @ tokens
 
     def triton_mean(tokens):
-        if triton is None:
+        if not kernels.AVAILABLE:
             raise RuntimeError("Triton is not installed")
-        return triton_segment_mean(tokens, plan.bag_order, segment_offsets)
+        return kernels.segment_mean(tokens, plan.bag_order, plan.bag_offsets)
 
     def unmerge(tokens):  # [B * N, C] in, so the input is the right size: gather K rows' worth back to N
         return tokens[:slots].index_select(0, plan.flat_slot)
@@ -154,6 +124,7 @@ def ways(plan: MergePlan, dtype: torch.dtype) -> dict[str, Callable[[torch.Tenso
         "compiled embedding_bag": torch.compile(embedding_bag, dynamic=False),
         "compiled index_add fp32": torch.compile(index_add_fp32, dynamic=False),
         "compiled index_add native": torch.compile(index_add_native, dynamic=False),
+        "compiled triton segment mean": torch.compile(triton_mean, dynamic=False),
     }
 
 

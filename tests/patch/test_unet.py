@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -13,7 +14,7 @@ from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 
 import imptome
-from imptome.merge import DESTINATION, INDEPENDENT, MERGED, kernels
+from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from imptome.patch.api import _state
 from imptome.patch.families import finest_attention_downsample
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
@@ -162,7 +163,8 @@ def test_triton_merge_kernel_keeps_embedding_bag_outside_compiled_cuda_steps(sd)
 
 
 def test_triton_merge_kernel_without_triton_is_a_clear_error(sd, monkeypatch):
-    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delitem(sys.modules, "imptome.merge.kernels", raising=False)
     with pytest.raises(ValueError, match="merge_kernel='triton' needs the triton package"):
         imptome.apply_patch(sd, ratio=0.7, merge_kernel="triton")
     assert not imptome.is_patched(sd)

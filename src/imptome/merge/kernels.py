@@ -5,9 +5,10 @@ H100 that kernel took 44-60 us per merge at the 1024 px SD2, PixArt-alpha and SD
 (docs/RESULTS.md, "The merge kernel alone"). Its launch costs the host more than ATen's, so eager steps, which
 the host bounds on a GPU, keep `embedding_bag`.
 
-Registered as the custom operator `imptome::segment_mean` through `torch.library.triton_op`, which lets
-torch.compile put the kernel into its graph (and CUDA graphs). Needs the `triton` package, which PyTorch's
-CUDA wheels install; without it `AVAILABLE` is False and the operator is not registered.
+Importing this module registers the custom operator `torch.ops.imptome.segment_mean` through
+`torch.library.triton_op`, which lets torch.compile put the kernel into its graph (and CUDA graphs). It needs
+the `triton` package, which PyTorch's CUDA wheels install; `apply_patch` imports it only for
+merge_kernel="triton", so nobody else pays for importing Triton.
 """
 
 from __future__ import annotations
@@ -16,14 +17,8 @@ import functools
 from typing import Any
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # PyTorch's CPU wheels come without Triton
-    triton = None
-
-AVAILABLE = triton is not None
+import triton
+import triton.language as tl
 
 
 @functools.cache
@@ -52,18 +47,16 @@ def _segment_mean_kernel() -> Any:
     return segment_mean_kernel
 
 
-if AVAILABLE:
-
-    @torch.library.triton_op("imptome::segment_mean", mutates_args=())
-    def segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """[M, C] tokens, [M] row indices grouped by slot, [S] where each slot's group starts in `order`
-        -> [S, C] group means; what `embedding_bag(order, tokens, offsets, mode="mean")` computes."""
-        tokens = tokens.contiguous()
-        num_slots, channels = offsets.shape[0], tokens.shape[1]
-        out = tokens.new_empty(num_slots, channels)
-        block = min(triton.next_power_of_2(channels), 512)
-        grid = (num_slots, (channels + block - 1) // block)
-        torch.library.wrap_triton(_segment_mean_kernel())[grid](
-            tokens, order, offsets, out, order.shape[0], num_slots, channels, BLOCK=block
-        )
-        return out
+@torch.library.triton_op("imptome::segment_mean", mutates_args=())
+def segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[M, C] tokens, [M] row indices grouped by slot, [S] where each slot's group starts in `order`
+    -> [S, C] group means; what `embedding_bag(order, tokens, offsets, mode="mean")` computes."""
+    tokens = tokens.contiguous()
+    num_slots, channels = offsets.shape[0], tokens.shape[1]
+    out = tokens.new_empty(num_slots, channels)
+    block = min(triton.next_power_of_2(channels), 512)
+    grid = (num_slots, (channels + block - 1) // block)
+    torch.library.wrap_triton(_segment_mean_kernel())[grid](
+        tokens, order, offsets, out, order.shape[0], num_slots, channels, BLOCK=block
+    )
+    return out

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from imptome.merge import kernels
-
 if TYPE_CHECKING:
     from imptome.config import MergeKernel
 
@@ -81,8 +79,9 @@ class MergePlan:
     def merge(self, x: torch.Tensor, kernel: MergeKernel = "embedding_bag") -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning).
 
-        kernel="triton" averages with imptome's Triton kernel where it pays: while torch.compile traces
-        CUDA tokens (see `imptome.merge.kernels`); elsewhere it is `embedding_bag` too.
+        kernel="triton" averages with imptome's Triton kernel where it pays, while torch.compile traces
+        CUDA tokens (`imptome.merge.kernels`, which must have been imported; apply_patch does that);
+        elsewhere it is `embedding_bag` too.
         """
         rows, num_tokens, channels = x.shape
         if rows * num_tokens != self.flat_slot.numel():
@@ -91,7 +90,7 @@ class MergePlan:
         if self.bag_order is None:
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
         if kernel == "triton" and tokens.is_cuda and torch.compiler.is_compiling():
-            merged = kernels.segment_mean(tokens, self.bag_order, self.bag_offsets)
+            merged = torch.ops.imptome.segment_mean(tokens, self.bag_order, self.bag_offsets)
         else:
             merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")
         return merged.view(rows, self.num_kept, channels)

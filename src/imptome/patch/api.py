@@ -11,7 +11,6 @@ from torch._dynamo.eval_frame import reset_code
 from torch.utils.hooks import RemovableHandle
 
 from imptome.config import PRESETS, MergeConfig
-from imptome.merge import kernels
 from imptome.patch.families import (
     DENOISER_FAMILIES,
     check_merged_layers,
@@ -80,11 +79,8 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config = config.replace(**options)
     _check_copies_readable(target, config)
     _check_block_range(denoiser, config.block_range)
-    if config.merge_kernel == "triton" and not kernels.AVAILABLE:
-        raise ValueError(
-            "merge_kernel='triton' needs the triton package, which is not installed (PyTorch's CUDA wheels "
-            "install it); use merge_kernel='embedding_bag'"
-        )
+    if config.merge_kernel == "triton":
+        _register_triton_merge()
     finest = finest_attention_downsample(denoiser)
     if config.max_downsample is not None and config.max_downsample < finest:
         raise ValueError(
@@ -114,6 +110,17 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     setattr(denoiser, _ATTR, _Patch(state, handles))
     _drop_compiled_code(denoiser)
     return target
+
+
+def _register_triton_merge() -> None:
+    """Import imptome's Triton merge kernel, which registers its custom operator (see merge_kernel)."""
+    try:
+        import imptome.merge.kernels  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            "merge_kernel='triton' needs the triton package, which is not installed (PyTorch's CUDA wheels "
+            "install it); use merge_kernel='embedding_bag'"
+        ) from error
 
 
 def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool) -> str:

@@ -66,8 +66,9 @@ def timed_calls(call, device: torch.device, calls: int) -> list[float]:
 
 # Kernel names that show a model operation: a kernel not in the unmerged model but named so is one that
 # Inductor fused differently around the merge (or a matrix product at the merged shape), not imptome's alone.
+# "split": the chunks of a DiT block's modulation (its gated residual add can take in the unmerge gather).
 MODEL_OPERATION = re.compile(
-    r"convolution|layer_norm|group_norm|gelu|silu|nvjet|xmma|cudnn|scaled_dot|add_(div_)?view"
+    r"convolution|layer_norm|group_norm|gelu|silu|nvjet|xmma|cudnn|scaled_dot|add_(div_)?view|split"
 )
 
 

@@ -109,8 +109,9 @@ class MergeConfig:
             `embedding_bag(mode="mean")`. "triton": inside torch.compile on CUDA, imptome's Triton kernel
             (float32 sums in a fixed order, deterministic as embedding_bag is), which Inductor puts into
             its graph; eager steps and CPU tokens keep embedding_bag, whose launch costs the host less.
-            Needs the triton package (PyTorch's CUDA wheels install it). On an H100 the kernel alone took
-            5-7 times less time, but no whole compiled step has been timed with it yet, hence not default.
+            Training (tokens that need a gradient) keeps embedding_bag too. Needs the triton package
+            (PyTorch's CUDA wheels install it). Not yet run on a GPU as shipped, hence not the default: a
+            copy of the kernel, timed alone on an H100, took 5-7 times less GPU time than embedding_bag.
     """
 
     ratio: float = 0.5

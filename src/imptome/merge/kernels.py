@@ -30,7 +30,7 @@ def _segment_mean_kernel() -> Any:
     def segment_mean_kernel(tokens, order, offsets, out, num_rows, num_slots, channels, BLOCK: tl.constexpr):
         # One program per (kept slot, block of channels): the mean of the slot's rows, summed in float32 in
         # `order`, so the result does not depend on scheduling.
-        slot = tl.program_id(0)
+        slot = tl.program_id(0).to(tl.int64)  # int64 offsets: B * K * C may pass 2**31
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < channels
         start = tl.load(offsets + slot)
@@ -50,8 +50,9 @@ def _segment_mean_kernel() -> Any:
 @torch.library.triton_op("imptome::segment_mean", mutates_args=())
 def segment_mean(tokens: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[M, C] tokens, [M] row indices grouped by slot, [S] where each slot's group starts in `order`
-    -> [S, C] group means; what `embedding_bag(order, tokens, offsets, mode="mean")` computes."""
-    tokens = tokens.contiguous()
+    -> [S, C] group means, what `embedding_bag(order, tokens, offsets, mode="mean")` computes, summed in
+    float32 (float64 tokens too) and rounded once to the tokens' dtype. Inference only: no gradient."""
+    tokens, order, offsets = tokens.contiguous(), order.contiguous(), offsets.contiguous()
     num_slots, channels = offsets.shape[0], tokens.shape[1]
     out = tokens.new_empty(num_slots, channels)
     block = min(triton.next_power_of_2(channels), 512)

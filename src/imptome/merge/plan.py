@@ -80,8 +80,8 @@ class MergePlan:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning).
 
         kernel="triton" averages with imptome's Triton kernel where it pays, while torch.compile traces
-        CUDA tokens (`imptome.merge.kernels`, which must have been imported; apply_patch does that);
-        elsewhere it is `embedding_bag` too.
+        CUDA tokens that need no gradient (`imptome.merge.kernels`, which must have been imported;
+        apply_patch does that); elsewhere it is `embedding_bag` too.
         """
         rows, num_tokens, channels = x.shape
         if rows * num_tokens != self.flat_slot.numel():
@@ -89,7 +89,12 @@ class MergePlan:
         tokens = x.reshape(rows * num_tokens, channels)
         if self.bag_order is None:
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
-        if kernel == "triton" and tokens.is_cuda and torch.compiler.is_compiling():
+        if (
+            kernel == "triton"
+            and tokens.is_cuda
+            and not tokens.requires_grad
+            and torch.compiler.is_compiling()
+        ):
             merged = torch.ops.imptome.segment_mean(tokens, self.bag_order, self.bag_offsets)
         else:
             merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")

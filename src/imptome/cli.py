@@ -170,6 +170,24 @@ def check_model(model: str | None) -> str:
     return model
 
 
+def apply_patch_or_fail(pipe: Any, **options: Any) -> None:
+    """`imptome.apply_patch` for a command: options that do not fit the model (e.g. block_range on a UNet,
+    merge_kernel="triton" without Triton) are a CliError."""
+    try:
+        imptome.apply_patch(pipe, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def warn_outside_grammar(prompts: list[str], model: str | None) -> None:
+    """Warn on stderr about prompts outside the bundled model's language (no --model given)."""
+    from imptome.miniature.data import outside_grammar_warning
+
+    warning = None if model else outside_grammar_warning(prompts)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
 def prepare_output_folder(out: Path) -> None:
     """Create the output folder `out` if needed and prove it is writable by creating a file in it; a CliError
     otherwise (for `--out` of generate, and the folder of demo's `--out`)."""

@@ -4,7 +4,6 @@ attention), side by side, on the same seeds."""
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,8 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, prepare_output_folder
+from imptome.cli import CliError, apply_patch_or_fail, prepare_output_folder, warn_outside_grammar
 from imptome.loading import load_pipeline
-from imptome.miniature.data import outside_grammar_warning
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid
 
@@ -53,10 +51,7 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
     if method is None:
         imptome.remove_patch(pipe)
     else:
-        try:  # options that do not fit this model (e.g. block_range on a UNet)
-            imptome.apply_patch(pipe, ratio=args.ratio, method=method, **{**args.options, **extra})
-        except ValueError as error:
-            raise CliError(str(error)) from None
+        apply_patch_or_fail(pipe, ratio=args.ratio, method=method, **{**args.options, **extra})
     middle = args.steps // 2
     captured: dict[str, torch.Tensor | int | None] = {}
 
@@ -106,9 +101,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.figure
     prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
     prompts = args.prompt or default_prompts()
-    warning = None if args.model else outside_grammar_warning(prompts)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    warn_outside_grammar(prompts, args.model)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     pipe("warm-up", num_inference_steps=1, generator=torch.Generator(pipe.device).manual_seed(0))

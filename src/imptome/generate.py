@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,8 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError, prepare_output_folder
+from imptome.cli import CliError, apply_patch_or_fail, prepare_output_folder, warn_outside_grammar
 from imptome.loading import check_device, load_pipeline, model_fingerprint
-from imptome.miniature.data import outside_grammar_warning
 
 METADATA_KEY = "imptome"
 MANIFEST = "manifest.jsonl"
@@ -170,9 +168,7 @@ def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = _process_state(args.device)
     if state.is_main_process:
-        warning = None if args.model else outside_grammar_warning(args.prompt_list)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+        warn_outside_grammar(args.prompt_list, args.model)
         # leftovers of a killed run; nobody in this run writes before the barrier
         for leftover in out.glob("*.png.tmp"):
             leftover.unlink(missing_ok=True)
@@ -204,10 +200,7 @@ def _generate(
     device = args.device or ("cpu" if state.device.type == "cpu" else str(state.device))
     pipe = load_pipeline(settings["model"], device, args.dtype)
     if args.method != "none":
-        try:  # options that do not fit this model (e.g. block_range on a UNet)
-            imptome.apply_patch(pipe, ratio=args.ratio, method=args.method, **args.options)
-        except ValueError as error:
-            raise CliError(str(error)) from None
+        apply_patch_or_fail(pipe, ratio=args.ratio, method=args.method, **args.options)
     if args.compile:  # after patching: the merge is traced into the graph
         name = "transformer" if isinstance(getattr(pipe, "transformer", None), torch.nn.Module) else "unet"
         setattr(pipe, name, torch.compile(getattr(pipe, name), mode=args.compile))

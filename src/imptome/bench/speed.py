@@ -385,7 +385,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> str:
-    """The command line that repeats this run."""
+    """The command line that repeats this run's measurements (--json and --markdown, where the results
+    go, are left for the reader to choose)."""
     parts = ["imptome", "bench", "speed", "--arch", *settings.archs]
     if args.res:  # one list for every architecture
         parts += ["--res", *map(str, settings.resolutions[settings.archs[0]])]

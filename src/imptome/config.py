@@ -232,6 +232,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     name: get_args(hint) for name, hint in get_type_hints(MergeConfig).items() if get_origin(hint) is Literal
 }
 
+# Transformers without a published setting (DiT, SD3 / SD3.5): PixArt's warm-up, on every block.
+_UNPUBLISHED_TRANSFORMER = MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4)
+
 PRESETS: dict[str, MergeConfig] = {
     # Stable Diffusion 1.x / 2.x / XL UNets (paper: 50 DDIM steps, ratio 0.7, importance from step 2), and the
     # video UNets built on them (AnimateDiff, Stable Video Diffusion), merged per frame.
@@ -246,9 +249,7 @@ PRESETS: dict[str, MergeConfig] = {
         block_range=(7, 21),
         merge_crossattn=True,
     ),
-    # DiT: the same transformer machinery; no published schedule, so PixArt's warm-up on all blocks.
-    "dit": MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4),
-    # SD3 / SD3.5 (MMDiT): image tokens of every block's joint attention (and SD3.5's image self-attention);
-    # no published setting, so DiT's.
-    "sd3": MergeConfig(ratio=0.5, importance_start_step=1, merge_start_step=4),
+    "dit": _UNPUBLISHED_TRANSFORMER,
+    # SD3 / SD3.5 (MMDiT): image tokens of every block's joint attention (and SD3.5's image self-attention).
+    "sd3": _UNPUBLISHED_TRANSFORMER,
 }

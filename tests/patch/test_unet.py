@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProces
 
 import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from imptome.patch.families import finest_attention_downsample
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 from tests.patch.probes import token_shapes
@@ -84,9 +84,9 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own(sd):
     merged = generate(sd)
     copied = StableDiffusionPipeline(**{**sd.components, "unet": copy.deepcopy(sd.unet)})
     copied.set_progress_bar_config(disable=True)
-    original_calls = _state(sd).calls
+    original_calls = patch_state(sd).calls
     assert np.array_equal(generate(copied), merged)
-    assert _state(sd).calls == original_calls and _state(copied) is not _state(sd)
+    assert patch_state(sd).calls == original_calls and patch_state(copied) is not patch_state(sd)
     imptome.remove_patch(copied)
     assert np.array_equal(generate(copied), base)
     assert np.array_equal(generate(sd), merged)
@@ -250,7 +250,7 @@ def test_default_matching_uses_the_conditional_half(sd):
     sources = {}
     for match_rows in ("cond", "each"):
         imptome.apply_patch(sd.unet, ratio=0.7, plan_scope="layer", match_rows=match_rows)
-        state = _state(sd.unet)
+        state = patch_state(sd.unet)
         state.enter_step(10)  # past the warm-up, merging with this map
         state.importance, state.last_timestep = importance, 500.0
         with torch.no_grad():
@@ -381,7 +381,7 @@ def test_the_pool_is_where_the_map_is_high_in_the_tokens_attention_sees(sd):
     # pool factor 1.0 with destinations drawn from the pool: the N - R pool tokens are exactly the kept ones
     imptome.apply_patch(sd, ratio=0.5, dst_selection="random", pool_factor=1.0)
     after = attn.to_q.register_forward_pre_hook(keep("merged"))
-    state = _state(unet)
+    state = patch_state(unet)
     hot = torch.zeros(1, 16, 16)
     hot[:, :8, :] = 1.0 + torch.rand(1, 8, 16)  # the top 8 of 16 rows: 128 = N - R tokens
     state.enter_step(2)
@@ -791,7 +791,7 @@ def split_cfg_case():
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 4, 16, 16, generator=generator)
     cond, uncond = torch.randn(2, 1, 77, TEXT_HIDDEN, generator=generator)
-    return unet, _state(unet), latent, cond, uncond
+    return unet, patch_state(unet), latent, cond, uncond
 
 
 def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
@@ -901,7 +901,7 @@ def test_cfg_layout_is_compared_until_two_calls_agree(sd, monkeypatch):
     CFG cut-off (a new batch shape), and 3 for two images without CFG that start from equal noise (taken
     for a CFG batch at their first step, as always, and told apart from their second)."""
     imptome.apply_patch(sd, ratio=0.5)
-    state = _state(sd.unet)
+    state = patch_state(sd.unet)
     compared = []
     compare = type(state)._compare_chunks
     monkeypatch.setattr(
@@ -998,7 +998,7 @@ def test_panorama_crops_merge_with_the_map_of_their_own_crop():
 
     def record(*_):
         made.append(imptome.importance_map(pipe))
-        keys.append(int(_state(pipe).call_key))
+        keys.append(int(patch_state(pipe).call_key))
         finest = max(imptome.merge_plan(pipe), key=lambda record: record.grid[0] * record.grid[1])
         used.append(finest.importance)
 
@@ -1025,7 +1025,7 @@ def test_calls_repeated_at_one_timestep_keep_a_bounded_number_of_maps(monkeypatc
     monkeypatch.setattr(state_module, "_POSITIONS_KEPT", 3)
     unet = tiny_sd_unet()
     imptome.apply_patch(unet, ratio=0.5, importance_start_step=1)
-    state = _state(unet)
+    state = patch_state(unet)
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
     text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
@@ -1049,7 +1049,7 @@ def test_sega_pipeline_is_refused_with_importance_and_merges_with_tome():
         ValueError, match="SemanticStableDiffusionPipeline: SEGA sends 2 \\+ n copies.*'tome'"
     ):
         imptome.apply_patch(pipe, ratio=0.5)
-    assert _state(pipe) is None
+    assert patch_state(pipe) is None
     imptome.apply_patch(pipe, ratio=0.5, method="tome")
     tokens = query_token_counts(
         pipe.unet, lambda: pipe("a", editing_prompt=["x", "y"], num_inference_steps=2, output_type="latent")
@@ -1093,7 +1093,9 @@ def test_instruct_pix2pix_batch_of_three_copies_shares_one_plan_per_image_and_ma
     unet.register_forward_hook(lambda module, args, output: outputs.append(output[0]))  # return_dict=False
     images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     layouts = []
-    pipe.unet.register_forward_hook(lambda *_: layouts.append((_state(pipe).copies, _state(pipe).cond_copy)))
+    pipe.unet.register_forward_hook(
+        lambda *_: layouts.append((patch_state(pipe).copies, patch_state(pipe).cond_copy))
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="imptome")
         pipe(
@@ -1124,7 +1126,7 @@ def test_three_equal_copies_without_image_channels_are_no_instruct_pix2pix_batch
     text = torch.randn(3, 77, TEXT_HIDDEN, generator=generator)
     with torch.no_grad(), pytest.warns(UserWarning, match="no classifier-free guidance"):
         unet(latents, 900, encoder_hidden_states=text)
-    assert _state(unet).copies == 1 and imptome.importance_map(unet) is None
+    assert patch_state(unet).copies == 1 and imptome.importance_map(unet) is None
 
 
 def test_controlnet_pipeline_merges_the_unet_only():
@@ -1258,7 +1260,7 @@ def test_a_call_interrupted_inside_a_merged_layer_leaves_no_plan_behind(sd):
     attention = sd.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
     imptome.apply_patch(sd, ratio=0.7)
     interrupted_generation(sd, steps=2)
-    stacks = _state(sd).unmerge_stacks
+    stacks = patch_state(sd).unmerge_stacks
     assert [len(stack) for stack in stacks] == [1] + [0] * (len(stacks) - 1)  # the interrupted layer's plan
     tokens = torch.randn(2, 256, attention.query_dim)  # the layer's tokens in `generate`: a 16 x 16 grid
     mask = torch.zeros(2, 1, 256)  # an additive self-attention mask that changes nothing
@@ -1463,7 +1465,7 @@ def test_equal_latents_with_image_channels_unlike_instruct_pix2pix_are_no_such_b
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet(sample, 900, encoder_hidden_states=torch.randn(rows, 77, TEXT_HIDDEN, generator=generator))
-    state = _state(unet)
+    state = patch_state(unet)
     assert (state.copies, state.cond_copy, state.uncond_copy) == expected
 
 
@@ -1477,7 +1479,7 @@ def test_a_subclass_of_the_sega_pipeline_is_refused_with_importance_too():
     pipe = CustomSega(**{name: parts[name] for name in parts if name != "image_encoder"})
     with pytest.raises(ValueError, match="does not work with SemanticStableDiffusionPipeline: SEGA"):
         imptome.apply_patch(pipe, ratio=0.5)
-    assert _state(pipe) is None
+    assert patch_state(pipe) is None
 
 
 def test_editing_the_returned_importance_map_leaves_the_patch_maps_as_they_are():

@@ -41,7 +41,7 @@ from imptome.cli import CliError
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts
-from imptome.patch.api import _state, find_denoiser
+from imptome.patch.api import find_denoiser, patch_state
 
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
 ROW_MATCH = "-rowmatch"
@@ -85,7 +85,7 @@ class Variant:
 def _shuffle_importance(pipe: Any) -> RemovableHandle:
     """After each denoiser call (after imptome's own hook), permute the positions of the stored importance
     map [U, H, W]: one permutation per step, seeded by the step, so reruns and resumed runs agree."""
-    state = _state(pipe)
+    state = patch_state(pipe)
 
     def shuffle(module: torch.nn.Module, args: tuple, output: Any) -> None:
         importance = state.importance

@@ -58,7 +58,7 @@ from imptome.commands.speed import MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from imptome.patch.families import DenoiserInfo, denoiser_info, finest_attention_downsample
 
 #: torch's memory format of each --memory-format choice
@@ -116,7 +116,7 @@ class Variant:
 def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, timestep: float) -> None:
     """Make a fresh patch behave as in the middle of a generation: past the warm-up schedule (merging, and
     with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
-    state = _state(model)
+    state = patch_state(model)
     config = state.config
     state.enter_step(max(config.importance_start_step, config.merge_start_step))
     state.importance = importance

@@ -215,7 +215,12 @@ def _drop_compiled_code(denoiser: nn.Module) -> None:
             reset_code(code)
 
 
-def _state(target: Any) -> PatchState | None:
+def patch_state(target: Any) -> PatchState | None:
+    """The live state of the patch on `target` (a pipeline or a denoiser), or None when it is not patched.
+
+    For imptome's own tools (the benchmarks set it mid-generation); users read it through `importance_map`
+    and `merge_plan`. A TypeError when `target` holds no denoiser imptome could patch.
+    """
     patch = find_denoiser(target, "inspect").__dict__.get(_ATTR)
     return None if patch is None else patch.state
 
@@ -223,13 +228,13 @@ def _state(target: Any) -> PatchState | None:
 def is_patched(target: Any) -> bool:
     """Whether `target` (a pipeline or a denoiser) carries an imptome patch; False for anything else."""
     try:
-        return _state(target) is not None
+        return patch_state(target) is not None
     except TypeError:  # no denoiser imptome could patch, so no patch
         return False
 
 
 def _patched_state(target: Any, function: str) -> PatchState:
-    state = _state(target)
+    state = patch_state(target)
     if state is None:
         raise ValueError(
             f"imptome.{function}: this {type(target).__name__} is not patched, so there is nothing to "

@@ -226,7 +226,7 @@ def register_hooks(
     handles = _DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
     # a block's position among the merged blocks keys its per-block draws (plan_scope="layer"), so merging
     # more or fewer of its sub-layers (merge_crossattn, merge_mlp) leaves every block's draws as they are
-    blocks = list(dict.fromkeys(layer.block_name for layer in layers))
+    block_position = {name: i for i, name in enumerate(dict.fromkeys(layer.block_name for layer in layers))}
     for layer in layers:
-        handles += _LayerHooks(state, layer, blocks.index(layer.block_name)).register(layer.module)
+        handles += _LayerHooks(state, layer, block_position[layer.block_name]).register(layer.module)
     return handles

@@ -1,0 +1,72 @@
+"""The importance signal and its pooling to a layer's token grid, and the merge code's guards on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imptome.merge import (
+    build_plan,
+    cell_partition,
+    cfg_importance,
+    guidance_importance,
+    importance_partition,
+    pool_to_grid,
+)
+
+
+def test_pool_to_grid_is_the_block_mean_in_row_major_order():
+    """A non-square map pooled 2x and 4x: every token gets the mean of its own block of the map, so a map that
+    is high in one corner stays high in that corner (a flip or a transpose would fail)."""
+    importance = torch.rand(3, 8, 12, generator=torch.Generator().manual_seed(0))
+    for grid in ((4, 6), (2, 3)):
+        h, w = grid
+        blocks = importance.view(3, h, 8 // h, w, 12 // w).mean(dim=(2, 4))
+        torch.testing.assert_close(pool_to_grid(importance, grid), blocks.flatten(1))
+    assert torch.equal(pool_to_grid(importance, (8, 12)), importance.flatten(1))
+
+
+def test_guidance_importance_is_the_channel_mean_of_the_noise_difference_only():
+    cond, uncond = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    expected = (cond[:, :4] - uncond[:, :4]).abs().mean(dim=1)
+    torch.testing.assert_close(guidance_importance(cond, uncond, noise_channels=4), expected)
+    cond[:, 4:] += 100.0  # a learned variance is not importance
+    torch.testing.assert_close(guidance_importance(cond, uncond, noise_channels=4), expected)
+
+
+def test_video_importance_is_sample_major():
+    """[S, C, F, H, W] -> [S * F, H, W], row s * F + f, the order in which the motion UNet folds frames."""
+    cond, uncond = torch.randn(2, 4, 3, 4, 4), torch.zeros(2, 4, 3, 4, 4)
+    importance = guidance_importance(cond, uncond, noise_channels=4)
+    assert importance.shape == (6, 4, 4)
+    torch.testing.assert_close(importance[1 * 3 + 2], cond[1, :, 2].abs().mean(dim=0))
+
+
+def test_cfg_importance_reads_the_halves_in_either_order():
+    uncond, cond = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    assert torch.equal(cfg_importance(torch.cat([uncond, cond]), 4, cond_first=False), torch.ones(1, 2, 2))
+    assert torch.equal(cfg_importance(torch.cat([cond, uncond]), 4, cond_first=True), torch.ones(1, 2, 2))
+
+
+def _plan(units: int = 1, rows: int = 2):
+    grid = (4, 4)
+    dst = cell_partition(units, grid, 2, 2, torch.tensor(7))
+    return build_plan(dst, num_remove=8, grid=grid, rows=rows, metric=torch.randn(units, 16, 8))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: cfg_importance(torch.zeros(3, 4, 2, 2), 4, cond_first=False), "even size, got 3"),
+        (lambda: _plan().merge(torch.zeros(3, 16, 8)), r"plan is for \(2, 16\) tokens, got \(3, 16\)"),
+        (lambda: _plan().merge(torch.zeros(2, 9, 8)), r"got \(2, 9\)"),
+        (lambda: _plan(units=2, rows=3), "rows=3 is not a multiple of the plan's units=2"),
+        (
+            lambda: importance_partition(torch.rand(1, 16), 4, 8, key=None),
+            "random destination draw needs a key",
+        ),
+    ],
+)
+def test_bad_input_to_the_merge_code_is_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -15,7 +15,7 @@ from torch._inductor.cudagraph_trees import get_manager
 
 import imptome
 from imptome.merge.plan import MergePlan
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from imptome.patch.state import PatchState
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet
 
@@ -79,7 +79,7 @@ def test_no_host_sync_per_call_after_a_generations_first_two():
     for _ in range(2):  # a second generation: a new schedule is copied again, its first two calls compare
         with sync_is_an_error(PatchState, "begin_call", after_calls=2):
             generate(pipe, steps=5)
-    assert _state(pipe.unet).copies == 2 and not imptome.merge_plan(pipe)[0].pruned
+    assert patch_state(pipe.unet).copies == 2 and not imptome.merge_plan(pipe)[0].pruned
 
 
 @contextlib.contextmanager
@@ -140,7 +140,7 @@ def denoiser_calls(unet, maps: list[torch.Tensor] | None = None, split_cfg: bool
     tokens from the same importance: the CFG difference of a random model is small, and Inductor's rounding
     alone reorders about a seventh of its tokens (measured on the CPU).
     """
-    state = _state(unet)
+    state = patch_state(unet)
     generator = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 4, 16, 16, generator=generator).cuda()
     text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator).cuda()

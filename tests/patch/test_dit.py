@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import imptome
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from tests.factories import tiny_dit_pipeline
 from tests.patch.probes import token_shapes
 
@@ -77,7 +77,7 @@ def test_default_matching_uses_the_conditional_half(dit):
     sources = {}
     for match_rows in ("cond", "each"):
         imptome.apply_patch(transformer, match_rows=match_rows)
-        state = _state(transformer)
+        state = patch_state(transformer)
         state.enter_step(10)  # past the warm-up, merging with this map
         state.importance, state.last_timestep = importance, 500.0
         with torch.no_grad():

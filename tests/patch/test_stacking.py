@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import imptome
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
 from tests.versions import has_accelerator, needs_diffusers
 
@@ -128,7 +128,7 @@ def test_static_graph_inputs_keep_their_addresses():
     were traced with."""
     unet = tiny_sd_unet(layers_per_block=1)
     imptome.apply_patch(unet, ratio=0.7)
-    state = _state(unet)
+    state = patch_state(unet)
     traced_with: dict[str, torch.Tensor] = {}  # attribute of the patch state -> tensor seen when traced
 
     def backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import imptome
-from imptome.patch.api import _state
+from imptome.patch.api import patch_state
 from imptome.patch.timestep import TimestepReader
 from tests.factories import tiny_sd_pipeline
 
@@ -69,7 +69,7 @@ def test_a_pipeline_through_the_host_copy_makes_the_same_images(monkeypatch):
     pipe = tiny_sd_pipeline()
     imptome.apply_patch(pipe, ratio=0.7)
     direct = [run(pipe) for _ in range(2)]
-    state = _state(pipe.unet)
+    state = patch_state(pipe.unet)
     reader = TimestepReader(read_directly=())
     copy = reader._copy
     copies = []

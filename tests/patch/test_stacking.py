@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import imptome
+from imptome.merge import DESTINATION
 from imptome.patch.api import patch_state
 from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
 from tests.versions import has_accelerator, needs_diffusers
@@ -386,10 +387,12 @@ OFFLOAD_WITHOUT_ACCELERATOR = needs_diffusers("0.41", "group offloading without 
 )
 def test_stateless_diffusers_hooks_inside_merged_layers_are_accepted(feature):
     """diffusers' memory savers hook the linear layers inside the merged attention (to_q, ...) without
-    keeping outputs between calls: accepted, merging as usual. fp8 storage follows the fp32 result;
+    keeping outputs between calls: accepted, merging as usual. fp8 storage plans as fp32 does (the same
+    draws, nearly the same matches);
     group offloading (to and from the CPU here) changes nothing."""
     pipe = tiny_sd_pipeline()
     imptome.apply_patch(pipe, ratio=0.7)
+    roles = top_level_roles(pipe, lambda: generate(pipe, steps=3))
     merged = generate(pipe, steps=3)
     cpu = torch.device("cpu")
     if feature == "layerwise-casting":
@@ -399,13 +402,16 @@ def test_stateless_diffusers_hooks_inside_merged_layers_are_accepted(feature):
     assert hasattr(pipe.unet.get_submodule(TOP_SELF_ATTENTION).to_q, "_diffusers_hook")
     imptome.apply_patch(pipe, ratio=0.7)  # checked again, from scratch
     calls = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=3))
+    roles_both = top_level_roles(pipe, lambda: generate(pipe, steps=3))
     both = generate(pipe, steps=3)
     assert calls == [N - math.floor(N * 0.7)] * 3
     if feature == "group-offload":
         assert torch.equal(both, merged)
-    else:
-        cosine = torch.nn.functional.cosine_similarity(both.flatten(), merged.flatten(), dim=0)
-        assert cosine > 0.99 and not torch.equal(both, merged)
+    else:  # the same draws; fp8 weights change some matches
+        assert not torch.equal(both, merged)
+        for call, call_both in zip(roles, roles_both, strict=True):
+            assert torch.equal(call == DESTINATION, call_both == DESTINATION)
+            assert (call == call_both).float().mean() > 0.95  # measured: 0.984
 
 
 @needs_diffusers("0.37", "MagCache")
@@ -458,21 +464,41 @@ def test_model_cpu_offload(patch_first):
     assert torch.equal(generate(pipe), base)
 
 
+def top_level_roles(pipe, run) -> list[torch.Tensor]:
+    """The top-level plan's roles [B, h, w] of every denoiser call in `run()`."""
+    roles: list[torch.Tensor] = []
+    handle = pipe.unet.register_forward_hook(lambda *_: roles.append(imptome.merge_plan(pipe)[0].roles))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return roles
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_pipeline(sd, dtype):
+def test_half_precision_pipeline_plans_as_float32_does(sd, dtype):
+    """The same draws as float32 (every destination in place) and, rounding aside, the same plans: in fp16
+    the same result, closer to float32's merged latents than the merge moves them (bf16 rounding alone
+    moves these latents more than merging does, so there only the plans are compared)."""
     pipe = tiny_sd_pipeline().to(dtype)
     base = generate(pipe)
     imptome.apply_patch(pipe, ratio=0.7)
     calls = top_level_token_counts(pipe.unet, lambda: generate(pipe, steps=3))
+    roles = top_level_roles(pipe, lambda: generate(pipe))
     merged = generate(pipe)
     assert calls == [N - math.floor(N * 0.7)] * 3
     assert merged.dtype == dtype and torch.isfinite(merged).all()
     assert not torch.equal(merged, base)
+    unmerged_full = generate(sd)
     imptome.apply_patch(sd, ratio=0.7)
+    roles_full = top_level_roles(sd, lambda: generate(sd))
     full = generate(sd)
-    # Same plans up to rounding: the half-precision result follows the float32 one.
-    cosine = torch.nn.functional.cosine_similarity(merged.float().flatten(), full.flatten(), dim=0)
-    assert cosine > 0.99
+    assert len(roles) == len(roles_full) == 4
+    for half_call, full_call in zip(roles, roles_full, strict=True):
+        assert torch.equal(half_call == DESTINATION, full_call == DESTINATION)
+        assert (half_call == full_call).float().mean() > 0.95  # measured: fp16 1.0, bf16 0.977-1.0
+    if dtype == torch.float16:  # measured: 0.38 against 2.12
+        assert (merged.float() - full).norm() < 0.5 * (full - unmerged_full).norm()
     imptome.remove_patch(pipe)
     assert torch.equal(generate(pipe), base)
 

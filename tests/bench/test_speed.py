@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import imptome
 from imptome.bench import archs, denoisers
 from imptome.bench.flops import count_flops
+from imptome.bench.generation import generation_variants, sd_pipeline
 from imptome.bench.operators import count_operators
 from imptome.bench.speed import Variant, _denoiser_call, markdown_table
 from imptome.cli import build_parser, main
@@ -207,6 +208,11 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
             assert row["median_s"] > 0 and row["flops"] > 0 and row["speedup"] > 0
             assert row["ideal_speedup"] > 1 or row["variant"] == "none"
             assert 0 <= row["overhead_frac"] < 1
+            own_work = {kind for kind, seconds in row["overhead_breakdown_s"].items() if seconds > 0}
+            if row["variant"] != "none":  # the timer saw the method's own functions run (imptome's call
+                # hooks, timed as "importance", run for tome too)
+                call_hooks = set() if row["variant"] == "tomesd" else {"importance"}
+                assert own_work == {"planning", "merge"} | call_hooks, row["variant"]
             assert row["operators"] > 0
             assert row["added_operators"] > 0 or row["variant"] == "none"
     generations = results["generation_rows"]  # SD UNets only
@@ -222,6 +228,45 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
     assert "| median s/step |" in table and "peak resident memory, weights included" in table
     assert "1 round(s) only: each median rests on so few steps" in table
     assert "round 1/1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "plan_scope", "proportional"),
+    [
+        ("tome", "tome", "step", False),
+        ("importance", "importance", "step", False),
+        ("importance-per-layer", "importance", "layer", False),
+        ("importance-prop", "importance", "step", True),
+    ],
+)
+def test_each_imptome_variant_is_its_family_preset_with_what_it_names(name, method, plan_scope, proportional):
+    config = Variant(name, 0.6).config("pixart")
+    assert (config.method, config.plan_scope) == (method, plan_scope)
+    assert config.proportional_attention is proportional
+    assert config.ratio == 0.6 and config.block_range == imptome.PRESETS["pixart"].block_range
+
+
+def test_generation_variants_apply_what_they_name(unet):
+    """Each whole-generation variant changes the latents in its own way (DeepCache's reuse, imptome's
+    merge, both) while it is applied, and leaves the pipeline as it was."""
+    pipe = sd_pipeline(unet)
+    uncond, cond = tiny_sd_inputs()["encoder_hidden_states"].chunk(2)
+
+    def generate() -> torch.Tensor:
+        kwargs = {"prompt_embeds": cond, "negative_prompt_embeds": uncond, "height": 128, "width": 128}
+        generator = torch.Generator().manual_seed(0)
+        return pipe(**kwargs, num_inference_steps=6, generator=generator, output_type="latent").images
+
+    plain = generate()
+    outputs = {}
+    for variant in generation_variants([0.5]):
+        with variant.applied(pipe):
+            assert imptome.is_patched(pipe) == ("importance" in variant.name)
+            outputs[variant.name] = generate()
+        assert not imptome.is_patched(pipe) and torch.equal(generate(), plain)
+    assert torch.equal(outputs.pop("none"), plain)
+    values = list(outputs.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :] + [plain])
 
 
 def test_table_notes_explain_efficiencies_above_1_and_few_rounds():

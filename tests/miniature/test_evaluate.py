@@ -1,0 +1,44 @@
+"""The model card's figures: the CFG importance recorder and the inside/outside importance ratio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imptome.miniature import data, evaluate
+
+
+def test_importance_ratio_compares_the_objects_masks_with_the_background():
+    """A map of 3 on the objects (pooled mask > 0.5), 1 on the background (< 0.05) and 2 on their edges has
+    ratio 3 whatever the layout; images without objects are left out."""
+    obj_lists = [[data.Obj(0, 0, 0)], [data.Obj(1, 1, 4), data.Obj(2, 3, 8)], []]
+    masks = torch.from_numpy(np.stack([data.object_mask(objs) for objs in obj_lists]))[:, None]
+    pooled = F.adaptive_avg_pool2d(masks, (16, 16))[:, 0]
+    maps = torch.full_like(pooled, 2.0)
+    maps[pooled > 0.5], maps[pooled < 0.05] = 3.0, 1.0
+    maps[2] = 100.0  # the image without objects: left out
+    result = evaluate.importance_ratio(maps, obj_lists)
+    expected = {"inside": 3.0, "outside": 1.0, "ratio": 3.0, "median_per_image_ratio": 3.0}
+    assert result == pytest.approx(expected)
+
+
+def test_the_recorder_averages_the_cfg_difference_over_calls():
+    """A forward hook on a [uncond, cond] batch: the channel mean of |cond - uncond| averaged over calls."""
+    outputs = [torch.randn(4, 3, 2, 2) for _ in range(2)]
+    model = torch.nn.Identity()
+    recorder = evaluate.ImportanceRecorder(model)
+    for output in outputs:
+        model((output,))  # tuple output, as a UNet called with return_dict=False
+    recorder.remove()
+    model((torch.zeros(4, 3, 2, 2),))  # removed: not recorded
+    expected = sum((out[2:] - out[:2]).abs().mean(1) for out in outputs) / 2
+    torch.testing.assert_close(recorder.mean_map(), expected)
+
+
+def test_the_card_describes_the_shipped_model():
+    card = evaluate.describe_model()
+    assert card["latent_grid"] * 4 == card["image_size"] == data.IMAGE_SIZE  # VAE downsampling 4
+    assert card["unet_params"] > 0 and card["vocab_size"] > len(data.COLOUR_NAMES) + len(data.SHAPES)
+    assert len(card["held_out_triples"]) == 18

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 import imptome
@@ -31,6 +32,10 @@ def test_default_merges_self_attention_at_the_finest_attention_level_only():
         assert shapes == [(2, 32 if name.endswith("attn1") else 64)] * 3, name
     merged_out = generate()
     assert np.isfinite(merged_out).all() and not np.array_equal(merged_out, base)
+    # ToMeSD's setting would merge nothing on SDXL (0.6.6 accepted it silently)
+    with pytest.raises(ValueError, match=r"max_downsample=1 merges nothing .* use max_downsample >= 2"):
+        imptome.apply_patch(pipe, ratio=0.5, max_downsample=1)
+    assert imptome.is_patched(pipe)  # the refused patch left the last one in place
     imptome.remove_patch(pipe)
     assert np.array_equal(generate(), base)
 

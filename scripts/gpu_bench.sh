@@ -109,8 +109,9 @@ stage_planning() {
     done
 }
 stage_triton() {  # TRITON_TESTS=0 skips the tests
-    [ "${TRITON_TESTS:-1}" = 0 ] || timeout 180 python3 -m pytest -q -p no:cacheprovider -p no:logging \
-        tests/merge/test_kernels.py tests/patch/test_cuda.py -k "triton or segment_mean"
+    # the kernels, the CUDA-graph test with both merge kernels, and fp16 plans against float32's
+    [ "${TRITON_TESTS:-1}" = 0 ] || timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging \
+        tests/merge/test_kernels.py tests/patch/test_cuda.py -k "triton or segment_mean or replay or fp16"
     for arch in ${TRITON_ARCHS:-pixart-alpha}; do
         # compiling takes about 45 s per variant for PixArt-alpha, 65 s for SD2 (0.6.9 on an H100), and the
         # JSON is written at the end

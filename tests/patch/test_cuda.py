@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.cudagraph_trees import get_manager
 
 import imptome
+from imptome.merge import DESTINATION
 from imptome.merge.plan import MergePlan
 from imptome.patch.api import patch_state
 from imptome.patch.state import PatchState
@@ -117,14 +118,30 @@ def test_cpu_offload_to_the_gpu(offload):
     imptome.remove_patch(pipe)
 
 
-def test_fp16_pipeline_on_the_gpu():
+def test_fp16_pipeline_on_the_gpu_plans_as_float32_does():
+    """The same draws as a float32 run on the GPU (every destination in place) and nearly the same plans."""
+
+    def merged_roles(pipe) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        roles = []
+        handle = pipe.unet.register_forward_hook(lambda *_: roles.append(imptome.merge_plan(pipe)[0].roles))
+        try:
+            return generate(pipe), roles
+        finally:
+            handle.remove()
+
     pipe = tiny_sd_pipeline().to("cuda", torch.float16)
     base = generate(pipe)
     imptome.apply_patch(pipe, ratio=0.7)
-    merged = generate(pipe)
+    merged, roles = merged_roles(pipe)
     assert torch.isfinite(merged).all() and not torch.equal(merged, base)
     imptome.remove_patch(pipe)
     torch.testing.assert_close(generate(pipe), base, atol=1e-3, rtol=0)
+    full = imptome.apply_patch(tiny_sd_pipeline().to("cuda"), ratio=0.7)
+    _, roles_full = merged_roles(full)
+    assert len(roles) == len(roles_full) > 0
+    for half_call, full_call in zip(roles, roles_full, strict=True):
+        assert torch.equal(half_call == DESTINATION, full_call == DESTINATION)
+        assert (half_call == full_call).float().mean() > 0.95
 
 
 TIMESTEPS = (900, 800, 700, 600, 500, 400)  # one generation: random cells, pruning, then merging
@@ -224,8 +241,8 @@ def test_cuda_graphs_replay_without_re_recording(merge_kernel, full_float32):
     """torch.compile(mode="reduce-overhead"): CUDA graphs replay in every call of two generations, none is
     re-recorded (imptome 0.6.0 made them re-record every call by replacing its importance map, a static
     input of the graph: 2.6x slower than the compiled unmerged SD2 step on an H100), and the plans equal
-    eager mode's. With merge_kernel="triton" the compiled steps average with imptome's Triton kernel (ATen's
-    embedding_bag kernel no longer runs) and their outputs match eager mode's up to rounding."""
+    eager mode's, and so do the outputs up to rounding. With merge_kernel="triton" the compiled steps average
+    with imptome's Triton kernel (ATen's embedding_bag kernel no longer runs)."""
     unet = tiny_sd_unet().cuda()
     imptome.apply_patch(unet, ratio=0.7, merge_kernel=merge_kernel)
     eager, eager_plans, eager_maps = denoiser_calls(unet)
@@ -238,11 +255,8 @@ def test_cuda_graphs_replay_without_re_recording(merge_kernel, full_float32):
     triton_ran = any("segment_mean" in name for name in kernel_names)
     embedding_bag_ran = any("EmbeddingBag" in name for name in kernel_names)
     assert (triton_ran, embedding_bag_ran) == (merge_kernel == "triton", merge_kernel == "embedding_bag")
-    if merge_kernel == "triton":
-        for call, (got, want) in enumerate(zip(compiled, eager, strict=True)):
-            torch.testing.assert_close(
-                got, want, atol=1e-3, rtol=1e-3, msg=lambda m, c=call: f"call {c}: {m}"
-            )
+    for call, (got, want) in enumerate(zip(compiled, eager, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=lambda m, c=call: f"call {c}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

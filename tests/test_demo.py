@@ -56,6 +56,7 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         (["demo", "--out", "grid.txt"], "cannot write a .txt figure; use one of .eps, "),
         (["demo", "--out", "."], "--out . is a folder; name a file in it"),
         (["demo", "--seed", "-3"], "--seed -3: seeds must be >= 0"),
+        (["demo", "--seed", str(2**64 - 2)], f"the seeds go up to {2**64 + 1}"),  # 4 prompts, one seed each
         (["demo", "--set", "proportional_attention=true"], "already shows importance with and without"),
     ],
 )

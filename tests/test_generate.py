@@ -304,6 +304,10 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         "negative ratio": ([*args(), "--ratio", "-0.1"], "ratio=-0.1 is out of range"),
         "zero steps": ([*args(), "--steps", "0"], "--steps 0: must be at least 1"),
         "negative seed": ([*args(), "--seed", "-1"], "--seed -1: seeds must be >= 0"),
+        "seeds past 2**64 - 1": (
+            [*args(), "--seed", str(2**64 - 1), "--seeds", "2"],
+            f"--seed {2**64 - 1}: the seeds go up to {2**64}; the largest a generator takes is {2**64 - 1}",
+        ),
         "negative guidance": ([*args(), "--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "unknown device": ([*args(), "--device", "gpu0"], "--device gpu0: not a device name"),

@@ -65,6 +65,31 @@ def test_a_pipeline_that_cannot_load_is_a_clear_error(tmp_path):
         loading.load_pipeline(str(tmp_path), "cpu")
 
 
+def test_a_pipeline_imptome_cannot_patch_is_refused_at_loading(tmp_path):
+    """DDPM's UNet2DModel has no attention over text and image tokens that imptome merges: every command
+    would fail on it later, deep inside the pipeline."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    with pytest.raises(CliError, match=f"cannot use {tmp_path}: imptome cannot patch DDPMPipeline objects"):
+        loading.load_pipeline(str(tmp_path), "cpu")
+
+
+def test_a_single_file_checkpoint_is_named_as_a_file(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(CliError, match="model.safetensors is a file; give a diffusers pipeline folder"):
+        check_model(str(checkpoint))
+
+
 def test_a_name_that_is_no_folder_nor_an_owner_name_hub_id_is_a_missing_folder(tmp_path):
     assert check_model("some-org/some-model") == "some-org/some-model"
     with pytest.raises(CliError, match="model folder sd15 does not exist .*owner/name"):

@@ -28,7 +28,7 @@ def test_overlay_blends_the_map_scaled_to_the_image():
 
 def test_overlay_and_grid_refuse_bad_input(tmp_path):
     image = Image.new("RGB", (8, 8))
-    with pytest.raises(ValueError, match=r"one \[h, w\] map, got shape \(1, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"one non-empty \[h, w\] map, got shape \(1, 2, 2\)"):
         heatmap_overlay(image, torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="alpha=2"):
         heatmap_overlay(image, torch.zeros(2, 2), alpha=2)
@@ -46,12 +46,29 @@ def test_overlay_and_grid_refuse_bad_input(tmp_path):
     with pytest.raises(ValueError, match="column 'x' has 1 panel.s. for 2 row title.s."):
         comparison_grid(grid, ["p", "q"], [("x", [torch.zeros(2, 2)], "heatmap")])
     with pytest.raises(
-        ValueError, match=r"column 'x', row 0: a heatmap panel must be one \[h, w\] tensor, got \(1, 2, 2\)"
+        ValueError,
+        match=r"column 'x', row 0: a heatmap panel must be one \[h, w\] tensor or array, got \(1, 2, 2\)",
     ):
         comparison_grid(grid, ["p"], [("x", [torch.zeros(1, 2, 2)], "heatmap")])
     with pytest.raises(ValueError, match="column 'x', row 0: an image panel must be a PIL image"):
         comparison_grid(grid, ["p"], [("x", [torch.zeros(3, 8, 8)], "image")])
+    with pytest.raises(ValueError, match="columns is empty"):
+        comparison_grid(grid, ["p"], [])
+    with pytest.raises(ValueError, match="a roles panel holds the integers 0 .merged., 1 .destination."):
+        comparison_grid(grid, ["p"], [("x", [torch.rand(2, 2)], "roles")])  # a float map, not roles
+    with pytest.raises(ValueError, match="a roles panel holds the integers"):
+        comparison_grid(grid, ["p"], [("x", [torch.full((2, 2), 7)], "roles")])
+    with pytest.raises(ValueError, match="heat must be one non-empty"):
+        heatmap_overlay(image, torch.ones(0, 4))
+    with pytest.raises(ValueError, match=r"cannot write a \.xyz figure; use one of \.eps"):
+        comparison_grid(tmp_path / "grid.xyz", ["p"], [("x", [torch.zeros(2, 2)], "heatmap")])
+    with pytest.raises(FileNotFoundError, match="folder .*missing does not exist; create it first"):
+        comparison_grid(tmp_path / "missing" / "grid.png", ["p"], [("x", [torch.zeros(2, 2)], "heatmap")])
     assert not grid.exists()
+    # arrays are panels too, as heatmap_overlay takes them
+    heat, roles = np.random.default_rng(0).random((2, 2)), np.array([[0, 1], [2, 0]])
+    comparison_grid(grid, ["p"], [("heat", [heat], "heatmap"), ("roles", [roles], "roles")])
+    assert grid.is_file()
 
 
 def test_overlay_takes_a_numpy_map_and_a_colormap_object():

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 import types
@@ -137,10 +138,40 @@ def check_guidance(guidance: float) -> None:
         raise CliError(f"--guidance {guidance}: must be a number >= 0 (1 or less turns CFG off)")
 
 
-def check_seed(seed: int) -> None:
-    """A CliError unless `--seed` is >= 0."""
+#: The largest seed a torch.Generator takes (manual_seed reads it as an unsigned 64-bit integer).
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
+    """A CliError unless the `count` seeds from `seed` on are all in [0, MAX_SEED]."""
     if seed < 0:
-        raise CliError(f"--seed {seed}: seeds must be >= 0")
+        raise CliError(f"{flag} {seed}: seeds must be >= 0")
+    if seed + count - 1 > MAX_SEED:
+        last = seed + count - 1
+        raise CliError(
+            f"{flag} {seed}: the seeds go up to {last}; the largest a generator takes is {MAX_SEED}"
+        )
+
+
+def check_output_files(outputs: dict[str, Path]) -> None:
+    """Files a command writes when its work is done (flag -> path), checked before the work: none is a folder,
+    each one's folder exists and is writable or can be made in a writable folder, and no two flags name one
+    file; a CliError otherwise. Nothing is created here."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        resolved = path.expanduser().resolve()
+        if resolved in seen:
+            raise CliError(f"{flag} {path}: {seen[resolved]} writes that file too; give them different paths")
+        seen[resolved] = flag
+        if resolved.is_dir():
+            raise CliError(f"{flag} {path} is a folder; name a file")
+        folder = resolved.parent
+        while not folder.exists():  # the nearest folder that exists must take the new ones
+            folder = folder.parent
+        if not folder.is_dir():
+            raise CliError(f"{flag} {path}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CliError(f"{flag} {path}: cannot write in {folder} (permission denied)")
 
 
 def tomesd_installed() -> bool:
@@ -162,6 +193,12 @@ def check_model(model: str | None) -> str:
         if not (path / "model_index.json").is_file():
             raise CliError(f"{model} is a folder but not a diffusers pipeline (no model_index.json)")
         return str(path)
+    if path.is_file():
+        raise CliError(
+            f"--model {model} is a file; give a diffusers pipeline folder (with model_index.json) or a hub "
+            "id (a single-file checkpoint converts to a folder in Python: "
+            "StableDiffusionPipeline.from_single_file, then save_pretrained)"
+        )
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CliError(
             f"model folder {model} does not exist (give a local pipeline folder, or a hub id of the form "
@@ -171,11 +208,11 @@ def check_model(model: str | None) -> str:
 
 
 def apply_patch_or_fail(pipe: Any, **options: Any) -> None:
-    """`imptome.apply_patch` for a command: options that do not fit the model (e.g. block_range on a UNet,
-    merge_kernel="triton" without Triton) are a CliError."""
+    """`imptome.apply_patch` for a command: a model imptome cannot patch, or options that do not fit it
+    (e.g. block_range on a UNet, merge_kernel="triton" without Triton), are a CliError."""
     try:
         imptome.apply_patch(pipe, **options)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise CliError(str(error)) from None
 
 

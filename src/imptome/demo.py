@@ -7,7 +7,6 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from matplotlib.backend_bases import FigureCanvasBase
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -15,10 +14,16 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.measure import DenoiserTimer
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError, apply_patch_or_fail, prepare_output_folder, warn_outside_grammar
+from imptome.cli import (
+    CliError,
+    apply_patch_or_fail,
+    check_seed,
+    prepare_output_folder,
+    warn_outside_grammar,
+)
 from imptome.loading import load_pipeline
 from imptome.patch.api import find_denoiser
-from imptome.visualize import comparison_grid
+from imptome.visualize import comparison_grid, figure_path
 
 # variant -> (MergeConfig.method, options added to --set's); "none" is the unpatched pipeline
 VARIANTS = {
@@ -88,19 +93,18 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
 def _check_figure_format(args: argparse.Namespace) -> None:
     """A CliError unless matplotlib writes figures in the format of `args.figure`'s suffix (checked before any
     image is generated)."""
-    suffix = args.figure.suffix[1:]
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if suffix.lower() not in formats:
-        raise CliError(
-            f"--out {args.out}: cannot write a .{suffix} figure; use one of .{', .'.join(formats)}"
-        )
+    try:
+        figure_path(args.figure)
+    except ValueError as error:
+        raise CliError(f"--out {args.out}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     _check_figure_format(args)  # the other checks ran before torch was imported (imptome.commands.demo)
+    prompts = args.prompt or default_prompts()
+    check_seed(args.seed, len(prompts))  # one seed per prompt
     out = args.figure
     prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
-    prompts = args.prompt or default_prompts()
     warn_outside_grammar(prompts, args.model)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from imptome.cli import DTYPE_NAMES, CliError, check_model
+from imptome.patch.api import find_denoiser
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -62,7 +63,8 @@ def model_fingerprint(source: str) -> str:
 
 
 def load_pipeline(model: str | None = None, device: str | None = None, dtype: str = "float32"):
-    """A DiffusionPipeline on `device` in `dtype`, progress bar off; safety checker never loaded."""
+    """A DiffusionPipeline on `device` in `dtype`, progress bar off; safety checker never loaded. A CliError
+    when it cannot be loaded, or has no denoiser imptome can patch."""
     source = check_model(model)
     if dtype not in DTYPES:
         raise CliError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -85,5 +87,9 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         )
         message = str(error).replace(" Please check out the root cause in the stacktrace above.", "")
         raise CliError(f"cannot load {source}: {message.rstrip('. ')}{cause}{hint}") from None
+    try:  # every command runs the pipeline with and without a patch, so one imptome cannot patch is refused
+        find_denoiser(pipe)
+    except TypeError as error:
+        raise CliError(f"cannot use {source}: {error}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

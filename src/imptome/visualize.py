@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.colors import Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -35,8 +36,10 @@ def heatmap_overlay(
             "arrays with PIL.Image.fromarray"
         )
     heat = torch.as_tensor(heat)
-    if heat.ndim != 2:
-        raise ValueError(f"heat must be one [h, w] map, got shape {tuple(heat.shape)}; index the batch first")
+    if heat.ndim != 2 or not heat.numel():
+        raise ValueError(
+            f"heat must be one non-empty [h, w] map, got shape {tuple(heat.shape)}; index the batch first"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
     if isinstance(cmap, str):
@@ -55,11 +58,23 @@ def heatmap_overlay(
     return Image.blend(image.convert("RGB"), layer, alpha)
 
 
+def figure_path(path: str | Path) -> Path:
+    """`path`, with ".png" added when it has no suffix; a ValueError when matplotlib cannot write its
+    format."""
+    path = Path(path)
+    path = path if path.suffix else path.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"cannot write a {path.suffix} figure; use one of .{', .'.join(formats)}")
+    return path
+
+
 def role_legend() -> list[Patch]:
     return [Patch(color=ROLE_COLOURS[r], label=ROLE_NAMES[r]) for r in (MERGED, DESTINATION, INDEPENDENT)]
 
 
 _PANEL_KINDS = ("image", "heatmap", "roles")
+_ROLE_VALUES = torch.tensor([MERGED, DESTINATION, INDEPENDENT])
 
 
 def comparison_grid(
@@ -72,14 +87,17 @@ def comparison_grid(
     ".png" added when it has no suffix).
 
     Args:
-        columns: (title, one panel per row, kind) with kind "image" (PIL), "heatmap" ([h, w] float tensor)
-            or "roles" ([h, w] int tensor of MERGED / DESTINATION / INDEPENDENT).
+        columns: (title, one panel per row, kind) with kind "image" (PIL), "heatmap" ([h, w] float tensor
+            or array) or "roles" ([h, w] integer tensor or array of MERGED / DESTINATION / INDEPENDENT).
 
     Drawn on a matplotlib Figure of its own, not through pyplot: the process's backend is left as it is.
     """
     _check_panels(row_titles, columns)
-    path = Path(path)
-    path = path if path.suffix else path.with_suffix(".png")
+    path = figure_path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot save {path}: the folder {path.parent} does not exist; create it first"
+        )
     rows, cols = len(row_titles), len(columns)
     fig = Figure(figsize=(2.1 * cols, 2.2 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -90,9 +108,11 @@ def comparison_grid(
             if kind == "image":
                 ax.imshow(np.asarray(panel))
             elif kind == "heatmap":
-                ax.imshow(panel.float().cpu().numpy(), cmap="magma", interpolation="nearest")
+                heat = torch.as_tensor(panel).float().cpu().numpy()
+                ax.imshow(heat, cmap="magma", interpolation="nearest")
             else:
-                ax.imshow(panel.cpu().numpy(), cmap=_ROLE_CMAP, vmin=0, vmax=2, interpolation="nearest")
+                roles = torch.as_tensor(panel).cpu().numpy()
+                ax.imshow(roles, cmap=_ROLE_CMAP, vmin=0, vmax=2, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -114,6 +134,8 @@ def _check_panels(
     """A ValueError naming the first column or panel that comparison_grid cannot draw."""
     if not row_titles:
         raise ValueError("row_titles is empty: give one title per row of panels")
+    if not columns:
+        raise ValueError("columns is empty: give at least one (title, panels, kind) column")
     for col_title, panels, kind in columns:
         if kind not in _PANEL_KINDS:
             raise ValueError(f"unknown panel kind {kind!r}; use image, heatmap or roles")
@@ -129,8 +151,22 @@ def _check_panels(
                     f"{where}: an image panel must be a PIL image (e.g. pipe(...).images[0]), got "
                     f"{type(panel).__name__}"
                 )
-            if kind != "image" and not (isinstance(panel, torch.Tensor) and panel.ndim == 2):
-                shape = tuple(panel.shape) if isinstance(panel, torch.Tensor) else type(panel).__name__
+            if kind == "image":
+                continue
+            if not (isinstance(panel, torch.Tensor | np.ndarray) and panel.ndim == 2):
+                shape = tuple(panel.shape) if hasattr(panel, "shape") else type(panel).__name__
                 raise ValueError(
-                    f"{where}: a {kind} panel must be one [h, w] tensor, got {shape}; index the batch first"
+                    f"{where}: a {kind} panel must be one [h, w] tensor or array, got {shape}; index the "
+                    "batch first"
                 )
+            if kind == "roles":
+                roles = torch.as_tensor(panel)
+                if (
+                    roles.is_floating_point()
+                    or roles.is_complex()
+                    or not torch.isin(roles, _ROLE_VALUES).all()
+                ):
+                    raise ValueError(
+                        f"{where}: a roles panel holds the integers {MERGED} (merged), {DESTINATION} "
+                        f"(destination) and {INDEPENDENT} (independent) only, as PlanRecord.roles does"
+                    )

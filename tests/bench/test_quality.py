@@ -109,11 +109,36 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
         (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         (["--guidance", "nan"], "must be a number >= 0"),
+        (["--seeds", "1", "1", "2", "2"], "--seeds lists 1, 2 more than once; give each seed once"),
+        (["--seeds", "-1", "3"], "--seeds -1: seeds must be >= 0"),
+        (["--seeds", "0", str(2**64)], f"--seeds {2**64}: the seeds go up to {2**64}; the largest a"),
+        (["--methods", "tome-per-layer-shuffled"], "or importance or an importance-* ablation followed by"),
+        (["--json", "{tmp}"], "--json {tmp} is a folder; name a file"),
+        (
+            ["--json", "{tmp}/q.png"],
+            "(default: --json with .png) {tmp}/q.png: --json writes that",
+        ),
+        (["--plot", "{tmp}/file.txt/q.png"], "--plot {tmp}/file.txt/q.png: {tmp}/file.txt is a file, not a"),
+        (["--cache", "{tmp}/file.txt"], "--cache {tmp}/file.txt is a file; the image cache is a folder"),
     ],
 )
-def test_quality_bench_rejects_bad_input(prompt_file, extra, message, capsys):
+def test_quality_bench_rejects_bad_input(prompt_file, extra, message, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("")
+    extra = [part.format(tmp=tmp_path) for part in extra]
     assert main(["bench", "quality", "--prompts", str(prompt_file), *extra]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_an_unknown_plot_format_is_refused_before_any_image(prompt_file, tmp_path, capsys, monkeypatch):
+    from imptome.bench import quality
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded despite bad input")
+
+    monkeypatch.setattr(quality, "load_pipeline", never)
+    argv = ["bench", "quality", "--prompts", str(prompt_file), "--json", str(tmp_path / "q.json")]
+    assert main([*argv, "--plot", str(tmp_path / "q.xyz")]) == 2
+    assert "cannot write a .xyz figure; use one of .eps" in capsys.readouterr().err
 
 
 def test_any_pool_factor_is_an_ablation():

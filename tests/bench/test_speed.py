@@ -307,11 +307,23 @@ def test_channels_last_memory_format(tiny_archs, tmp_path):
         (["--arch", "SD3", "--attention", "math"], "sd3 has SDPA joint attention only"),  # any case
         (["--generation-steps", "2"], "at least 4"),
         (["--arch", "sd3", "--attention", "math"], "sd3 has SDPA joint attention only"),
+        (["--arch", ","], "--arch ,: no value given (leave --arch out for its default)"),
+        (["--ratios", ","], "--ratios ,: no value given"),
+        (["--arch", "sdxl", "pixart-alpha", "--generation-steps", "8"], "timed on sd15, sd2 only"),
+        (["--json", "{tmp}"], "is a folder; name a file"),
+        (
+            ["--json", "{tmp}/r.md"],
+            "(default: --json with .md) {tmp}/r.md: --json writes that",
+        ),
+        (["--json", "{tmp}/a.json", "--markdown", "{tmp}/a.json"], "--markdown {tmp}/a.json: --json writes"),
+        (["--json", "{tmp}/file.txt/r.json"], "{tmp}/file.txt is a file, not a folder"),
     ],
 )
-def test_bad_input_is_a_clear_error(option, message, capsys):
+def test_bad_input_is_a_clear_error(option, message, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("")
+    option = [part.format(tmp=tmp_path) for part in option]
     assert main(["bench", "speed", *option]) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):

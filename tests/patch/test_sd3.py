@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 import imptome
 from tests.factories import tiny_sd3_pipeline
@@ -96,7 +97,17 @@ def test_skip_layer_guidance_pass_merges_with_its_steps_map(sd3):
 
 
 def test_proportional_attention_is_refused_on_joint_attention(sd3):
-    imptome.apply_patch(sd3, proportional_attention=True)
+    """At patching (0.7.0 refused it only at the first call), and at the call when the processors are set
+    after patching."""
+    with pytest.raises(ValueError, match="JointAttnProcessor2_0 .* ignores attention masks"):
+        imptome.apply_patch(sd3, proportional_attention=True)
+    assert not imptome.is_patched(sd3)
+    processors = sd3.transformer.attn_processors
+    sd3.transformer.set_attn_processor(AttnProcessor2_0())  # no joint processor: accepted
+    try:
+        imptome.apply_patch(sd3, proportional_attention=True)
+    finally:
+        sd3.transformer.set_attn_processor(processors)
     with pytest.raises(ValueError, match="JointAttnProcessor2_0 .* ignores attention masks"):
         generate(sd3, steps=2)
 

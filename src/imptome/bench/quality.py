@@ -42,6 +42,7 @@ from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts
 from imptome.patch.api import find_denoiser, patch_state
+from imptome.visualize import figure_path
 
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
 ROW_MATCH = "-rowmatch"
@@ -421,12 +422,16 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)  # the other checks ran before torch (imptome.commands.quality)
+    try:
+        figure = figure_path(args.plot)
+    except ValueError as error:
+        raise CliError(f"--plot {args.plot}: {error}") from None
     prompts, seeds, model = args.prompt_list, args.seed_list, args.model_source
     variants = [Variant("none", 0.0)]
     variants += [Variant(method, ratio) for ratio in args.ratios for method in args.method_list]
     objects = parse_prompts(prompts)
     warning = _unscorable_warning(prompts, objects)
-    cache_root = args.cache or args.json.with_name(args.json.stem + ".cache")
+    cache_root = args.cache
     settings = {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
         "model": model,
@@ -464,9 +469,10 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     table = markdown_table(rows, comparisons, cfg=args.guidance > 1)
-    markdown = args.markdown or args.json.with_suffix(".md")
+    markdown = args.markdown
+    markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(table)
-    figure = args.plot or args.json.with_suffix(".png")
+    figure.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, figure)
     console = Console()
     # rich wraps at 80 columns when stdout is not a terminal: a file or pipe gets whole rows instead

@@ -512,6 +512,7 @@ def _write(
     if generation_rows:
         text += "\nWhole generations (denoising loop, CFG 7.5, DeepCache interval 3):\n\n"
         text += generation_table(generation_rows) + "\n"
+    markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text)
 
 
@@ -519,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    markdown = args.markdown or args.json.with_suffix(".md")
+    markdown = args.markdown
     meta = _meta(settings, _command(args, settings))
     total_cases = sum(len(values) for values in settings.resolutions.values())
 

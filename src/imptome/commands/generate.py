@@ -85,7 +85,7 @@ def check(args: argparse.Namespace) -> None:
     for name in ("steps", "seeds", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    check_seed(args.seed)
+    check_seed(args.seed, args.seeds)
     if args.guidance is None:
         args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
     check_guidance(args.guidance)

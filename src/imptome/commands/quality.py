@@ -13,6 +13,8 @@ from imptome.cli import (
     add_model_argument,
     check_guidance,
     check_model,
+    check_output_files,
+    check_seed,
     read_prompts,
     tomesd_installed,
 )
@@ -103,8 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Everything checkable without torch or the model. Sets `args.prompt_list` (the prompts of --prompts or
-    the built-in held-out set), `args.seed_list`, `args.method_list` (see `_methods`) and
-    `args.model_source` (the model's folder or hub id)."""
+    the built-in held-out set), `args.seed_list`, `args.method_list` (see `_methods`), `args.model_source`
+    (the model's folder or hub id), and the output paths' defaults."""
     check_guidance(args.guidance)
     args.prompt_list = _read_prompts(args.prompts)
     args.seed_list = _seeds(args.seeds)
@@ -114,6 +116,23 @@ def check(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise CliError(f"--batch-size {args.batch_size}: must be at least 1")
     args.model_source = check_model(args.model)
+    _output_paths(args)
+
+
+def _output_paths(args: argparse.Namespace) -> None:
+    """Fill in the defaults of --markdown, --plot and --cache (next to --json) and check all four paths
+    before any image is made."""
+    json_path = args.json
+    outputs = {"--json": json_path}
+    for flag, suffix in (("--markdown", ".md"), ("--plot", ".png")):
+        name = flag.removeprefix("--")
+        given = getattr(args, name)
+        setattr(args, name, given or json_path.with_suffix(suffix))
+        outputs[flag if given else f"{flag} (default: --json with {suffix})"] = getattr(args, name)
+    check_output_files(outputs)
+    args.cache = args.cache or json_path.with_name(json_path.stem + ".cache")
+    if args.cache.exists() and not args.cache.is_dir():
+        raise CliError(f"--cache {args.cache} is a file; the image cache is a folder")
 
 
 def _read_prompts(path: Path | None) -> list[str]:
@@ -125,10 +144,16 @@ def _read_prompts(path: Path | None) -> list[str]:
 
 
 def _seeds(values: list[int]) -> list[int]:
+    """`--seeds N` (seeds 0 .. N-1) or a list of distinct seeds (repeats would count images twice)."""
     if len(values) == 1:
         if values[0] < 1:
             raise CliError(f"--seeds {values[0]}: give a count >= 1 or a list of seeds")
         return list(range(values[0]))
+    repeated = sorted({seed for seed in values if values.count(seed) > 1})
+    if repeated:
+        raise CliError(f"--seeds lists {', '.join(map(str, repeated))} more than once; give each seed once")
+    for seed in values:
+        check_seed(seed, flag="--seeds")
     return values
 
 
@@ -140,8 +165,8 @@ def _methods(args: argparse.Namespace) -> list[str]:
     if unknown:
         choices = ", ".join(METHODS + tuple(ABLATIONS))
         raise CliError(
-            f"unknown method(s) {unknown}; choose from {choices}, or importance or an ablation followed by "
-            "-pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
+            f"unknown method(s) {unknown}; choose from {choices}, or importance or an importance-* ablation "
+            "followed by -pool<factor> and/or -shuffled (e.g. importance-pool1.4, importance-paper-shuffled)"
         )
     if "tomesd" in methods and not tomesd_installed():
         raise CliError("method tomesd needs the tomesd package: pip install tomesd")

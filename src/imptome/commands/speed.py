@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import CliError, add_dtype_argument, tomesd_installed
+from imptome.cli import CliError, add_dtype_argument, check_output_files, tomesd_installed
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -57,8 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     """Everything checkable without torch. Sets `args.arch_list`, `args.resolution_lists` (px per
-    architecture), `args.ratio_list` and `args.variant_names` (the default list leaves out tomesd when it is
-    not installed)."""
+    architecture), `args.ratio_list`, `args.variant_names` (the default list leaves out tomesd when it is
+    not installed) and the `args.markdown` default."""
+    for flag in ("arch", "res", "ratios", "variants"):
+        values = getattr(args, flag)
+        if values is not None and not _split(values):
+            raise CliError(
+                f"--{flag} {' '.join(values)}: no value given (leave --{flag} out for its default)"
+            )
     archs = [name.lower() for name in _split(args.arch)] or list(ARCHS)
     unknown = [name for name in archs if name not in ARCHS]
     if unknown:
@@ -98,6 +104,16 @@ def check(args: argparse.Namespace) -> None:
             f"--generation-steps {args.generation_steps}: 0 (off) or at least {DEEPCACHE_INTERVAL + 1}, so "
             "that DeepCache reuses its cache at least once"
         )
+    if args.generation_steps and all(ARCHS[name].family != "sd" for name in archs):
+        sd_unets = [name for name in ARCHS if ARCHS[name].family == "sd"]
+        raise CliError(
+            f"--generation-steps: whole generations are timed on {', '.join(sd_unets)} only (DeepCache's "
+            f"Stable Diffusion helper), not on {', '.join(archs)}; add one of those to --arch"
+        )
+    given = args.markdown
+    args.markdown = given or args.json.with_suffix(".md")
+    markdown_flag = "--markdown" if given else "--markdown (default: --json with .md)"
+    check_output_files({"--json": args.json, markdown_flag: args.markdown})
     args.arch_list, args.resolution_lists, args.ratio_list, args.variant_names = (
         archs,
         resolutions,

@@ -19,7 +19,7 @@ from imptome.patch.families import (
     spatial_blocks,
     supported_names,
 )
-from imptome.patch.hooks import merged_layers, register_hooks
+from imptome.patch.hooks import check_mask_support, merged_layers, register_hooks
 from imptome.patch.state import PatchState, PlanRecord
 
 T = TypeVar("T")
@@ -95,6 +95,10 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     merged_modules = {layer.name: layer.module for layer in layers}
     feed_forward_blocks = {layer.block_name: layer.block for layer in layers if layer.name.endswith(".ff")}
     check_merged_layers(merged_modules, feed_forward_blocks)
+    if config.proportional_attention:
+        for layer in layers:
+            if layer.self_attention:
+                check_mask_support(layer.module, num_kept=None)
     _unhook(denoiser)
     cond_first = info.cond_first if config.cfg_order == "auto" else config.cfg_order == "cond_first"
     state = PatchState(

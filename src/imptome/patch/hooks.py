@@ -112,7 +112,7 @@ class _LayerHooks:
         if plan is None:
             return None
         if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
-            _check_mask_support(module, plan.num_kept)
+            check_mask_support(module, plan.num_kept)
             mask = plan.key_bias.float() if self.mask_dtype.float32 else plan.key_bias
             kwargs = {**kwargs, "attention_mask": mask}
         merged = plan.merge(tokens, self.state.config.merge_kernel)
@@ -161,14 +161,15 @@ def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
     return "IPAdapter" in processor_name(attention)
 
 
-def _check_mask_support(attention: nn.Module, num_kept: int) -> None:
+def check_mask_support(attention: nn.Module, num_kept: int | None) -> None:
     """Refuse processors that cannot take proportional attention's additive mask, with the fix, rather than
     fail deep inside them: xformers' kernels want a key count that is a multiple of 8 (diffusers' xformers
     processors pass the mask unpadded, diffusers#9637), SD3's joint-attention processors ignore masks, and
     perturbed-attention guidance's processors split the batch into its copies and reshape the mask for fewer
-    rows than it has."""
+    rows than it has. Checked at patching (num_kept None: not known yet) and at every merged call, as the
+    processors may change in between."""
     name = processor_name(attention)
-    if num_kept % 8 and "XFormers" in name:
+    if num_kept is not None and num_kept % 8 and "XFormers" in name:
         raise ValueError(
             f"imptome: proportional_attention passes an additive attention mask over the {num_kept} kept "
             f"tokens, and {name} cannot take a mask whose length is not a multiple of 8. Use PyTorch's SDPA "

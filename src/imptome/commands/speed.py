@@ -7,11 +7,14 @@ from pathlib import Path
 
 from imptome.bench.archs import ARCHS
 from imptome.cli import CliError, add_dtype_argument, check_output_files, tomesd_installed
+from imptome.config import PRESETS
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 DEFAULT_RATIOS = (0.5, 0.7)
 DEEPCACHE_INTERVAL = 3  # the whole-generation timings' DeepCache setting (its own example's)
+# every variant runs a family preset with the ratio (and tome its cells), so the presets bound the ratios
+MAX_RATIO = min(min(preset.max_ratio, preset.replace(method="tome").max_ratio) for preset in PRESETS.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +94,10 @@ def check(args: argparse.Namespace) -> None:
             raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
         names.remove("tomesd")  # the default list: run the rest
     for ratio in ratios:
-        if not 0 < ratio <= 0.75:
-            raise CliError(f"--ratios {ratio:g}: allowed 0 < ratio <= 0.75 (at most N - D tokens can go)")
+        if not 0 < ratio <= MAX_RATIO:
+            raise CliError(
+                f"--ratios {ratio:g}: allowed 0 < ratio <= {MAX_RATIO:g} (at most N - D tokens can go)"
+            )
     if args.rounds < 1:
         raise CliError(f"--rounds {args.rounds}: need at least 1")
     if args.threads is not None and args.threads < 1:

@@ -696,6 +696,43 @@ def test_the_largest_allowed_ratio_runs_through_warm_up_and_fallback(sd, dst_sel
             assert np.isfinite(run()).all()
 
 
+def test_an_image_whose_prompt_is_its_negative_prompt_merges_with_a_random_map(sd):
+    """Equal conditional and unconditional predictions make a zero map, whose ranks are ties that topk broke
+    by position (0.7.0 kept every independent token in the bottom half of the image): a random map stands
+    in for that image's, with a warning, and the other images of the batch keep theirs. The image's plans
+    are the same alone as next to a prompted image."""
+    imptome.apply_patch(sd, ratio=0.5)
+
+    def roles_of(prompts: list[str]) -> list[torch.Tensor]:
+        """Roles [B, 16, 16] of every call, with negative prompt "" for every image."""
+        calls = []
+        handle = sd.unet.register_forward_hook(lambda *_: calls.append(imptome.merge_plan(sd)[0].roles))
+        generators = [torch.Generator().manual_seed(seed) for seed in range(len(prompts))]
+        try:
+            sd(
+                prompts,
+                negative_prompt=[""] * len(prompts),
+                num_inference_steps=5,
+                generator=generators,
+                output_type="latent",
+            )
+        finally:
+            handle.remove()
+        return calls
+
+    with pytest.warns(UserWarning, match="for 1 of 2 image.s. the conditional and unconditional predictions"):
+        batch = roles_of(["", PROMPT])
+    imptome.apply_patch(sd, ratio=0.5)  # a new patch warns again (once per patch)
+    with pytest.warns(UserWarning, match="for 1 of 1 image"):
+        alone = roles_of([""])
+    assert imptome.importance_map(sd).abs().max() == 0
+    for step, (both, one) in enumerate(zip(batch, alone, strict=True)):
+        assert torch.equal(both[0], one[0]) and torch.equal(both[2], one[1]), f"step {step}"  # both halves
+        independent = both[0] == INDEPENDENT
+        assert independent[:8].any() and independent[8:].any(), f"step {step}: kept tokens piled up"
+    assert not torch.equal(batch[-1][1], batch[-1][0])  # the prompted image has its own plan
+
+
 def test_unet_without_transformer_blocks_is_refused_at_patch_time():
     """DeepFloyd IF / Kandinsky-style UNets attend in SimpleCrossAttn blocks: nothing imptome can merge. Such
     a patch used to be accepted and fail at the first call with an error about torch.compile."""

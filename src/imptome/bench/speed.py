@@ -120,6 +120,7 @@ def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, time
     config = state.config
     state.enter_step(max(config.importance_start_step, config.merge_start_step))
     state.importance = importance
+    state.silent_units = (False,) * importance.shape[0]  # checked at the generation's first guided call
     state.last_timestep = timestep
 
 

@@ -183,6 +183,12 @@ class PatchState:
     last_output: torch.Tensor | None = None
     last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
+    # Per image, whether the first map of the generation was zero everywhere: the conditional and
+    # unconditional predictions were equal (e.g. the prompt is the negative prompt), so the map ranks nothing
+    # and a random map stands in for it (see _build). None until that map is checked (end_call), once per
+    # generation.
+    silent_units: tuple[bool, ...] | None = None
+    warned_silent_map: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
     feed_forward_blocks: dict[str, nn.Module] = field(default_factory=dict)  # block name -> block, ff merged
@@ -291,6 +297,7 @@ class PatchState:
             self.maps_before, self.maps_now, self.latest_map = {}, {}, None
             self.last_plans = []
             self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
+            self.silent_units = None
             self.sample_moved_since_pair = False
             self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
             self.layouts = {}
@@ -446,9 +453,26 @@ class PatchState:
             self._keep_map(guidance_importance(self.last_output, noise_pred, channels))
             self.pair_step = self.step
             self.sample_moved_since_pair = False
+        if (self.cfg or self.paired) and self.silent_units is None:
+            self._check_map_signal(self.latest_map)
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
         self.call_open = False
+
+    def _check_map_signal(self, importance: torch.Tensor) -> None:
+        """Find the images whose map [U, H, W] is zero everywhere, once per generation (it waits for the
+        GPU, as the first calls' CFG checks do), and warn once when there are any."""
+        self.silent_units = tuple((importance.flatten(1).amax(dim=1) <= 0).tolist())
+        silent = sum(self.silent_units)
+        if silent and not self.warned_silent_map and self.config.ratio > 0:
+            warnings.warn(
+                f"imptome: for {silent} of {len(self.silent_units)} image(s) the conditional and "
+                "unconditional predictions are equal (is the prompt the negative prompt?), so their CFG "
+                "importance map is zero and ranks no token; those images merge with a random map in its "
+                "place this generation.",
+                stacklevel=_outside_libraries(),
+            )
+            self.warned_silent_map = True
 
     # ---- called by the layer hooks ----------------------------------------------------------------
     def token_grid(self, num_tokens: int) -> tuple[int, int] | None:
@@ -508,9 +532,17 @@ class PatchState:
         # [] int64: this call's draws for this grid or block (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
         guided = self.use_importance and self.guided and self._map_fits(units)
+        silent = self.silent_units if guided and self.silent_units and len(self.silent_units) == units else ()
+        guided = guided and not all(silent)  # no image has a map: the call merges as one without CFG
+        record = None
         if guided:
-            importance = pool_to_grid(self.call_map, grid)
-        elif self.use_importance and config.fallback_partition == "random":
+            importance = record = pool_to_grid(self.call_map, grid)
+            if any(silent):  # the images whose map is zero rank tokens by the random map (the same ranks as
+                # alone in their batch: float64 holds the 32-bit draws exactly)
+                random = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)).double()
+                mask = torch.tensor(silent, device=importance.device).unsqueeze(1)
+                importance = torch.where(mask, random, importance.double())
+        elif self.use_importance and (config.fallback_partition == "random" or silent):
             importance = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
         if importance is not None:
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
@@ -543,9 +575,10 @@ class PatchState:
             proportional=config.proportional_attention,
             bias_dtype=tokens.dtype,
         )
-        record = None
-        if guided:  # at the map's own grid a view of the map, which the next guided call overwrites
-            record = importance.view(units, *grid)
+        if (
+            record is not None
+        ):  # at the map's own grid a view of the map, which the next guided call overwrites
+            record = record.view(units, *grid)
             record = record.clone() if record.shape == self.call_map.shape else record
         return _Built(plan, block, record)
 

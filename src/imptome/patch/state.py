@@ -533,7 +533,7 @@ class PatchState:
         draw_key = (self.call_key ^ stream).to(tokens.device)
         guided = self.use_importance and self.guided and self._map_fits(units)
         silent = self.silent_units if guided and self.silent_units and len(self.silent_units) == units else ()
-        guided = guided and not all(silent)  # no image has a map: the call merges as one without CFG
+        guided = guided and not (silent and all(silent))  # no image has a map: merged as without CFG
         record = None
         if guided:
             importance = record = pool_to_grid(self.call_map, grid)
@@ -575,9 +575,8 @@ class PatchState:
             proportional=config.proportional_attention,
             bias_dtype=tokens.dtype,
         )
-        if (
-            record is not None
-        ):  # at the map's own grid a view of the map, which the next guided call overwrites
+        if record is not None:
+            # at the map's own grid a view of the map, which the next guided call overwrites
             record = record.view(units, *grid)
             record = record.clone() if record.shape == self.call_map.shape else record
         return _Built(plan, block, record)

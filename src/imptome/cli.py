@@ -19,7 +19,6 @@ import dataclasses
 import importlib
 import importlib.util
 import math
-import os
 import sys
 import tempfile
 import types
@@ -156,7 +155,7 @@ def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
 def check_output_files(outputs: dict[str, Path]) -> None:
     """Files a command writes when its work is done (flag -> path), checked before the work: none is a folder,
     each one's folder exists and is writable or can be made in a writable folder, and no two flags name one
-    file; a CliError otherwise. Nothing is created here."""
+    file; a CliError otherwise. Nothing is left behind here."""
     seen: dict[Path, str] = {}
     for flag, path in outputs.items():
         resolved = path.expanduser().resolve()
@@ -170,8 +169,11 @@ def check_output_files(outputs: dict[str, Path]) -> None:
             folder = folder.parent
         if not folder.is_dir():
             raise CliError(f"{flag} {path}: {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise CliError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+        try:  # a file that vanishes when closed: permissions alone say yes to root almost everywhere
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise CliError(f"{flag} {path}: cannot write in {folder}: {error.strerror or error}") from None
 
 
 def tomesd_installed() -> bool:

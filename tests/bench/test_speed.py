@@ -317,6 +317,7 @@ def test_channels_last_memory_format(tiny_archs, tmp_path):
         ),
         (["--json", "{tmp}/a.json", "--markdown", "{tmp}/a.json"], "--markdown {tmp}/a.json: --json writes"),
         (["--json", "{tmp}/file.txt/r.json"], "{tmp}/file.txt is a file, not a folder"),
+        (["--json", "/proc/x/r.json"], "--json /proc/x/r.json: cannot write in /proc"),  # even as root
     ],
 )
 def test_bad_input_is_a_clear_error(option, message, tmp_path, capsys):

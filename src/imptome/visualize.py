@@ -160,7 +160,7 @@ def _check_panels(
                     "batch first"
                 )
             if kind == "roles":
-                roles = torch.as_tensor(panel)
+                roles = torch.as_tensor(panel).cpu()  # records of a GPU run are on the GPU
                 if (
                     roles.is_floating_point()
                     or roles.is_complex()

@@ -169,11 +169,28 @@ def check_output_files(outputs: dict[str, Path]) -> None:
             folder = folder.parent
         if not folder.is_dir():
             raise CliError(f"{flag} {path}: {folder} is a file, not a folder")
-        try:  # a file that vanishes when closed: permissions alone say yes to root almost everywhere
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            raise CliError(f"{flag} {path}: cannot write in {folder}: {error.strerror or error}") from None
+        problem = _write_problem(folder)
+        if problem:
+            raise CliError(f"{flag} {path}: cannot write in {folder}: {problem}")
+
+
+def output_beside_json(args: Any, name: str, suffix: str) -> tuple[str, Path]:
+    """Set `args.<name>` (an output file's path) to its default, the --json path with `suffix`, when it was
+    not given; returns how an error should name the flag, and the path."""
+    given = getattr(args, name)
+    setattr(args, name, given or args.json.with_suffix(suffix))
+    flag = f"--{name}" if given else f"--{name} (default: --json with {suffix})"
+    return flag, getattr(args, name)
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why no file can be written in the existing `folder`, or None. Tried with a file that vanishes when
+    closed: permissions alone say yes to root almost everywhere (e.g. under /proc)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
 
 
 def tomesd_installed() -> bool:
@@ -236,11 +253,9 @@ def prepare_output_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot create output folder {out}: {error.strerror or error}") from None
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise CliError(f"cannot write a file in output folder {out}: {error.strerror or error}") from None
+    problem = _write_problem(out)
+    if problem:
+        raise CliError(f"cannot write a file in output folder {out}: {problem}")
 
 
 def _typed(text: str, annotation: Any) -> Any:

@@ -15,6 +15,7 @@ from imptome.cli import (
     check_model,
     check_output_files,
     check_seed,
+    output_beside_json,
     read_prompts,
     tomesd_installed,
 )
@@ -122,15 +123,12 @@ def check(args: argparse.Namespace) -> None:
 def _output_paths(args: argparse.Namespace) -> None:
     """Fill in the defaults of --markdown, --plot and --cache (next to --json) and check all four paths
     before any image is made."""
-    json_path = args.json
-    outputs = {"--json": json_path}
-    for flag, suffix in (("--markdown", ".md"), ("--plot", ".png")):
-        name = flag.removeprefix("--")
-        given = getattr(args, name)
-        setattr(args, name, given or json_path.with_suffix(suffix))
-        outputs[flag if given else f"{flag} (default: --json with {suffix})"] = getattr(args, name)
+    outputs = {"--json": args.json}
+    for name, suffix in (("markdown", ".md"), ("plot", ".png")):
+        flag, path = output_beside_json(args, name, suffix)
+        outputs[flag] = path
     check_output_files(outputs)
-    args.cache = args.cache or json_path.with_name(json_path.stem + ".cache")
+    args.cache = args.cache or args.json.with_name(args.json.stem + ".cache")
     if args.cache.exists() and not args.cache.is_dir():
         raise CliError(f"--cache {args.cache} is a file; the image cache is a folder")
 

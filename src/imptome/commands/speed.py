@@ -6,15 +6,15 @@ import argparse
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import CliError, add_dtype_argument, check_output_files, tomesd_installed
+from imptome.cli import CliError, add_dtype_argument, check_output_files, output_beside_json, tomesd_installed
 from imptome.config import PRESETS
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 DEFAULT_RATIOS = (0.5, 0.7)
 DEEPCACHE_INTERVAL = 3  # the whole-generation timings' DeepCache setting (its own example's)
-# every variant runs a family preset with the ratio (and tome its cells), so the presets bound the ratios
-MAX_RATIO = min(min(preset.max_ratio, preset.replace(method="tome").max_ratio) for preset in PRESETS.values())
+# every variant runs a family preset with the ratio; a preset's bound holds for tome too (its cells' bound)
+MAX_RATIO = min(preset.max_ratio for preset in PRESETS.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,10 +115,8 @@ def check(args: argparse.Namespace) -> None:
             f"--generation-steps: whole generations are timed on {', '.join(sd_unets)} only (DeepCache's "
             f"Stable Diffusion helper), not on {', '.join(archs)}; add one of those to --arch"
         )
-    given = args.markdown
-    args.markdown = given or args.json.with_suffix(".md")
-    markdown_flag = "--markdown" if given else "--markdown (default: --json with .md)"
-    check_output_files({"--json": args.json, markdown_flag: args.markdown})
+    markdown_flag, markdown = output_beside_json(args, "markdown", ".md")
+    check_output_files({"--json": args.json, markdown_flag: markdown})
     args.arch_list, args.resolution_lists, args.ratio_list, args.variant_names = (
         archs,
         resolutions,

@@ -731,6 +731,10 @@ def test_an_image_whose_prompt_is_its_negative_prompt_merges_with_a_random_map(s
         independent = both[0] == INDEPENDENT
         assert independent[:8].any() and independent[8:].any(), f"step {step}: kept tokens piled up"
     assert not torch.equal(batch[-1][1], batch[-1][0])  # the prompted image has its own plan
+    imptome.apply_patch(sd, ratio=0.5, method="tome")  # no map ranks tome's tokens: nothing to check or say
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome: for .* the conditional and unconditional")
+        roles_of([""])
 
 
 def test_unet_without_transformer_blocks_is_refused_at_patch_time():

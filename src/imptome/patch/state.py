@@ -453,18 +453,20 @@ class PatchState:
             self._keep_map(guidance_importance(self.last_output, noise_pred, channels))
             self.pair_step = self.step
             self.sample_moved_since_pair = False
-        if (self.cfg or self.paired) and self.silent_units is None:
+        ranks_by_map = self.config.method == "importance" and self.config.ratio > 0
+        if (self.cfg or self.paired) and self.silent_units is None and ranks_by_map:
             self._check_map_signal(self.latest_map)
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
         self.call_open = False
 
     def _check_map_signal(self, importance: torch.Tensor) -> None:
-        """Find the images whose map [U, H, W] is zero everywhere, once per generation (it waits for the
-        GPU, as the first calls' CFG checks do), and warn once when there are any."""
+        """Find the images whose map [U, H, W] is zero everywhere, once per generation and only where the map
+        ranks tokens (it waits for the GPU, as the first calls' CFG checks do), and warn once when there are
+        any."""
         self.silent_units = tuple((importance.flatten(1).amax(dim=1) <= 0).tolist())
         silent = sum(self.silent_units)
-        if silent and not self.warned_silent_map and self.config.ratio > 0:
+        if silent and not self.warned_silent_map:
             warnings.warn(
                 f"imptome: for {silent} of {len(self.silent_units)} image(s) the conditional and "
                 "unconditional predictions are equal (is the prompt the negative prompt?), so their CFG "

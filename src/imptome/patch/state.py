@@ -519,6 +519,33 @@ class PatchState:
         patch = self.info.patch_size
         return tuple(side // patch for side in call_map.shape[-2:]) == self.latent_grid
 
+    def _ranking_map(
+        self, grid: tuple[int, int], units: int, draw_key: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The map [U, N] that ranks a plan's tokens on `grid`, and the pooled CFG map to record (or None).
+
+        The CFG map pooled to the grid on guided calls; a random map in place of it for images whose map is
+        zero (see `silent_units`) and, with `fallback_partition="random"`, on calls without a map. (None,
+        None): no ranking (method "tome", a warm-up step, or ToMeSD's partition as the fallback).
+        """
+        if not self.use_importance:
+            return None, None
+        num_tokens = grid[0] * grid[1]
+        guided = self.guided and self._map_fits(units)
+        silent = self.silent_units if guided and self.silent_units and len(self.silent_units) == units else ()
+        if guided and not (silent and all(silent)):  # with no image's map left, merged as without CFG
+            cfg_map = pool_to_grid(self.call_map, grid)
+            if not any(silent):
+                return cfg_map, cfg_map
+            # the images whose map is zero rank tokens by the random map (the same ranks as alone in their
+            # batch: float64 holds the 32-bit draws exactly)
+            random = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)).double()
+            mask = torch.tensor(silent, device=cfg_map.device).unsqueeze(1)
+            return torch.where(mask, random, cfg_map.double()), cfg_map
+        if self.config.fallback_partition == "random" or silent:
+            return random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)), None
+        return None, None
+
     def _build(self, block: str, grid: tuple[int, int], tokens: torch.Tensor, stream: int) -> _Built | None:
         config = self.config
         rows, num_tokens = tokens.shape[:2]
@@ -530,22 +557,10 @@ class PatchState:
         per_row = self.copies > 1 and config.match_rows == "each" and config.matching == "feature"
         if self.copies > 1 and not per_row:
             features = tokens[self.cond_copy * units : (self.cond_copy + 1) * units]
-        importance = in_pool = None
         # [] int64: this call's draws for this grid or block (moved only when a model spans devices)
         draw_key = (self.call_key ^ stream).to(tokens.device)
-        guided = self.use_importance and self.guided and self._map_fits(units)
-        silent = self.silent_units if guided and self.silent_units and len(self.silent_units) == units else ()
-        guided = guided and not (silent and all(silent))  # no image has a map: merged as without CFG
-        record = None
-        if guided:
-            importance = record = pool_to_grid(self.call_map, grid)
-            if any(silent):  # the images whose map is zero rank tokens by the random map (the same ranks as
-                # alone in their batch: float64 holds the 32-bit draws exactly)
-                random = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)).double()
-                mask = torch.tensor(silent, device=importance.device).unsqueeze(1)
-                importance = torch.where(mask, random, importance.double())
-        elif self.use_importance and (config.fallback_partition == "random" or silent):
-            importance = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
+        importance, record = self._ranking_map(grid, units, draw_key)
+        in_pool = None
         if importance is not None:
             num_pool = pool_size(num_tokens, num_remove, config.pool_factor)
         if importance is not None and config.dst_selection != "cells":  # destinations from the pool

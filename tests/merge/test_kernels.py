@@ -5,9 +5,12 @@ On CUDA, tests/patch/test_cuda.py checks it against embedding_bag and inside com
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .test_plan import _importance_plan
 
@@ -90,3 +93,36 @@ def test_the_triton_kernel_is_used_only_while_compiling_cuda_inference(monkeypat
     got = plan.merge(seen_as_cuda, "triton")  # compiling CUDA tokens for inference
     assert calls == [(x.shape[0] * x.shape[1], x.shape[2])]
     torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "embedding_bag"])
+def test_merge_of_cuda_tokens_traces_to_the_chosen_kernel(kernel):
+    """torch.export (Dynamo, as torch.compile traces) of a merge of CUDA tokens, with fake tensors, so no GPU
+    is needed: the triton kernel traces as one `imptome.segment_mean` operator, without a graph break, with
+    embedding_bag's output shape and dtype; the default kernel stays embedding_bag."""
+    plan = _plan(8, 8, units=1, ratio=0.5, seed=7)
+
+    class Merge(torch.nn.Module):
+        def __init__(self, plan):
+            super().__init__()
+            self.plan = plan
+
+        def forward(self, x):
+            return self.plan.merge(x, kernel)
+
+    with FakeTensorMode():
+        on_cuda = {
+            f.name: torch.empty(value.shape, dtype=value.dtype, device="cuda")
+            for f in dataclasses.fields(plan)
+            if isinstance(value := getattr(plan, f.name), torch.Tensor)
+        }
+        x = torch.empty(plan.slot.shape[0], 64, 16, dtype=torch.float16, device="cuda")
+        graph = torch.export.export(Merge(dataclasses.replace(plan, **on_cuda)), (x,)).graph
+    targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    merges = [target for target in targets if "segment_mean" in target or "embedding_bag" in target]
+    assert len(merges) == 1
+    assert merges[0].startswith("imptome.segment_mean" if kernel == "triton" else "aten.embedding_bag")
+    (output,) = [node for node in graph.nodes if node.op == "output"][0].args[0]
+    merged = output.meta["val"]
+    assert merged.shape == (plan.slot.shape[0], plan.num_kept, 16)
+    assert merged.dtype == torch.float16 and merged.device.type == "cuda"

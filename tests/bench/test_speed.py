@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import imptome
@@ -153,6 +154,23 @@ def test_variants_run_as_in_mid_generation(unet):
                     uses_map = [record.importance is not None for record in records]
                     assert uses_map == [name != "tome"] * scope_plans
             assert not imptome.is_patched(unet)
+
+
+def test_proportional_attention_mid_generation_reads_the_processors():
+    """`importance-prop` entered mid-generation gives its mask the dtype of the attention scores, as a
+    generation's first call would: float32 where the math processor upcasts bfloat16 scores (SD2's
+    `upcast_attention`), which the benchmark once missed, so the row failed as if the variant did not run."""
+    unet = UNet2DConditionModel(**TINY_UNET, upcast_attention=True).eval().to(torch.bfloat16)
+    unet.set_attn_processor(AttnProcessor())
+    with registered():
+        call = _denoiser_call(unet, denoisers.example_inputs("tiny-sd", 128, dtype=torch.bfloat16))
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0].float(), 4, cond_first=False)
+        with Variant("importance-prop", 0.5).applied(unet, importance, timestep=500.0):
+            merged = call()[0]
+            (record,) = imptome.merge_plan(unet)
+            assert (record.roles == 0).any()  # merged
+    assert merged.dtype == torch.bfloat16 and torch.isfinite(merged).all()
 
 
 @pytest.mark.parametrize(("arch", "merged_layers"), [("tiny-sd", LAYERS), ("tiny-pixart", 28)])

@@ -118,6 +118,7 @@ def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, time
     with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
     state = patch_state(model)
     config = state.config
+    state.start_generation()  # as a generation's first call would: reads the model's attention processors
     state.enter_step(max(config.importance_start_step, config.merge_start_step))
     state.importance = importance
     state.silent_units = (False,) * importance.shape[0]  # checked at the generation's first guided call

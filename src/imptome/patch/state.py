@@ -287,25 +287,13 @@ class PatchState:
             and (self.last_shape == sample.shape or same_memory is False)
         )
         self.last_shape = sample.shape
-        if self.last_timestep is None or t > self.last_timestep or repeated_start or new_schedule:
-            new_generation = True
-            # a cache, chunking or another attention processor may have been set after patching
-            check_merged_layers(self.merged_modules, self.feed_forward_blocks)
-            for mask_dtype in self.mask_dtypes:
-                mask_dtype.float32 = scores_in_float32(mask_dtype.attention)
-            self.step = 0
-            self.maps_before, self.maps_now, self.latest_map = {}, {}, None
-            self.last_plans = []
-            self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
-            self.silent_units = None
-            self.sample_moved_since_pair = False
-            self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
-            self.layouts = {}
-        else:
-            new_generation = False
-            if t < self.last_timestep:
-                self.step += 1
-                self.maps_before, self.maps_now = self.maps_now, {}
+        went_up = self.last_timestep is None or t > self.last_timestep
+        new_generation = went_up or repeated_start or new_schedule
+        if new_generation:
+            self.start_generation()
+        elif t < self.last_timestep:
+            self.step += 1
+            self.maps_before, self.maps_now = self.maps_now, {}
         self.position = 0 if new_generation or t != self.last_timestep else self.position + 1
         self.last_timestep = t
         self._detect_copies(sample)  # with this generation's PAG layout
@@ -346,6 +334,22 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+
+    def start_generation(self) -> None:
+        """Forget the last generation (step, maps, plans, batch layouts) and read again what may have changed
+        on the model since patching: caches and chunking on merged layers (refused), attention processors
+        (the dtype of proportional attention's mask) and PAG's layout."""
+        check_merged_layers(self.merged_modules, self.feed_forward_blocks)
+        for mask_dtype in self.mask_dtypes:
+            mask_dtype.float32 = scores_in_float32(mask_dtype.attention)
+        self.step = 0
+        self.maps_before, self.maps_now, self.latest_map = {}, {}, None
+        self.last_plans = []
+        self.pair_step = self.cfg_step = self.last_sample = self.last_output = None
+        self.silent_units = None
+        self.sample_moved_since_pair = False
+        self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
+        self.layouts = {}
 
     def _pairs_with_last_call(self, sample: torch.Tensor, same_timestep_memory: bool) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample

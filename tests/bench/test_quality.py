@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -97,6 +98,34 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     capsys.readouterr()
     assert main(argv) == 2
     assert "holds images made with other settings: weights 'sha256:" in capsys.readouterr().err
+
+
+def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(
+    model_dir, prompt_file, tmp_path, monkeypatch
+):
+    """An image's merge draws depend on its row in the batch: a run resumed after an interruption makes the
+    batches of an uninterrupted run again (and saves only what is missing), not batches of what is left."""
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "2"]
+    argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--batch-size", "2"]
+    argv += ["--json", str(tmp_path / "q.json")]
+    assert main(argv) == 0
+    variant = quality.Variant("importance", 0.5)
+    cached = sorted((tmp_path / "q.cache" / variant.key).glob("*.png"))
+    assert len(cached) == 4  # 2 prompts x 2 seeds, in batches (prompt 0, prompt 1) per seed
+    key = hashlib.sha256(b"a blue square").hexdigest()[:16]  # prompt 1: row 1 of seed 0's batch
+    second = tmp_path / "q.cache" / variant.key / f"{key}_0.png"
+    uninterrupted = second.read_bytes()
+    second.unlink()  # as if the run had stopped before saving it
+    saved, save = [], quality.ImageCache.save
+
+    def record(self, variant, prompt_index, seed, image):
+        saved.append((variant.key, prompt_index, seed))
+        save(self, variant, prompt_index, seed, image)
+
+    monkeypatch.setattr(quality.ImageCache, "save", record)
+    assert main(argv) == 0
+    assert len(saved) == 1 and saved[0][0] == variant.key and saved[0][2] == 0
+    assert second.read_bytes() == uninterrupted
 
 
 @pytest.mark.parametrize(

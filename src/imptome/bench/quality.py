@@ -196,13 +196,18 @@ class ImageCache:
 
 
 def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> None:
-    """Make the missing images of one variant in batches; record step times and FLOPs."""
+    """Make the missing images of one variant; record step times and FLOPs.
+
+    Batches are fixed slices of `items`, and a batch with any image missing is made whole: an image's merge
+    draws depend on its row in the batch, so a resumed run makes the images an uninterrupted one would."""
     stats = cache.stats(variant)
-    todo = [(p, s) for p, s in items if not cache.has(variant, p, s)]
     denoiser = find_denoiser(pipe)
     with variant.applied(pipe):
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start : start + args.batch_size]
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start : start + args.batch_size]
+            missing = [(p, s) for p, s in batch if not cache.has(variant, p, s)]
+            if not missing:
+                continue
             generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in batch]
             with DenoiserTimer().attach(denoiser) as timer:
                 images = pipe(
@@ -212,10 +217,11 @@ def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> N
                     generator=generators,
                 ).images
             for (p, s), image in zip(batch, images, strict=True):
-                cache.save(variant, p, s, image)
+                if (p, s) in missing:
+                    cache.save(variant, p, s, image)
             stats["step_seconds"].append(timer.median)
             cache.save_stats(variant, stats)
-            progress.update(len(batch))
+            progress.update(len(missing))
         if "flops_per_step" not in stats:
             generator = torch.Generator(pipe.device).manual_seed(0)
             stats["flops_per_step"] = denoiser_flops(

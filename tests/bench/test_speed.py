@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,9 +17,9 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import imptome
 from imptome.bench import archs, denoisers
-from imptome.bench.flops import count_flops
+from imptome.bench.flops import flop_counter
 from imptome.bench.generation import generation_variants, sd_pipeline
-from imptome.bench.operators import count_operators
+from imptome.bench.operators import OperatorCounter
 from imptome.bench.speed import Variant, _denoiser_call, markdown_table
 from imptome.cli import build_parser, main
 from imptome.commands.speed import VARIANTS
@@ -39,7 +40,6 @@ TINY_ARCHS = {
         resolutions=(128,),
         text_seq_len=77,
         text_embed_dim=32,
-        published_params=0,
     ),
     "tiny-pixart": archs.ArchSpec(
         name="tiny-pixart",
@@ -48,7 +48,6 @@ TINY_ARCHS = {
         resolutions=(128,),
         text_seq_len=16,
         text_embed_dim=32,
-        published_params=0,
     ),
 }
 N, CHANNELS, LAYERS, ROWS = 256, 32, 5, 2
@@ -75,6 +74,18 @@ def tiny_archs():
 def unet():
     with registered():
         return denoisers.build_denoiser("tiny-sd")
+
+
+def count_flops(fn) -> int:
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def count_operators(fn) -> Counter[str]:
+    with OperatorCounter() as counter:
+        fn()
+    return counter.names
 
 
 def tiny_sd_inputs() -> dict:

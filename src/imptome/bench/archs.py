@@ -18,10 +18,10 @@ line can name the architectures without importing torch. Parameter counts, built
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ARCHS", "PUBLISHED_SOURCES", "ArchSpec"]
+__all__ = ["ARCHS", "ArchSpec"]
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -151,8 +151,8 @@ class ArchSpec:
 
     ``config`` builds the family's diffusers model (for ``animatediff`` the SD 1.5 UNet, combined with
     ``adapter_config`` by ``UNetMotionModel.from_unet2d``). ``text_seq_len`` x ``text_embed_dim`` is the
-    per-sample ``encoder_hidden_states``; ``pooled_embed_dim`` SDXL's ``text_embeds``. ``published_params``
-    is the reference count for tests (see ``PUBLISHED_SOURCES``).
+    per-sample ``encoder_hidden_states``; ``pooled_embed_dim`` SDXL's ``text_embeds``. The configs are checked
+    against the released models' parameter counts (tests/bench/test_archs.py).
     """
 
     name: str
@@ -161,13 +161,11 @@ class ArchSpec:
     resolutions: tuple[int, ...]  # default square image sizes in px
     text_seq_len: int
     text_embed_dim: int
-    published_params: int
     pooled_embed_dim: int | None = None
     num_frames: int | None = None
     adapter_config: dict[str, Any] | None = None
     vae_scale_factor: int = 8
     latent_channels: int = 4
-    notes: str = field(default="", compare=False)
 
     def latent_hw(self, res: int | tuple[int, int]) -> tuple[int, int]:
         """Latent (height, width) for an image of ``res`` px (an int is square)."""
@@ -194,6 +192,7 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
+        # Stable Diffusion 1.5 UNet; CLIP ViT-L/14 text encoder (77 x 768).
         ArchSpec(
             name="sd15",
             family="sd",
@@ -201,9 +200,8 @@ ARCHS: dict[str, ArchSpec] = {
             resolutions=(512, 768, 1024),
             text_seq_len=77,
             text_embed_dim=768,
-            published_params=859_520_964,
-            notes="Stable Diffusion 1.5 UNet; CLIP ViT-L/14 text encoder (77 x 768).",
         ),
+        # Stable Diffusion 2.x UNet (2.0/2.1, base and 768-v share it); OpenCLIP ViT-H (77 x 1024).
         ArchSpec(
             name="sd2",
             family="sd",
@@ -211,9 +209,8 @@ ARCHS: dict[str, ArchSpec] = {
             resolutions=(512, 768, 1024),
             text_seq_len=77,
             text_embed_dim=1024,
-            published_params=865_910_724,
-            notes="Stable Diffusion 2.x UNet (2.0/2.1, base and 768-v share it); OpenCLIP ViT-H (77 x 1024).",
         ),
+        # SDXL base 1.0 UNet; no attention at the full-resolution level; CLIP-L + OpenCLIP bigG.
         ArchSpec(
             name="sdxl",
             family="sdxl",
@@ -222,9 +219,8 @@ ARCHS: dict[str, ArchSpec] = {
             text_seq_len=77,
             text_embed_dim=2048,
             pooled_embed_dim=1280,
-            published_params=2_567_463_684,
-            notes="SDXL base 1.0 UNet; no attention at the full-resolution level; CLIP-L + OpenCLIP bigG.",
         ),
+        # PixArt-alpha XL/2 (1024-MS): 28 blocks, 1152 wide; T5-XXL text (120 x 4096) with a mask.
         ArchSpec(
             name="pixart-alpha",
             family="pixart",
@@ -232,9 +228,8 @@ ARCHS: dict[str, ArchSpec] = {
             resolutions=(512, 1024),
             text_seq_len=120,
             text_embed_dim=4096,
-            published_params=611_000_000,
-            notes="PixArt-alpha XL/2 (1024-MS): 28 blocks, 1152 wide; T5-XXL text (120 x 4096) with a mask.",
         ),
+        # SD 1.5 UNet + AnimateDiff motion adapter v1-5-2 (motion modules at every level and mid).
         ArchSpec(
             name="animatediff",
             family="animatediff",
@@ -244,9 +239,8 @@ ARCHS: dict[str, ArchSpec] = {
             num_frames=16,
             text_seq_len=77,
             text_embed_dim=768,
-            published_params=859_520_964 + 453_000_000,
-            notes="SD 1.5 UNet + AnimateDiff motion adapter v1-5-2 (motion modules at every level and mid).",
         ),
+        # Stable Video Diffusion UNet (spatial + temporal blocks at 3 levels); CLIP image embeds.
         ArchSpec(
             name="svd",
             family="svd",
@@ -255,9 +249,8 @@ ARCHS: dict[str, ArchSpec] = {
             num_frames=14,
             text_seq_len=1,  # one CLIP image embedding
             text_embed_dim=1024,
-            published_params=1_524_623_082,
-            notes="Stable Video Diffusion UNet (spatial + temporal blocks at 3 levels); CLIP image embeds.",
         ),
+        # SD3 Medium MMDiT: 24 joint blocks, 1536 wide, patch 2; CLIP-L/G + T5-XXL text: 333 x 4096
         ArchSpec(
             name="sd3",
             family="sd3",
@@ -267,19 +260,6 @@ ARCHS: dict[str, ArchSpec] = {
             text_embed_dim=4096,
             pooled_embed_dim=2048,
             latent_channels=16,
-            published_params=2_028_328_000,
-            notes="SD3 Medium MMDiT: 24 joint blocks, 1536 wide, patch 2; CLIP-L/G + T5-XXL text: 333 x 4096",
         ),
     )
-}
-
-#: Where each ``published_params`` comes from.
-PUBLISHED_SOURCES: dict[str, str] = {
-    "sd15": "exact count of the released SD 1.5 UNet",
-    "sd2": "exact count of the released SD 2.x UNet",
-    "sdxl": "exact count of the released SDXL base UNet",
-    "pixart-alpha": "~611M: 0.6B in the PixArt-alpha paper; ~2.45 GB fp32 transformer checkpoint",
-    "animatediff": "SD 1.5 UNet + ~453M motion modules (mm_sd_v15_v2 fp32 checkpoint: ~1.82 GB)",
-    "svd": "count of diffusers' UNetSpatioTemporalConditionModel with its default config, written for SVD",
-    "sd3": "exact count of the released SD3 Medium transformer config ('2B' in its model card)",
 }

@@ -26,7 +26,7 @@ from diffusers import (
 
 from imptome.bench.archs import ARCHS, ArchSpec
 
-__all__ = ["build_denoiser", "count_params", "example_inputs"]
+__all__ = ["build_denoiser", "example_inputs"]
 
 #: The diffusers model of each architecture family (animatediff: a UNetMotionModel built from an SD UNet).
 _MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
@@ -52,13 +52,6 @@ def _construct(spec: ArchSpec) -> torch.nn.Module:
         adapter = MotionAdapter(**spec.adapter_config)
         return UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
     return _MODEL_CLASSES[spec.family](**spec.config)
-
-
-def count_params(name: str) -> int:
-    """Number of parameters of the ``name`` denoiser, built on the meta device (no memory, ~0.1-1 s)."""
-    with torch.device("meta"):
-        model = _construct(_spec(name))
-    return sum(p.numel() for p in model.parameters())
 
 
 @contextmanager

@@ -10,8 +10,6 @@ dispatches to on the CPU, which would make attention free there; `flop_counter()
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -27,10 +25,3 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode that also counts scaled-dot-product attention on the CPU."""
     return FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of everything `fn()` runs."""
-    with flop_counter() as counter:
-        fn()
-    return counter.get_total_flops()

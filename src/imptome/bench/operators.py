@@ -8,7 +8,6 @@ wall time even when their kernels are short: their count is the device-independe
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,10 +35,3 @@ class OperatorCounter(TorchDispatchMode):
         if not func.is_view and func.overloadpacket not in _METADATA_ONLY:
             self.names[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
-
-
-def count_operators(fn: Callable[[], object]) -> Counter[str]:
-    """The operators that do work in `fn()`, by name."""
-    with OperatorCounter() as counter:
-        fn()
-    return counter.names

@@ -2,7 +2,6 @@
 
 from imptome.merge.importance import cfg_importance, guidance_importance, pool_to_grid
 from imptome.merge.partition import (
-    cell_count,
     cell_partition,
     importance_partition,
     importance_pool,
@@ -16,7 +15,6 @@ __all__ = [
     "MERGED",
     "MergePlan",
     "build_plan",
-    "cell_count",
     "cell_partition",
     "cfg_importance",
     "guidance_importance",

@@ -85,8 +85,3 @@ def cell_partition(
     offset = random_bits(key, (units, cells_y, cells_x)) % (sy * sx)  # row-major position inside the cell
     # offset // sx rows down and offset % sx columns right: offset + (offset // sx) * (w - sx)
     return (corner + offset + (offset // sx) * (w - sx)).flatten(1)
-
-
-def cell_count(grid: tuple[int, int], sy: int, sx: int) -> int:
-    """Number of destinations `cell_partition` draws on a grid."""
-    return (grid[0] // sy) * (grid[1] // sx)

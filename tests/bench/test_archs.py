@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 
 from imptome.bench import denoisers
@@ -119,7 +120,7 @@ def test_example_inputs_options():
 
 def test_materialize_is_deterministic_and_finite():
     def build(seed: int) -> torch.nn.Module:
-        with denoisers._params_on_meta():
+        with init_empty_weights(include_buffers=False):
             layers = [torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 8)]
             model = torch.nn.Sequential(*layers)
         denoisers._materialize(model, torch.bfloat16, torch.device("cpu"), seed)

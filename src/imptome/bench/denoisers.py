@@ -10,11 +10,10 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import (
     MotionAdapter,
     PixArtTransformer2DModel,
@@ -52,23 +51,6 @@ def _construct(spec: ArchSpec) -> torch.nn.Module:
         adapter = MotionAdapter(**spec.adapter_config)
         return UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
     return _MODEL_CLASSES[spec.family](**spec.config)
-
-
-@contextmanager
-def _params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device but buffers (positional tables) for real, on CPU."""
-    register = torch.nn.Module.register_parameter
-
-    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
 
 
 _PATTERN_LEN = 1_048_573  # prime, so the fill pattern does not line up with rows or channels
@@ -116,7 +98,7 @@ def build_denoiser(
     Memory: parameters x dtype size (SDXL fp32: 10.3 GB).
     """
     spec = _spec(name)
-    with _params_on_meta():
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (tables) real
         model = _construct(spec)
     _materialize(model, dtype, torch.device(device), seed)
     return model.eval()

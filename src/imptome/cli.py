@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 import types
@@ -191,6 +192,22 @@ def _write_problem(folder: Path) -> str | None:
             return None
     except OSError as error:
         return error.strerror or str(error)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path.tmp`, fsync it, rename it to `path` and fsync the folder: `path` is whole or absent."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def tomesd_installed() -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,13 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.cli import CliError, apply_patch_or_fail, prepare_output_folder, warn_outside_grammar
+from imptome.cli import (
+    CliError,
+    apply_patch_or_fail,
+    prepare_output_folder,
+    warn_outside_grammar,
+    write_atomically,
+)
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 
 METADATA_KEY = "imptome"
@@ -100,22 +105,6 @@ def pending_items(items: list[WorkItem], out: Path, settings: dict[str, Any]) ->
             "Use another --out folder, or delete those images to regenerate them with these arguments."
         )
     return pending
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path.tmp`, fsync it, rename it to `path` and fsync the folder: `path` is whole or absent."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
 
 def save_image(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:

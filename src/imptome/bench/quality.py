@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +37,7 @@ import imptome
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note
-from imptome.cli import CliError
+from imptome.cli import CliError, write_atomically
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts
@@ -174,9 +174,9 @@ class ImageCache:
         self._claim()
         path = self.path(variant, prompt_index, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        write_atomically(path, png.getvalue())
 
     def load(self, variant: Variant, items: list[tuple[int, int]]) -> np.ndarray:
         return np.stack([np.asarray(Image.open(self.path(variant, p, s)).convert("RGB")) for p, s in items])
@@ -189,9 +189,7 @@ class ImageCache:
         self._claim()
         path = self.root / variant.key / "stats.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(stats).encode())
 
 
 def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imptome.merge import cfg_importance
+
 from . import classifier, data
 
 CARD = Path(__file__).parent / "model_card.json"
@@ -49,8 +51,7 @@ class ImportanceRecorder:
 
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         eps = output.sample if hasattr(output, "sample") else output[0]
-        e_u, e_c = eps.float().chunk(2)  # diffusers pipelines batch [uncond, cond]
-        m = (e_c - e_u).abs().mean(1)
+        m = cfg_importance(eps, eps.shape[1], cond_first=False)  # diffusers pipelines batch [uncond, cond]
         self.total = m if self.total is None else self.total + m
         self.steps += 1
 

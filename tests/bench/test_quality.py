@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import shutil
 
@@ -98,6 +99,20 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     capsys.readouterr()
     assert main(argv) == 2
     assert "holds images made with other settings: weights 'sha256:" in capsys.readouterr().err
+
+
+def test_prompts_the_classifier_cannot_score_still_get_paired_psnr(model_dir, prompt_file, tmp_path):
+    """Paired PSNR differences need no classifier: with prompts outside the bundled model's grammar they are
+    reported, and only the accuracy difference is left out."""
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    argv += ["--methods", "tome", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(out)]
+    assert main(argv) == 0
+    (comparison,) = json.loads(out.read_text())["comparisons"]
+    assert (comparison["method"], comparison["baseline"]) == ("importance", "tome")
+    assert comparison["accuracy_diff"] is None and comparison["accuracy_ci95"] is None
+    assert math.isfinite(comparison["psnr_diff_db"]) and len(comparison["psnr_ci95"]) == 2
+    assert "| importance | tome | 0.5 | - | " in out.with_suffix(".md").read_text()
 
 
 def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(

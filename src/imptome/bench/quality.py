@@ -285,8 +285,8 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             all_db = psnr(images, baseline)
             db = all_db[np.isfinite(all_db)]  # identical images have no finite PSNR
             similarity = ssim(images, baseline)
-            if classifier is not None:
-                paired[variant.key] = (anywhere, counts, all_db)
+            scores = (anywhere, counts) if classifier is not None else (None, None)
+            paired[variant.key] = (*scores, all_db)
             fidelity = {
                 "psnr": float(db.mean()) if len(db) else None,
                 "psnr_ci95": bootstrap_ci(db) if len(db) else None,
@@ -326,15 +326,16 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         (hits, counts, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
         both = np.isfinite(db) & np.isfinite(base_db)
         db_diff = db[both] - base_db[both]
+        scored = hits is not None  # accuracy only where the classifier scores the prompts
         comparisons.append(
             {
                 "method": variant.method,
                 "baseline": baseline.method,
                 "ratio": variant.ratio,
-                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()),
-                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts),
-                "psnr_diff_db": float(db_diff.mean()),
-                "psnr_ci95": bootstrap_ci(db_diff),
+                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()) if scored else None,
+                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts) if scored else None,
+                "psnr_diff_db": float(db_diff.mean()) if len(db_diff) else None,
+                "psnr_ci95": bootstrap_ci(db_diff) if len(db_diff) else None,
             }
         )
     return rows, comparisons

@@ -18,6 +18,7 @@ import imptome
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from imptome.patch.api import patch_state
 from imptome.patch.families import finest_attention_downsample
+from imptome.patch.state import _ranking_keys
 from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
 from tests.patch.probes import token_shapes
 
@@ -735,6 +736,19 @@ def test_an_image_whose_prompt_is_its_negative_prompt_merges_with_a_random_map(s
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="imptome: for .* the conditional and unconditional")
         roles_of([""])
+
+
+def test_ranking_keys_order_as_the_map_does():
+    """In a batch where some images' maps are zero, the others' maps rank tokens as int64 keys beside the
+    random map's draws (no float64, which Apple GPUs lack): the keys order exactly as the floats, ties
+    included (0.0 and -0.0 too), so topk picks the same tokens."""
+    values = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 4000)
+    values[::7], values[::11], values[::13] = 0.0, -0.0, 2.5  # ties
+    values[:4] = torch.tensor([float("inf"), float("-inf"), 1e-45, -1e-45])  # extremes and subnormals
+    keys = _ranking_keys(values)
+    assert keys.dtype == torch.int64
+    assert torch.equal(keys.sort(stable=True).indices, values.sort(stable=True).indices)
+    assert torch.equal(keys.topk(1500).indices, values.topk(1500).indices)
 
 
 def test_unet_without_transformer_blocks_is_refused_at_patch_time():

@@ -78,6 +78,15 @@ def _reusable(
     )
 
 
+def _ranking_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys [...] that order as the float32 `values` [...] do (equal values, equal keys): the bits of a
+    float32 order as its value when it is >= 0, and negative ones in reverse, so their magnitude bits are
+    flipped (-0.0 is made 0.0 first). A map mixes with 32-bit random draws this way without float64, which
+    Apple GPUs lack."""
+    bits = (values.float() + 0.0).view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+
+
 @dataclass
 class MaskDtype:
     """Whether a merged self-attention gets proportional attention's mask in float32 (it adds the mask to
@@ -541,11 +550,11 @@ class PatchState:
             cfg_map = pool_to_grid(self.call_map, grid)
             if not any(silent):
                 return cfg_map, cfg_map
-            # the images whose map is zero rank tokens by the random map (the same ranks as alone in their
-            # batch: float64 holds the 32-bit draws exactly)
-            random = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)).double()
+            # the images whose map is zero rank tokens by the random map (its 32-bit draws, as alone in their
+            # batch), the others by theirs, both as int64
+            random = random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens))
             mask = torch.tensor(silent, device=cfg_map.device).unsqueeze(1)
-            return torch.where(mask, random, cfg_map.double()), cfg_map
+            return torch.where(mask, random, _ranking_keys(cfg_map)), cfg_map
         if self.config.fallback_partition == "random" or silent:
             return random_bits(draw_key ^ _RANDOM_MAP_STREAM, (units, num_tokens)), None
         return None, None

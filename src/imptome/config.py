@@ -241,7 +241,7 @@ PRESETS: dict[str, MergeConfig] = {
     "unet": MergeConfig(),
     # PixArt-alpha/sigma (paper: 1024 px, 20 steps, ratio 0.5, blocks 7-20 of 28, self+cross attention,
     # random pruning at step 0, importance pruning on steps 1-3, importance merging from step 4; pool factor
-    # 1.0 as here, destinations drawn from the pool instead of cells).
+    # 1.0 as here; the paper draws destinations from the pool, this preset keeps the default 2x2 cells).
     "pixart": MergeConfig(
         ratio=0.5,
         importance_start_step=1,

@@ -24,6 +24,7 @@ from imptome.bench.timing import quartiles, synchronize
 from imptome.commands.speed import DEEPCACHE_INTERVAL
 
 CACHE_BRANCH = 0  # with DEEPCACHE_INTERVAL, DeepCache's own example setting
+GUIDANCE = 7.5  # the SD pipelines' default guidance scale
 
 
 def sd_ddim_scheduler() -> DDIMScheduler:
@@ -102,7 +103,7 @@ def measure_generations(
     say: Callable[[str], None],
     tag: str,
 ) -> list[dict[str, Any]]:
-    """Seconds per generation of `steps` DDIM steps at guidance 7.5 (a CFG batch per step) for every
+    """Seconds per generation of `steps` DDIM steps at guidance GUIDANCE (a CFG batch per step) for every
     variant, alternated over `rounds` rounds after a one-step warm-up; rows with median, IQR and the
     speedup over "none" from the same run."""
     pipe = sd_pipeline(unet)
@@ -118,7 +119,7 @@ def measure_generations(
             height=res,
             width=res,
             num_inference_steps=num_steps,
-            guidance_scale=7.5,
+            guidance_scale=GUIDANCE,
             latents=latents,
             output_type="latent",
         )

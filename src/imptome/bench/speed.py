@@ -51,10 +51,10 @@ import imptome
 from imptome.bench.archs import ARCHS, ArchSpec
 from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
-from imptome.bench.generation import measure_generations
+from imptome.bench.generation import GUIDANCE, measure_generations
 from imptome.bench.operators import OperatorCounter
 from imptome.bench.timing import PeakMemory, WorkTimer, busy_machine_note, quartiles, synchronize
-from imptome.commands.speed import MEMORY_FORMATS
+from imptome.commands.speed import DEEPCACHE_INTERVAL, MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
@@ -512,7 +512,8 @@ def _write(
     )
     text = header + markdown_table(rows) + "\n"
     if generation_rows:
-        text += "\nWhole generations (denoising loop, CFG 7.5, DeepCache interval 3):\n\n"
+        settings = f"denoising loop, CFG {GUIDANCE:g}, DeepCache interval {DEEPCACHE_INTERVAL}"
+        text += f"\nWhole generations ({settings}):\n\n"
         text += generation_table(generation_rows) + "\n"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(text)

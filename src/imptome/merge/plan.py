@@ -1,7 +1,8 @@
 """Matching sources to destinations, the resulting merge plan, and merge / unmerge.
 
-Shapes: U plan units (one per image, or per video frame), B denoiser rows (2U under CFG: both halves of
-a sample share one plan), N tokens, D destinations, R removed tokens, K = N - R kept tokens, C channels.
+Shapes: U plan units (one per image, or per video frame; one per row when every row is matched on its own
+tokens, `match_rows="each"`), B denoiser rows (2U under CFG when both halves of a sample share one plan), N
+tokens, D destinations, R removed tokens, K = N - R kept tokens, C channels.
 """
 
 from __future__ import annotations

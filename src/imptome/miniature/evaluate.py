@@ -27,7 +27,7 @@ from . import classifier, data
 CARD = Path(__file__).parent / "model_card.json"
 
 
-def load_pipeline(path: str | Path | None = None) -> Any:
+def load_miniature_pipeline(path: str | Path | None = None) -> Any:
     """The shipped StableDiffusionPipeline (offline, safety checker off)."""
     from diffusers import StableDiffusionPipeline
 
@@ -130,7 +130,7 @@ def evaluate(
     grid_dir: Path | None = None,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    pipe = load_pipeline(model)
+    pipe = load_miniature_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     clf = classifier.load_classifier()
     obj_lists = data.held_out_prompts()
@@ -167,7 +167,7 @@ def evaluate(
 
 def describe_model(path: str | Path | None = None) -> dict[str, Any]:
     """Sizes and shapes of the pipeline's components."""
-    pipe = load_pipeline(path)
+    pipe = load_miniature_pipeline(path)
 
     def n(m: torch.nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())

@@ -106,8 +106,9 @@ class PlanRecord:
         grid: (h, w) token grid.
         layer: name of the block whose tokens built the plan (with plan_scope="step" it is reused by every
             merged layer of this grid).
-        importance: [U, h, w] the pooled CFG importance map it was built from, or None (no map: method
-            "tome", a warm-up step, or a call without CFG).
+        importance: [U, h, w] the pooled CFG importance map of the call, or None (no CFG map: method
+            "tome", a warm-up step, or a call without CFG, which with fallback "random" ranks by a random
+            map). An image whose map is zero is planned from a random map in its place.
         roles: [B, h, w] per denoiser row: 0 merged, 1 destination, 2 independent.
         source: [B, h * w] index of the kept token whose attention output each token receives.
         pruned: True when removed tokens were dropped rather than averaged (warm-up).

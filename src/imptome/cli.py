@@ -88,8 +88,8 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"a MergeConfig option as KEY=VALUE, repeatable (e.g. {example}; block_range=7,21; none for no "
-        "value); see imptome.MergeConfig",
+        help=f"a MergeConfig option as KEY=VALUE, repeatable (e.g. {example}; block_range=7,21 on "
+        "transformer denoisers; none for no value); see imptome.MergeConfig",
     )
 
 

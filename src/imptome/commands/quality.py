@@ -99,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=Path("quality.json"), help="results JSON")
     parser.add_argument("--markdown", type=Path, help="results table (default: next to --json)")
     parser.add_argument("--plot", type=Path, help="metric-vs-ratio plot (default: next to --json)")
-    parser.add_argument("--cache", type=Path, help="image cache for resuming (default: <json>.cache/)")
+    parser.add_argument(
+        "--cache", type=Path, help="image cache for resuming (default: --json with .cache for its suffix)"
+    )
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     add_dtype_argument(parser)
 

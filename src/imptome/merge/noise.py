@@ -12,6 +12,8 @@ one key's elements are all distinct, so ranking them has no ties.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -49,8 +51,5 @@ def random_bits(key: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
     Element i (row-major) holds mix32(i ^ key); no host synchronisation.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    index = torch.arange(numel, dtype=torch.int64, device=key.device).view(shape)
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=key.device).view(shape)
     return mix32(index ^ key)

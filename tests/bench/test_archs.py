@@ -70,26 +70,26 @@ def test_example_inputs_fit_the_model(name: str, res: int):
     spec = ARCHS[name]
     kwargs = example_inputs(name, res, batch=1, device="meta")
     h = w = res // 8
-    first = kwargs["hidden_states"] if spec.family in ("pixart", "sd3") else kwargs["sample"]
+    first = kwargs["hidden_states"] if spec.model_kind in ("pixart", "sd3") else kwargs["sample"]
     frames = spec.num_frames
-    if spec.family == "svd":  # frames before channels; 4 channels of image latents after the noisy ones
+    if spec.model_kind == "svd":  # frames before channels; 4 channels of image latents after the noisy ones
         assert first.shape == (2, frames, 8, h, w)
     else:
         channels = spec.latent_channels
         assert first.shape == ((2, channels, frames, h, w) if frames else (2, channels, h, w))
-    text_batch = 2 * frames if spec.family == "animatediff" else 2
+    text_batch = 2 * frames if spec.model_kind == "animatediff" else 2
     assert kwargs["encoder_hidden_states"].shape == (text_batch, spec.text_seq_len, spec.text_embed_dim)
-    if spec.family == "sdxl":
+    if spec.model_kind == "sdxl":
         assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (2, 1280)
         assert kwargs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
     with torch.device("meta"):
         model = denoisers._construct(spec).to("meta")  # SVD makes a buffer on the CPU whatever the context
     with torch.no_grad():
         out = model(**kwargs)[0]
-    if spec.family == "svd":
+    if spec.model_kind == "svd":
         assert out.shape == (2, frames, 4, h, w)
     else:
-        out_channels = {"pixart": 8, "sd3": 16}.get(spec.family, 4)
+        out_channels = {"pixart": 8, "sd3": 16}.get(spec.model_kind, 4)
         assert out.shape == first.shape[:1] + (out_channels,) + first.shape[2:]
 
 

@@ -35,7 +35,7 @@ TINY_PIXART = {**PIXART_CONFIG, "num_layers": 28}
 TINY_ARCHS = {
     "tiny-sd": archs.ArchSpec(
         name="tiny-sd",
-        family="sd",
+        model_kind="sd",
         config=TINY_UNET,
         resolutions=(128,),
         text_seq_len=77,
@@ -43,7 +43,7 @@ TINY_ARCHS = {
     ),
     "tiny-pixart": archs.ArchSpec(
         name="tiny-pixart",
-        family="pixart",
+        model_kind="pixart",
         config=TINY_PIXART,
         resolutions=(128,),
         text_seq_len=16,

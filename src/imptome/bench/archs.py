@@ -149,14 +149,16 @@ SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
 class ArchSpec:
     """One benchmark architecture and the conditioning its pipeline sends to the denoiser.
 
-    ``config`` builds the family's diffusers model (for ``animatediff`` the SD 1.5 UNet, combined with
+    ``config`` builds the ``model_kind``'s diffusers model (for ``animatediff`` the SD 1.5 UNet, combined with
     ``adapter_config`` by ``UNetMotionModel.from_unet2d``). ``text_seq_len`` x ``text_embed_dim`` is the
     per-sample ``encoder_hidden_states``; ``pooled_embed_dim`` SDXL's ``text_embeds``. The configs are checked
     against the released models' parameter counts (tests/bench/test_archs.py).
     """
 
     name: str
-    family: str  # "sd" | "sdxl" | "pixart" | "animatediff" | "svd" | "sd3"
+    # which diffusers model and conditioning: "sd" | "sdxl" | "pixart" | "animatediff" | "svd" | "sd3" (not
+    # the preset family imptome patches it with, `DenoiserInfo.family`)
+    model_kind: str
     config: dict[str, Any]
     resolutions: tuple[int, ...]  # default square image sizes in px
     text_seq_len: int
@@ -181,10 +183,10 @@ class ArchSpec:
         attention level is 2x downsampled. PixArt, SD3: one token per ``patch_size``^2 latent patch.
         """
         h, w = self.latent_hw(res)
-        if self.family in ("pixart", "sd3"):
+        if self.model_kind in ("pixart", "sd3"):
             p = self.config["patch_size"]
             return (h // p) * (w // p)
-        if self.family == "sdxl":
+        if self.model_kind == "sdxl":
             return math.ceil(h / 2) * math.ceil(w / 2)
         return h * w
 
@@ -195,7 +197,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Stable Diffusion 1.5 UNet; CLIP ViT-L/14 text encoder (77 x 768).
         ArchSpec(
             name="sd15",
-            family="sd",
+            model_kind="sd",
             config=SD15_UNET,
             resolutions=(512, 768, 1024),
             text_seq_len=77,
@@ -204,7 +206,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Stable Diffusion 2.x UNet (2.0/2.1, base and 768-v share it); OpenCLIP ViT-H (77 x 1024).
         ArchSpec(
             name="sd2",
-            family="sd",
+            model_kind="sd",
             config=SD2_UNET,
             resolutions=(512, 768, 1024),
             text_seq_len=77,
@@ -213,7 +215,7 @@ ARCHS: dict[str, ArchSpec] = {
         # SDXL base 1.0 UNet; no attention at the full-resolution level; CLIP-L + OpenCLIP bigG.
         ArchSpec(
             name="sdxl",
-            family="sdxl",
+            model_kind="sdxl",
             config=SDXL_UNET,
             resolutions=(1024,),
             text_seq_len=77,
@@ -223,7 +225,7 @@ ARCHS: dict[str, ArchSpec] = {
         # PixArt-alpha XL/2 (1024-MS): 28 blocks, 1152 wide; T5-XXL text (120 x 4096) with a mask.
         ArchSpec(
             name="pixart-alpha",
-            family="pixart",
+            model_kind="pixart",
             config=PIXART_ALPHA_TRANSFORMER,
             resolutions=(512, 1024),
             text_seq_len=120,
@@ -232,7 +234,7 @@ ARCHS: dict[str, ArchSpec] = {
         # SD 1.5 UNet + AnimateDiff motion adapter v1-5-2 (motion modules at every level and mid).
         ArchSpec(
             name="animatediff",
-            family="animatediff",
+            model_kind="animatediff",
             config=SD15_UNET,
             adapter_config=MOTION_ADAPTER_V152,
             resolutions=(512,),
@@ -243,7 +245,7 @@ ARCHS: dict[str, ArchSpec] = {
         # Stable Video Diffusion UNet (spatial + temporal blocks at 3 levels); CLIP image embeds.
         ArchSpec(
             name="svd",
-            family="svd",
+            model_kind="svd",
             config=SVD_UNET,
             resolutions=(512, 768),  # 768 px square: the 9216 tokens per frame of SVD's native 576 x 1024
             num_frames=14,
@@ -253,7 +255,7 @@ ARCHS: dict[str, ArchSpec] = {
         # SD3 Medium MMDiT: 24 joint blocks, 1536 wide, patch 2; CLIP-L/G + T5-XXL text: 333 x 4096
         ArchSpec(
             name="sd3",
-            family="sd3",
+            model_kind="sd3",
             config=SD3_MEDIUM_TRANSFORMER,
             resolutions=(1024,),
             text_seq_len=77 + 256,  # CLIP tokens, then T5's

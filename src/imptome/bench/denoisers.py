@@ -27,7 +27,7 @@ from imptome.bench.archs import ARCHS, ArchSpec
 
 __all__ = ["build_denoiser", "example_inputs"]
 
-#: The diffusers model of each architecture family (animatediff: a UNetMotionModel built from an SD UNet).
+#: The diffusers model of each model kind (animatediff: a UNetMotionModel built from an SD UNet).
 _MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
     "sd": UNet2DConditionModel,
     "sdxl": UNet2DConditionModel,
@@ -46,11 +46,11 @@ def _spec(name: str) -> ArchSpec:
 
 def _construct(spec: ArchSpec) -> torch.nn.Module:
     """Instantiate the model in the ambient device context (meta, empty-weights or real)."""
-    if spec.family == "animatediff":
+    if spec.model_kind == "animatediff":
         unet = UNet2DConditionModel(**spec.config)
         adapter = MotionAdapter(**spec.adapter_config)
         return UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
-    return _MODEL_CLASSES[spec.family](**spec.config)
+    return _MODEL_CLASSES[spec.model_kind](**spec.config)
 
 
 _PATTERN_LEN = 1_048_573  # prime, so the fill pattern does not line up with rows or channels
@@ -152,7 +152,7 @@ def example_inputs(
     timestep = torch.tensor(500, dtype=torch.int64, device=device)
     text = randn(n, spec.text_seq_len, spec.text_embed_dim)
     kwargs: dict[str, Any]
-    if spec.family == "pixart":
+    if spec.model_kind == "pixart":
         mask = torch.zeros(n, spec.text_seq_len, dtype=torch.int64)
         mask[:, :16] = 1
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
@@ -168,21 +168,21 @@ def example_inputs(
             "encoder_attention_mask": mask.to(device),
             "added_cond_kwargs": added,
         }
-    elif spec.family == "animatediff":
+    elif spec.model_kind == "animatediff":
         frames = num_frames or spec.num_frames
         kwargs = {
             "sample": latents(spec.latent_channels, frames, h, w),
             "timestep": timestep,
             "encoder_hidden_states": text.repeat_interleave(frames, dim=0),
         }
-    elif spec.family == "sd3":
+    elif spec.model_kind == "sd3":
         kwargs = {
             "hidden_states": latents(spec.latent_channels, h, w),
             "timestep": timestep[None].expand(n).to(dtype),
             "encoder_hidden_states": text,
             "pooled_projections": randn(n, spec.pooled_embed_dim),
         }
-    elif spec.family == "svd":
+    elif spec.model_kind == "svd":
         frames = num_frames or spec.num_frames
         image = randn(batch, 1, spec.latent_channels, h, w).expand(-1, frames, -1, -1, -1)
         if cfg:
@@ -197,7 +197,7 @@ def example_inputs(
     else:
         sample = latents(spec.latent_channels, h, w)
         kwargs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
-        if spec.family == "sdxl":
+        if spec.model_kind == "sdxl":
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * n)
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": randn(n, spec.pooled_embed_dim),

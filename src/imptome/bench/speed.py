@@ -188,7 +188,7 @@ def _set_attention(model: torch.nn.Module, spec: ArchSpec, attention: str) -> No
     image tokens together; `imptome.commands.speed.check` refuses "math" for it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    if spec.family != "sd3":
+    if spec.model_kind != "sd3":
         model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
@@ -546,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)
             rows += _rows(records, spec, res, settings, model)
-            if settings.generation_steps and spec.family == "sd":
+            if settings.generation_steps and spec.model_kind == "sd":
                 measured = measure_generations(
                     model,
                     _inputs(spec, res, settings),

@@ -82,7 +82,7 @@ def check(args: argparse.Namespace) -> None:
         for res in values:
             if res <= 0 or res % ARCHS[name].vae_scale_factor:
                 raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
-    joint = [name for name in archs if ARCHS[name].family == "sd3"]
+    joint = [name for name in archs if ARCHS[name].model_kind == "sd3"]
     if joint and args.attention == "math":
         raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
     names = [name.lower() for name in _split(args.variants)] or list(VARIANTS)
@@ -109,8 +109,8 @@ def check(args: argparse.Namespace) -> None:
             f"--generation-steps {args.generation_steps}: 0 (off) or at least {DEEPCACHE_INTERVAL + 1}, so "
             "that DeepCache reuses its cache at least once"
         )
-    if args.generation_steps and all(ARCHS[name].family != "sd" for name in archs):
-        sd_unets = [name for name in ARCHS if ARCHS[name].family == "sd"]
+    if args.generation_steps and all(ARCHS[name].model_kind != "sd" for name in archs):
+        sd_unets = [name for name in ARCHS if ARCHS[name].model_kind == "sd"]
         raise CliError(
             f"--generation-steps: whole generations are timed on {', '.join(sd_unets)} only (DeepCache's "
             f"Stable Diffusion helper), not on {', '.join(archs)}; add one of those to --arch"

@@ -67,19 +67,19 @@ def _progress(step: int, total: int, elapsed: float, budget_min: float) -> float
 
 
 def _optim_state_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+    state_dict = opt.state_dict()
     tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
+    for param_id, param_state in state_dict["state"].items():
+        for k, v in param_state.items():
+            tensors[f"{param_id}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": state_dict["param_groups"]}
 
 
 def _optim_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
+        param_id, k = key.split(".", 1)
+        state.setdefault(int(param_id), {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -92,9 +92,9 @@ def _save_ckpt(
         f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()
     }
     save_file(weights, tmp / "weights.safetensors")
-    ot, om = _optim_state_to_tensors(opt)
-    save_file({k: v.contiguous() for k, v in ot.items()}, tmp / "optim.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**meta, "optim": om}))
+    optim_tensors, optim_meta = _optim_state_to_tensors(opt)
+    save_file({k: v.contiguous() for k, v in optim_tensors.items()}, tmp / "optim.safetensors")
+    (tmp / "state.json").write_text(json.dumps({**meta, "optim": optim_meta}))
     if path.exists():
         for f in path.iterdir():
             f.unlink()
@@ -123,10 +123,10 @@ def train_vae(args: argparse.Namespace, out: Path) -> torch.nn.Module:
         vae.load_state_dict(load_file(final))
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    ck = out / "ckpt_vae"
+    checkpoint = out / "ckpt_vae"
     start, before = 0, 0.0
-    if ck.exists():
-        meta = _load_ckpt(ck, {"vae": vae}, opt)
+    if checkpoint.exists():
+        meta = _load_ckpt(checkpoint, {"vae": vae}, opt)
         start, before = meta["step"], meta.get("elapsed", 0.0)
         _log(out, f"vae: resumed at step {start}")
     t0 = time.time()
@@ -167,7 +167,8 @@ def train_vae(args: argparse.Namespace, out: Path) -> torch.nn.Module:
                 out, f"vae step {step + 1}/{args.vae_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)"
             )
         if (step + 1) % args.ckpt_every == 0:
-            _save_ckpt(ck, {"vae": vae}, opt, {"step": step + 1, "elapsed": before + time.time() - t0})
+            progress = {"step": step + 1, "elapsed": before + time.time() - t0}
+            _save_ckpt(checkpoint, {"vae": vae}, opt, progress)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, final)
     _timing(out, "vae_s", before + time.time() - t0)
     return vae
@@ -208,14 +209,19 @@ def cache_latents(
 
 @torch.no_grad()
 def probe_positions(
-    vae: torch.nn.Module, unet: torch.nn.Module, te: torch.nn.Module, tok: Any, scale: float, seed: int
+    vae: torch.nn.Module,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tok: Any,
+    scale: float,
+    seed: int,
 ) -> dict[str, float]:
     """Quick check on single-object prompts: is the most saturated grid cell the prompted one, and is the
     colour there right? 9 positions x 2 seeds, 15 DPM-Solver steps, guidance 5."""
     objs = [data.Obj(p % len(data.COLOURS), p % len(data.SHAPES), p) for p in range(data.N_POS)] * 2
     prompts = [data.prompt_for([o]) for o in objs]
-    cond = build.encode_prompts(tok, te, prompts)
-    uncond = build.encode_prompts(tok, te, [""] * len(prompts))
+    cond = build.encode_prompts(tok, text_encoder, prompts)
+    uncond = build.encode_prompts(tok, text_encoder, [""] * len(prompts))
     g = torch.Generator().manual_seed(seed)
     lat, _ = build.denoise(unet, build.build_inference_scheduler(), cond, uncond, 5.0, 15, g)
     img = (vae.decode(lat / scale).sample.clamp(-1, 1) + 1) / 2  # [n, 3, H, W]
@@ -244,13 +250,13 @@ def train_unet(
 ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     torch.manual_seed(args.seed)
     tok = build.build_tokenizer()
-    te = build.build_text_encoder(len(tok))
+    text_encoder = build.build_text_encoder(len(tok))
     unet = build.build_unet()
     scale = float(1.0 / lat.std())
-    ema_te, ema_unet = copy.deepcopy(te).eval(), copy.deepcopy(unet).eval()
+    ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     for p in (*ema_te.parameters(), *ema_unet.parameters()):
         p.requires_grad_(False)
-    params = [*te.parameters(), *unet.parameters()]
+    params = [*text_encoder.parameters(), *unet.parameters()]
     ema_params = [*ema_te.parameters(), *ema_unet.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = build.build_train_scheduler()
@@ -262,16 +268,17 @@ def train_unet(
         loss_weight = torch.ones_like(snr)
     ids_all = build.tokenize(tok, prompts)
     ids_empty = build.tokenize(tok, [""])[0]
-    modules = {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet}
-    ck = out / "ckpt_unet"
+    modules = {"te": text_encoder, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet}
+    checkpoint = out / "ckpt_unet"
     start, before = 0, 0.0
-    if ck.exists():
-        meta = _load_ckpt(ck, modules, opt)
+    if checkpoint.exists():
+        meta = _load_ckpt(checkpoint, modules, opt)
         start, before = meta["step"], meta.get("elapsed", 0.0)
         _log(out, f"unet: resumed at step {start}")
     _log(
         out,
-        f"unet {build.n_params(unet) / 1e6:.2f}M params, text encoder {build.n_params(te) / 1e6:.2f}M, "
+        f"unet {build.n_params(unet) / 1e6:.2f}M params, "
+        f"text encoder {build.n_params(text_encoder) / 1e6:.2f}M, "
         f"latent scale {scale:.4f}, {len(prompts)} training pairs",
     )
     t0 = time.time()
@@ -294,7 +301,7 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
-        emb = te(ids)[0]
+        emb = text_encoder(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=emb).sample
         target = sched.get_velocity(x0, noise, t)  # build.SCHEDULER_CONFIG predicts v
         loss = (loss_weight[t] * (pred - target).pow(2).mean((1, 2, 3))).mean()
@@ -312,21 +319,22 @@ def train_unet(
                 f"({time.time() - t0:.0f}s)",
             )
         if args.probe_every and (step + 1) % args.probe_every == 0:
-            tp = time.time()
+            probe_start = time.time()
             r = probe_positions(vae, ema_unet, ema_te, tok, scale, args.seed)
-            _log(out, f"probe step {step + 1}: {r} ({time.time() - tp:.0f}s)")
+            _log(out, f"probe step {step + 1}: {r} ({time.time() - probe_start:.0f}s)")
         if (step + 1) % args.ckpt_every == 0:
-            _save_ckpt(ck, modules, opt, {"step": step + 1, "elapsed": before + time.time() - t0})
+            _save_ckpt(checkpoint, modules, opt, {"step": step + 1, "elapsed": before + time.time() - t0})
     else:
         step = args.unet_steps
     _timing(out, "unet_s", before + time.time() - t0)
-    _save_ckpt(ck, modules, opt, {"step": step, "elapsed": before + time.time() - t0, "finished": True})
+    finished = {"step": step, "elapsed": before + time.time() - t0, "finished": True}
+    _save_ckpt(checkpoint, modules, opt, finished)
     _log(out, f"unet: finished at step {step}")
     return ema_te, ema_unet, scale
 
 
 def export(
-    path: Path, vae: torch.nn.Module, te: torch.nn.Module, unet: torch.nn.Module, scale: float
+    path: Path, vae: torch.nn.Module, text_encoder: torch.nn.Module, unet: torch.nn.Module, scale: float
 ) -> None:
     """Write the EMA weights as a StableDiffusionPipeline save_pretrained folder (safetensors)."""
     from diffusers import StableDiffusionPipeline
@@ -334,7 +342,7 @@ def export(
     vae.register_to_config(scaling_factor=scale)
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=te,
+        text_encoder=text_encoder,
         tokenizer=build.build_tokenizer(),
         unet=unet,
         scheduler=build.build_inference_scheduler(),
@@ -350,11 +358,11 @@ def export_checkpoint(out: Path, path: Path) -> int:
     vae = build.build_vae()
     vae.load_state_dict(load_file(out / "vae_final.safetensors"))
     lat = load_file(out / "latents.safetensors")["latents"]
-    te, unet = build.build_text_encoder(len(build.build_tokenizer())), build.build_unet()
+    text_encoder, unet = build.build_text_encoder(len(build.build_tokenizer())), build.build_unet()
     weights = load_file(out / "ckpt_unet" / "weights.safetensors")
-    for name, m in (("ema_te", te), ("ema_unet", unet)):
+    for name, m in (("ema_te", text_encoder), ("ema_unet", unet)):
         m.load_state_dict({k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")})
-    export(path, vae, te, unet, float(1.0 / lat.std()))
+    export(path, vae, text_encoder, unet, float(1.0 / lat.std()))
     return json.loads((out / "ckpt_unet" / "state.json").read_text())["step"]
 
 
@@ -396,9 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     for p in vae.parameters():
         p.requires_grad_(False)
     lat, prompts = cache_latents(args, args.out, vae)
-    te, unet, scale = train_unet(args, args.out, vae, lat, prompts)
+    text_encoder, unet, scale = train_unet(args, args.out, vae, lat, prompts)
     if args.export:
-        export(args.export, vae, te, unet, scale)
+        export(args.export, vae, text_encoder, unet, scale)
         _log(args.out, f"exported pipeline to {args.export}")
     _log(args.out, f"done in {time.time() - t0:.0f}s this invocation")
 

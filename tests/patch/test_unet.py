@@ -1363,6 +1363,42 @@ def test_back_to_back_one_step_generations_do_not_depend_on_each_other(sd):
     assert np.array_equal(generate(sd, prompt=["a blue square", "a red circle"], **one_step), fresh_pair)
 
 
+def test_generations_taking_turns_on_one_denoiser_are_warned_about(sd):
+    """Two generations, each with its own scheduler, taking turns step by step on one patched UNet (a server
+    interleaving requests): every call's timestep lives in the other scheduler's memory, so every call starts
+    a new generation and none merges by importance. imptome cannot keep two generations apart, but says so
+    once three generations in a row stopped after one call in schedules that went on. The same generations
+    one after another, and generations stopped after their first step now and then, are not warned about."""
+    from diffusers import DDIMScheduler
+
+    imptome.apply_patch(sd, ratio=0.5)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=torch.Generator().manual_seed(0))
+    latents = [torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    schedules = []
+    for _ in latents:
+        scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+        scheduler.set_timesteps(4)
+        schedules.append(scheduler.timesteps)
+
+    def call(latent, t):
+        with torch.no_grad():
+            sd.unet(latent.repeat(2, 1, 1, 1), t, encoder_hidden_states=text)  # a CFG batch [x, x]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome: the last generations on this denoiser")
+        for latent, schedule in zip(latents, schedules, strict=True):  # one after another
+            for t in schedule:
+                call(latent, t)
+        for _ in range(3):
+            generate(sd, callback_on_step_end=stop_after_first_step)  # one schedule, stopped each time
+            generate(sd)
+    with pytest.warns(UserWarning, match="If generations take turns on it .* none merges by importance"):
+        for turn in zip(*schedules, strict=True):
+            for latent, t in zip(latents, turn, strict=True):
+                call(latent, t)
+                assert patch_state(sd).step == 0 and not patch_state(sd).use_importance
+
+
 @pytest.mark.parametrize("made_per_step", [True, False], ids=["tensor-per-step", "schedule-view"])
 def test_split_cfg_by_hand_steps_through_the_generation(made_per_step):
     """Split CFG in a hand-written loop: a timestep tensor made for each step and passed to both passes

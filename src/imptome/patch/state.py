@@ -193,6 +193,10 @@ class PatchState:
     last_output: torch.Tensor | None = None
     last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
+    # Generations in a row that stopped after their first call while their schedules held more timesteps:
+    # generations taking turns on this denoiser look like that (see begin_call).
+    stopped_early_in_a_row: int = 0
+    warned_turns: bool = False
     # Per image, whether the first map of the generation was zero everywhere: the conditional and
     # unconditional predictions were equal (e.g. the prompt is the negative prompt), so the map ranks nothing
     # and a random map stands in for it (see _build). None until that map is checked (end_call), once per
@@ -276,6 +280,8 @@ class PatchState:
             self.last_sample = self.last_output = None
         self.call_open = True
         t = self.read_timestep(timestep)
+        # the last generation made one call, whose schedule held later timesteps (read before it is replaced)
+        stopped_early = self.step == 0 and self.calls == 0 and self.compare_timestep_memory.more_to_come
         same_memory, new_schedule = self.compare_timestep_memory(timestep, t)
         same_timestep = t == self.last_timestep
         # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
@@ -301,9 +307,11 @@ class PatchState:
         new_generation = went_up or repeated_start or new_schedule
         if new_generation:
             self.start_generation()
+            self._count_stopped_early(stopped_early and self.last_timestep is not None)
         elif t < self.last_timestep:
             self.step += 1
             self.maps_before, self.maps_now = self.maps_now, {}
+            self.stopped_early_in_a_row = 0
         self.position = 0 if new_generation or t != self.last_timestep else self.position + 1
         self.last_timestep = t
         self._detect_copies(sample)  # with this generation's PAG layout
@@ -344,6 +352,23 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+
+    def _count_stopped_early(self, stopped_early: bool) -> None:
+        """Warn once when three generations in a row stopped after one call although their schedules went on:
+        generations that take turns on one denoiser (each call with its own scheduler's timestep) are each
+        taken for a new generation at every call, so every call is a first step and none merges by
+        importance."""
+        self.stopped_early_in_a_row = self.stopped_early_in_a_row + 1 if stopped_early else 0
+        if self.stopped_early_in_a_row >= 3 and self.config.ratio > 0 and not self.warned_turns:
+            warnings.warn(
+                "imptome: the last generations on this denoiser each stopped after one step although their "
+                "schedules had more. If generations take turns on it (interleaved requests, or a generation "
+                "run inside another's step callback), imptome takes every call for a generation's first step "
+                "(random cells, pruned), and none merges by importance. Run them one after another, in one "
+                "batch, or on separate copies of the denoiser (copy.deepcopy, then apply_patch).",
+                stacklevel=_outside_libraries(),
+            )
+            self.warned_turns = True
 
     def start_generation(self) -> None:
         """Forget the last generation (step, maps, plans, batch layouts) and read again what may have changed

@@ -13,10 +13,16 @@ def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _elements_after(tensor: torch.Tensor) -> int:
+    """How many elements of `tensor`'s memory lie after the last one it reads (e.g. the later timesteps of a
+    schedule that a view of one timestep leaves)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset() - span
+
+
 def _views_part_of_its_memory(tensor: torch.Tensor) -> bool:
     """Whether `tensor` reads fewer elements than its memory holds (e.g. one timestep of a schedule)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    return span < tensor.untyped_storage().nbytes() // tensor.element_size()
+    return tensor.storage_offset() > 0 or _elements_after(tensor) > 0
 
 
 class TimestepMemory:
@@ -38,6 +44,12 @@ class TimestepMemory:
     def in_schedule(self) -> bool:
         """Whether the last call's timestep lives in a schedule of several timesteps."""
         return self._last is not None and self._is_schedule
+
+    @property
+    def more_to_come(self) -> bool:
+        """Whether the last call's timestep lives in a schedule that holds later timesteps after it: a
+        generation that ends with that call stopped before its last step."""
+        return self.in_schedule and _elements_after(self._last) > 0
 
     def __call__(self, timestep: object, t: float) -> tuple[bool | None, bool]:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is

@@ -13,7 +13,8 @@ from imptome.bench.flops import flop_counter
 
 
 class DenoiserTimer:
-    """Wall time of every call of a module (CUDA-synchronised), via forward hooks."""
+    """Wall time of every call of a module (CUDA-synchronised), via forward hooks around every other hook of
+    the module (a patch's included)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -31,7 +32,8 @@ class DenoiserTimer:
                 torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self._start)
 
-        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        # first of the pre-hooks and last of the hooks: the call's time includes imptome's hooks on the module
+        handles = [module.register_forward_pre_hook(pre, prepend=True), module.register_forward_hook(post)]
         try:
             yield self
         finally:
@@ -56,7 +58,7 @@ def denoiser_flops(module: torch.nn.Module, run: Callable[[], object]) -> float:
         def post(*_: object) -> None:
             per_call.append(counter.get_total_flops() - start[0])
 
-        handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles = [module.register_forward_pre_hook(pre, prepend=True), module.register_forward_hook(post)]
         try:
             run()
         finally:

@@ -20,7 +20,7 @@ from imptome.bench import archs, denoisers
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import generation_variants, sd_pipeline
 from imptome.bench.operators import OperatorCounter
-from imptome.bench.speed import Variant, _denoiser_call, markdown_table
+from imptome.bench.speed import Variant, _denoiser_call, markdown_table, round_order
 from imptome.cli import build_parser, main
 from imptome.commands.speed import VARIANTS
 from imptome.commands.speed import check as check_speed_arguments
@@ -150,6 +150,19 @@ def test_flop_counter_counts_cpu_attention():
     )
 
 
+@pytest.mark.parametrize("count", [2, 5, 11])
+def test_round_order_balances_positions_over_each_pair_of_rounds(count):
+    """Rounds come in pairs (a rotation, then the same rotation reversed): over each pair every variant's
+    mean position in the round is the middle, so a steady drift weighs on every variant alike, and the
+    pairs rotate, so the variants change neighbours."""
+    variants = list(range(count))
+    orders = [round_order(variants, index) for index in range(6)]
+    assert all(sorted(order) == variants for order in orders)
+    for first, second in zip(orders[::2], orders[1::2], strict=True):
+        assert all(first.index(v) + second.index(v) == count - 1 for v in variants)
+    assert len({tuple(order) for order in orders[::2]}) == min(count, 3)
+
+
 def test_variants_run_as_in_mid_generation(unet):
     unet.set_attn_processor(AttnProcessor2_0())
     call = _denoiser_call(unet, tiny_sd_inputs())
@@ -235,6 +248,7 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
         assert (row["error"] is None) == runs, row["error"]
         if runs:
             assert row["median_s"] > 0 and row["flops"] > 0 and row["speedup"] > 0
+            assert row["round_speedups"] == [pytest.approx(row["speedup"])]  # one round: the same ratio
             assert row["ideal_speedup"] > 1 or row["variant"] == "none"
             assert 0 <= row["overhead_frac"] < 1
             own_work = {kind for kind, seconds in row["overhead_breakdown_s"].items() if seconds > 0}

@@ -267,8 +267,7 @@ def _measure_case(
 
     active = [record for record in records if record.error is None]
     for round_index in range(settings.rounds):
-        shift = round_index % len(active)
-        for record in active[shift:] + active[:shift]:
+        for record in round_order(active, round_index):
             variant = record.variant
             with variant.applied(model, importance, timestep), torch.inference_mode():
                 timer.reset()
@@ -287,6 +286,16 @@ def _measure_case(
                 record.own_work.append(dict(timer.seconds))
             say(f"{tag} round {round_index + 1}/{settings.rounds} {variant.label}: {seconds:.3f} s")
     return records
+
+
+def round_order(items: list, round_index: int) -> list:
+    """The order of the variants in a round: rounds come in pairs, a rotation of the list and then the same
+    rotation reversed, so within each pair every variant's mean position is the middle and a steady drift in
+    the machine's speed weighs on every variant alike; each pair rotates one step further, so the variants
+    change neighbours."""
+    shift = (round_index // 2) % len(items)
+    order = items[shift:] + items[:shift]
+    return order[::-1] if round_index % 2 else order
 
 
 def _case_fields(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
@@ -324,6 +333,9 @@ def _rows(
         if record.error is None and record.seconds:
             median = statistics.median(record.seconds)
             q1, q3 = quartiles(record.seconds)
+            # per round, against the unmerged call of the same round: less exposed to drift between rounds
+            round_speedups = [b / t for b, t in zip(base.seconds, record.seconds, strict=True)]
+            round_q1, round_q3 = quartiles(round_speedups)
             own = [sum(parts.values()) for parts in record.own_work]
             own_median = statistics.median(own) if own else 0.0
             kinds = sorted({kind for parts in record.own_work for kind in parts})
@@ -334,6 +346,10 @@ def _rows(
                 max_s=max(record.seconds),
                 times_s=record.seconds,
                 speedup=base_median / median if base_median else None,
+                # per round, against the unmerged call of the same round: less exposed to drift
+                round_speedups=round_speedups,
+                round_speedup_median=statistics.median(round_speedups),
+                round_speedup_iqr=round_q3 - round_q1,
                 flops=record.flops,
                 ideal_speedup=base.flops / record.flops if base.flops and record.flops else None,
                 operators=record.operators,
@@ -441,17 +457,24 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _per_round(row: dict) -> str:
+    """The median of a row's per-round speedups and their IQR, e.g. "1.36x [0.04]"."""
+    if row.get("round_speedup_median") is None:
+        return "-"
+    return f"{row['round_speedup_median']:.2f}x [{row['round_speedup_iqr']:.2f}]"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| arch | res | variant | ratio | median s/step | IQR s | speedup | GFLOP/step | ideal | efficiency "
-        "| own work | operators (own) | peak mem GiB |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| arch | res | variant | ratio | median s/step | IQR s | speedup | per round [IQR] | GFLOP/step "
+        "| ideal | efficiency | own work | operators (own) | peak mem GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         if row["error"] is not None:
             lines.append(
                 f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
-                f"| does not run: {row['error'][:60]} ||||||||| "
+                f"| does not run: {row['error'][:60]} |||||||||| "
             )
             continue
         overhead = row.get("overhead_frac")
@@ -463,7 +486,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
             f"| {_fmt(row['median_s'], 3)} | {_fmt(row.get('iqr_s'), 3)} | {_fmt(row['speedup'], 2, 'x')} "
-            f"| {_fmt(gflop, 1)} | {_fmt(row['ideal_speedup'], 2, 'x')} "
+            f"| {_per_round(row)} | {_fmt(gflop, 1)} | {_fmt(row['ideal_speedup'], 2, 'x')} "
             f"| {_fmt(row['efficiency'])} | {_fmt(None if overhead is None else 100 * overhead, 1, '%')} "
             f"| {'-' if operators is None else operators} "
             f"| {_fmt(None if memory is None else memory / 2**30, 2)} |"

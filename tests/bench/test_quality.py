@@ -18,7 +18,7 @@ from imptome.bench import quality
 from imptome.cli import main
 from imptome.commands import quality as quality_command
 from imptome.commands.quality import ablation_options
-from tests.factories import tiny_sd_pipeline
+from tests.factories import tiny_sd_pipeline, tiny_sd_unet
 
 FIELDS = {
     "method", "ratio", "n_images", "accuracy", "accuracy_ci95", "position_accuracy", "frechet", "psnr",
@@ -101,6 +101,16 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     assert "holds images made with other settings: weights 'sha256:" in capsys.readouterr().err
 
 
+def test_tomesd_merges_at_the_finest_level_with_attention():
+    """As in `bench speed`: on a UNet without attention at full resolution (SDXL-like) tomesd's default level
+    would merge nothing, so it is patched at the finest level that has attention."""
+    pytest.importorskip("tomesd")
+    pipe = tiny_sd_pipeline()
+    pipe.unet = tiny_sd_unet(top_level_attention=False)
+    with quality.Variant("tomesd", 0.5).applied(pipe):
+        assert pipe.unet._tome_info["args"]["max_downsample"] == 2
+
+
 def test_prompts_the_classifier_cannot_score_still_get_paired_psnr(model_dir, prompt_file, tmp_path):
     """Paired PSNR differences need no classifier: with prompts outside the bundled model's grammar they are
     reported, and only the accuracy difference is left out."""
@@ -116,7 +126,7 @@ def test_prompts_the_classifier_cannot_score_still_get_paired_psnr(model_dir, pr
 
 
 def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(
-    model_dir, prompt_file, tmp_path, monkeypatch
+    model_dir, prompt_file, tmp_path, monkeypatch, capsys
 ):
     """An image's merge draws depend on its row in the batch: a run resumed after an interruption makes the
     batches of an uninterrupted run again (and saves only what is missing), not batches of what is left."""
@@ -141,6 +151,16 @@ def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(
     assert main(argv) == 0
     assert len(saved) == 1 and saved[0][0] == variant.key and saved[0][2] == 0
     assert second.read_bytes() == uninterrupted
+
+    # images made under other package versions (which round slightly differently) are not mixed in
+    settings_file = tmp_path / "q.cache" / "settings.json"
+    settings = json.loads(settings_file.read_text())
+    assert set(settings["versions"]) == {"torch", "diffusers", "transformers", "tomesd"}
+    settings["versions"]["torch"] = "0.0.1"
+    settings_file.write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "holds images made with other settings: versions" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import io
 import json
 import sys
@@ -42,6 +43,7 @@ from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts
 from imptome.patch.api import find_denoiser, patch_state
+from imptome.patch.families import finest_attention_downsample
 from imptome.visualize import figure_path
 
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
@@ -65,7 +67,10 @@ class Variant:
         if self.method == "tomesd":
             import tomesd
 
-            tomesd.apply_patch(pipe, ratio=self.ratio)
+            # at imptome's level (the finest with attention), as `bench speed` patches it; tomesd's default,
+            # the full-resolution level, has no attention on SDXL, where it would merge nothing
+            finest = finest_attention_downsample(find_denoiser(pipe))
+            tomesd.apply_patch(pipe, ratio=self.ratio, max_downsample=finest)
         elif self.method != "none":
             options = ablation_options(self.method) or {}
             imptome.apply_patch(pipe, ratio=self.ratio, method=base_method(self.method), **options)
@@ -137,6 +142,17 @@ def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str |
 
 
 # ---------------------------------------------------------------------------------------------- images
+
+
+def _package_versions() -> dict[str, str | None]:
+    """Versions of the packages whose arithmetic makes the images (tomesd: its rows)."""
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "tomesd"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 class ImageCache:
@@ -438,6 +454,7 @@ def run(args: argparse.Namespace) -> int:
     cache_root = args.cache
     settings = {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
+        "versions": _package_versions(),  # and so, slightly, do the images of other packages' versions
         "model": model,
         "weights": model_fingerprint(model),
         "steps": args.steps,

@@ -20,7 +20,8 @@ from imptome.bench import archs, denoisers
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import generation_variants, sd_pipeline
 from imptome.bench.operators import OperatorCounter
-from imptome.bench.speed import Variant, _denoiser_call, markdown_table, round_order
+from imptome.bench.speed import Variant, _denoiser_call, markdown_table
+from imptome.bench.timing import round_order
 from imptome.cli import build_parser, main
 from imptome.commands.speed import VARIANTS
 from imptome.commands.speed import check as check_speed_arguments

@@ -20,11 +20,13 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import imptome
-from imptome.bench.timing import quartiles, synchronize
+from imptome.bench.timing import quartiles, round_order, synchronize
 from imptome.commands.speed import DEEPCACHE_INTERVAL
 
 CACHE_BRANCH = 0  # with DEEPCACHE_INTERVAL, DeepCache's own example setting
 GUIDANCE = 7.5  # the SD pipelines' default guidance scale
+# steps of each variant's warm-up: imptome's SD schedule prunes at steps 0-1 and merges by importance from 2
+WARM_UP_STEPS = 3
 
 
 def sd_ddim_scheduler() -> DDIMScheduler:
@@ -104,8 +106,8 @@ def measure_generations(
     tag: str,
 ) -> list[dict[str, Any]]:
     """Seconds per generation of `steps` DDIM steps at guidance GUIDANCE (a CFG batch per step) for every
-    variant, alternated over `rounds` rounds after a one-step warm-up; rows with median, IQR and the
-    speedup over "none" from the same run."""
+    variant, alternated over `rounds` rounds (`round_order`) after a warm-up generation of each; rows with
+    median, IQR and the speedup over "none" from the same run."""
     pipe = sd_pipeline(unet)
     device = unet.device
     text = inputs["encoder_hidden_states"]
@@ -129,10 +131,11 @@ def measure_generations(
     # Called as users call a pipeline: under its own no_grad, not inference_mode (whose tensors, the
     # scheduler's timesteps among them, have no version counter, so imptome would read each timestep
     # from the GPU and wait for it).
-    generate(1)
+    for variant in variants:  # a warm-up generation through every phase of each variant's schedule
+        with variant.applied(pipe):
+            generate(min(steps, WARM_UP_STEPS))
     for round_index in range(rounds):
-        shift = round_index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
+        for variant in round_order(variants, round_index):
             with variant.applied(pipe):
                 synchronize(device)
                 start = time.perf_counter()

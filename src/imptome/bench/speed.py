@@ -53,7 +53,14 @@ from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import GUIDANCE, measure_generations
 from imptome.bench.operators import OperatorCounter
-from imptome.bench.timing import PeakMemory, WorkTimer, busy_machine_note, quartiles, synchronize
+from imptome.bench.timing import (
+    PeakMemory,
+    WorkTimer,
+    busy_machine_note,
+    quartiles,
+    round_order,
+    synchronize,
+)
 from imptome.commands.speed import DEEPCACHE_INTERVAL, MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
@@ -286,16 +293,6 @@ def _measure_case(
                 record.own_work.append(dict(timer.seconds))
             say(f"{tag} round {round_index + 1}/{settings.rounds} {variant.label}: {seconds:.3f} s")
     return records
-
-
-def round_order(items: list, round_index: int) -> list:
-    """The order of the variants in a round: rounds come in pairs, a rotation of the list and then the same
-    rotation reversed, so within each pair every variant's mean position is the middle and a steady drift in
-    the machine's speed weighs on every variant alike; each pair rotates one step further, so the variants
-    change neighbours."""
-    shift = (round_index // 2) % len(items)
-    order = items[shift:] + items[:shift]
-    return order[::-1] if round_index % 2 else order
 
 
 def _case_fields(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:

@@ -47,6 +47,16 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q1, q3
 
 
+def round_order(items: list, round_index: int) -> list:
+    """The order of the variants in a round: rounds come in pairs, a rotation of the list and then the same
+    rotation reversed, so within each pair every variant's mean position is the middle and a steady drift in
+    the machine's speed weighs on every variant alike; each pair rotates one step further, so the variants
+    change neighbours."""
+    shift = (round_index // 2) % len(items)
+    order = items[shift:] + items[:shift]
+    return order[::-1] if round_index % 2 else order
+
+
 def busy_machine_note() -> str | None:
     """A caution for printed timings when other work keeps the CPU busy (1-minute load average above the
     core count): stalls then land in some timed calls and not others, so ratios of a few calls mislead."""

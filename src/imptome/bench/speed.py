@@ -490,6 +490,8 @@ def markdown_table(rows: list[dict]) -> str:
         )
     if any(row.get("device", "").startswith("cpu") for row in rows):
         lines.append("\nOn the CPU, peak mem is the process's peak resident memory, weights included.")
+    if any(row.get("device", "").startswith("cuda") for row in rows):
+        lines.append("\nOn a GPU, peak mem is the most memory allocated in a timed call, weights included.")
     if any((row.get("efficiency") or 0) > 1 for row in rows):
         lines.append(
             "\nAn efficiency above 1: the FLOP count sees matrix products only, while merging also shrinks "

@@ -343,7 +343,6 @@ def _rows(
                 max_s=max(record.seconds),
                 times_s=record.seconds,
                 speedup=base_median / median if base_median else None,
-                # per round, against the unmerged call of the same round: less exposed to drift
                 round_speedups=round_speedups,
                 round_speedup_median=statistics.median(round_speedups),
                 round_speedup_iqr=round_q3 - round_q1,

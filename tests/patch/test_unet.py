@@ -1392,11 +1392,19 @@ def test_generations_taking_turns_on_one_denoiser_are_warned_about(sd):
         for _ in range(3):
             generate(sd, callback_on_step_end=stop_after_first_step)  # one schedule, stopped each time
             generate(sd)
-    with pytest.warns(UserWarning, match="If generations take turns on it .* none merges by importance"):
+
+    def take_turns():
         for turn in zip(*schedules, strict=True):
             for latent, t in zip(latents, turn, strict=True):
                 call(latent, t)
-                assert patch_state(sd).step == 0 and not patch_state(sd).use_importance
+                assert patch_state(sd).step == 0
+
+    with pytest.warns(UserWarning, match="If generations take turns on it .* none merges by importance"):
+        take_turns()
+    imptome.apply_patch(sd, ratio=0.5, method="tome")  # merges the same at every step: nothing to say
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="imptome: the last generations on this denoiser")
+        take_turns()
 
 
 @pytest.mark.parametrize("made_per_step", [True, False], ids=["tensor-per-step", "schedule-view"])

@@ -359,7 +359,8 @@ class PatchState:
         taken for a new generation at every call, so every call is a first step and none merges by
         importance."""
         self.stopped_early_in_a_row = self.stopped_early_in_a_row + 1 if stopped_early else 0
-        if self.stopped_early_in_a_row >= 3 and self.config.ratio > 0 and not self.warned_turns:
+        ranks_by_map = self.config.method == "importance" and self.config.ratio > 0  # tome has no schedule
+        if self.stopped_early_in_a_row >= 3 and ranks_by_map and not self.warned_turns:
             warnings.warn(
                 "imptome: the last generations on this denoiser each stopped after one step although their "
                 "schedules had more. If generations take turns on it (interleaved requests, or a generation "

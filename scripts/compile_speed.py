@@ -46,7 +46,7 @@ from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from imptome.bench.speed import Variant, _denoiser_call
-from imptome.bench.timing import quartiles, synchronize
+from imptome.bench.timing import quartiles, round_order, synchronize
 from imptome.config import MergeConfig
 
 from denoiser_case import add_case_arguments, back_to_back, build_case
@@ -135,8 +135,9 @@ def main() -> None:
             rows.append(row)
             steps.append((eager, compiled))
         graphs = counters["stats"]["unique_graphs"]
-        for _ in tqdm(range(args.calls), desc="rounds (every variant, eager and compiled)"):
-            for row, (eager, compiled) in zip(rows, steps, strict=True):
+        cases = list(zip(rows, steps, strict=True))
+        for round_index in tqdm(range(args.calls), desc="rounds (every variant, eager and compiled)"):
+            for row, (eager, compiled) in round_order(cases, round_index):
                 row["eager"] += timed_calls(eager, device, 1)
                 row["compiled"] += timed_calls(compiled, device, 1)
                 if args.back_to_back:

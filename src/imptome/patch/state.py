@@ -199,8 +199,8 @@ class PatchState:
     warned_turns: bool = False
     # Per image, whether the first map of the generation was zero everywhere: the conditional and
     # unconditional predictions were equal (e.g. the prompt is the negative prompt), so the map ranks nothing
-    # and a random map stands in for it (see _build). None until that map is checked (end_call), once per
-    # generation.
+    # and a random map stands in for it (see _ranking_map). None until that map is checked (end_call), once
+    # per generation.
     silent_units: tuple[bool, ...] | None = None
     warned_silent_map: bool = False
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
@@ -245,6 +245,12 @@ class PatchState:
                 self.call_map_buffer.copy_(chosen)
             else:
                 self.call_map_buffer = chosen.clone()
+
+    @property
+    def ranks_by_map(self) -> bool:
+        """Whether an importance map ranks this patch's tokens (method "importance", ratio > 0): only then do
+        a zero map or a generation that never reaches importance merging matter (tome has neither)."""
+        return self.config.method == "importance" and self.config.ratio > 0
 
     @property
     def cfg(self) -> bool:
@@ -359,8 +365,7 @@ class PatchState:
         taken for a new generation at every call, so every call is a first step and none merges by
         importance."""
         self.stopped_early_in_a_row = self.stopped_early_in_a_row + 1 if stopped_early else 0
-        ranks_by_map = self.config.method == "importance" and self.config.ratio > 0  # tome has no schedule
-        if self.stopped_early_in_a_row >= 3 and ranks_by_map and not self.warned_turns:
+        if self.stopped_early_in_a_row >= 3 and self.ranks_by_map and not self.warned_turns:
             warnings.warn(
                 "imptome: the last generations on this denoiser each stopped after one step although their "
                 "schedules had more. If generations take turns on it (interleaved requests, or a generation "
@@ -493,8 +498,7 @@ class PatchState:
             self._keep_map(guidance_importance(self.last_output, noise_pred, channels))
             self.pair_step = self.step
             self.sample_moved_since_pair = False
-        ranks_by_map = self.config.method == "importance" and self.config.ratio > 0
-        if (self.cfg or self.paired) and self.silent_units is None and ranks_by_map:
+        if (self.cfg or self.paired) and self.silent_units is None and self.ranks_by_map:
             self._check_map_signal(self.latest_map)
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())

@@ -12,6 +12,18 @@ import torch
 from imptome.bench.flops import flop_counter
 
 
+@contextmanager
+def _around_calls(module: torch.nn.Module, before: Callable, after: Callable) -> Iterator[None]:
+    """`before` and `after` every call of `module` for the duration, outside every other hook of it: the first
+    pre-hook and the last hook, so a patch's hooks on the module count as part of the call."""
+    handles = [module.register_forward_pre_hook(before, prepend=True), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class DenoiserTimer:
     """Wall time of every call of a module (CUDA-synchronised), via forward hooks around every other hook of
     the module (a patch's included)."""
@@ -32,13 +44,8 @@ class DenoiserTimer:
                 torch.cuda.synchronize()
             self.seconds.append(time.perf_counter() - self._start)
 
-        # first of the pre-hooks and last of the hooks: the call's time includes imptome's hooks on the module
-        handles = [module.register_forward_pre_hook(pre, prepend=True), module.register_forward_hook(post)]
-        try:
+        with _around_calls(module, pre, post):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @property
     def median(self) -> float:
@@ -58,10 +65,6 @@ def denoiser_flops(module: torch.nn.Module, run: Callable[[], object]) -> float:
         def post(*_: object) -> None:
             per_call.append(counter.get_total_flops() - start[0])
 
-        handles = [module.register_forward_pre_hook(pre, prepend=True), module.register_forward_hook(post)]
-        try:
+        with _around_calls(module, pre, post):
             run()
-        finally:
-            for handle in handles:
-                handle.remove()
     return float(sum(per_call) / len(per_call))

@@ -25,8 +25,10 @@ never runs (planning's sorts and top-k, the merge, kernels into which Inductor f
 summed as an upper bound on its own work: a fused kernel counts whole, model work in it included. Those
 among them named for no model operation (`MODEL_OPERATION`) are imptome's alone: a lower bound.
 
-The variant importance-triton is importance with `merge_kernel="triton"`: the compiled step averages with
-imptome's Triton kernel instead of ATen's embedding_bag (its eager step is the same as importance's).
+The variant importance-embedding-bag is importance with `merge_kernel="embedding_bag"`: the compiled step
+averages with ATen's embedding_bag instead of imptome's Triton kernel, which the default ("auto") uses where
+triton imports (the eager steps are the same). Up to imptome 0.7 embedding_bag was the default and the
+variant importance-triton chose the Triton kernel.
 """
 
 from __future__ import annotations
@@ -74,11 +76,11 @@ MODEL_OPERATION = re.compile(
 
 @dataclass(frozen=True)
 class CompiledVariant(Variant):
-    """A bench variant, or importance-triton: importance with merge_kernel="triton"."""
+    """A bench variant, or importance-embedding-bag: importance with merge_kernel="embedding_bag"."""
 
     def config(self, family: str) -> MergeConfig:
-        if self.name == "importance-triton":
-            return replace(self, name="importance").config(family).replace(merge_kernel="triton")
+        if self.name == "importance-embedding-bag":
+            return replace(self, name="importance").config(family).replace(merge_kernel="embedding_bag")
         return super().config(family)
 
 
@@ -99,7 +101,7 @@ def main() -> None:
         help="Inductor mode; reduce-overhead replays CUDA graphs, which removes the launch cost that bounds "
         "an eager merged step on a GPU",
     )
-    names = ["none", "tome", "importance", "importance-triton"]
+    names = ["none", "tome", "importance", "importance-embedding-bag"]
     parser.add_argument("--variants", nargs="+", default=names, choices=names)
     parser.add_argument("--back-to-back", type=int, default=5, help="calls in a row per round (0: none)")
     parser.add_argument(

@@ -15,7 +15,7 @@ MatchRows = Literal["cond", "each"]
 DstSelection = Literal["random", "topk", "cells"]
 PlanScope = Literal["step", "layer"]
 Fallback = Literal["auto", "random", "tome"]
-MergeKernel = Literal["embedding_bag", "triton"]
+MergeKernel = Literal["auto", "triton", "embedding_bag"]
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,14 @@ class MergeConfig:
         similarity_chunk: upper bound on similarity-matrix entries held at once per plan (bounds memory
             at large token counts). The default, 2**26 (128 MB in half precision), computes SD2's 1024 px
             top level (12288 sources x 4096 destinations) in one piece: fewer launches on a GPU.
-        merge_kernel: what averages the merged tokens. "embedding_bag" (default): one ATen
-            `embedding_bag(mode="mean")`. "triton": inside torch.compile on CUDA, imptome's Triton kernel
-            (float32 sums in a fixed order, deterministic as embedding_bag is), which Inductor puts into
-            its graph; eager steps and CPU tokens keep embedding_bag, whose launch costs the host less.
-            Training (tokens that need a gradient) keeps embedding_bag too. Needs the triton package
-            (PyTorch's CUDA wheels install it). Not yet run on a GPU as shipped, hence not the default: a
-            copy of the kernel, timed alone on an H100, took 5-7 times less GPU time than embedding_bag.
+        merge_kernel: what averages the merged tokens while torch.compile traces a step on CUDA. "auto"
+            (default): imptome's Triton kernel (`imptome.merge.kernels`; float32 sums in a fixed order,
+            deterministic as embedding_bag is) where the triton package imports (PyTorch's CUDA wheels
+            install it), else ATen's `embedding_bag(mode="mean")`. "triton": the Triton kernel, an error
+            without triton. "embedding_bag": ATen's kernel always (the default up to 0.7). Eager steps, CPU
+            tokens and training (tokens that need a gradient) use embedding_bag whatever the choice: in
+            eager mode its launch costs the host less. On an H200 under CUDA graphs the Triton kernel made
+            the compiled 1024 px step 2-5% faster than embedding_bag (docs/RESULTS.md).
     """
 
     ratio: float = 0.5
@@ -137,7 +138,7 @@ class MergeConfig:
     cfg_order: CfgOrder = "auto"
     seed: int = 0
     similarity_chunk: int = 1 << 26
-    merge_kernel: MergeKernel = "embedding_bag"
+    merge_kernel: MergeKernel = "auto"
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():

@@ -99,7 +99,7 @@ def test_the_triton_kernel_is_used_only_while_compiling_cuda_inference(monkeypat
 def test_merge_of_cuda_tokens_traces_to_the_chosen_kernel(kernel):
     """torch.export (Dynamo, as torch.compile traces) of a merge of CUDA tokens, with fake tensors, so no GPU
     is needed: the triton kernel traces as one `imptome.segment_mean` operator, without a graph break, with
-    embedding_bag's output shape and dtype; the default kernel stays embedding_bag."""
+    embedding_bag's output shape and dtype; kernel="embedding_bag" traces to ATen's."""
     plan = _plan(8, 8, units=1, ratio=0.5, seed=7)
 
     class Merge(torch.nn.Module):
@@ -126,3 +126,29 @@ def test_merge_of_cuda_tokens_traces_to_the_chosen_kernel(kernel):
     merged = output.meta["val"]
     assert merged.shape == (plan.slot.shape[0], plan.num_kept, 16)
     assert merged.dtype == torch.float16 and merged.device.type == "cuda"
+
+
+def test_segment_mean_traces_with_dynamic_token_counts():
+    """Dynamo marks shapes dynamic when a compiled model sees a second resolution: the operator then traces
+    with symbolic token and slot counts (fake CUDA tensors, no GPU needed), its output [slots, channels]."""
+
+    class SegmentMean(torch.nn.Module):
+        def forward(self, tokens, order, offsets):
+            return torch.ops.imptome.segment_mean(tokens, order, offsets)
+
+    rows, slots = torch.export.Dim("rows", min=2), torch.export.Dim("slots", min=2)
+    with FakeTensorMode():
+        tokens = torch.empty(96, 40, dtype=torch.float16, device="cuda")
+        order = torch.empty(96, dtype=torch.long, device="cuda")
+        offsets = torch.empty(30, dtype=torch.long, device="cuda")
+        program = torch.export.export(
+            SegmentMean(),
+            (tokens, order, offsets),
+            dynamic_shapes={"tokens": {0: rows}, "order": {0: rows}, "offsets": {0: slots}},
+        )
+    inputs = [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder"]
+    (output,) = [node for node in program.graph.nodes if node.op == "output"][0].args[0]
+    merged = output.meta["val"]
+    assert isinstance(merged.shape[0], torch.SymInt)
+    assert str(merged.shape[0]) == str(inputs[2].shape[0]) != str(inputs[0].shape[0])  # the slot count
+    assert merged.shape[1] == 40

@@ -155,21 +155,34 @@ def test_merged_layers_see_n_minus_r_tokens(sd, method):
             assert seen == [64] * 3, name  # second level: untouched (ToMeSD's max_downsample=1)
 
 
-def test_triton_merge_kernel_keeps_embedding_bag_outside_compiled_cuda_steps(sd):
-    """merge_kernel="triton" changes nothing in eager steps on the CPU (they keep embedding_bag)."""
+def test_merge_kernels_change_nothing_outside_compiled_cuda_steps(sd):
+    """merge_kernel "auto" (the default) and "triton" resolve to the Triton kernel where triton imports, and
+    change nothing in eager steps on the CPU (they keep embedding_bag)."""
     pytest.importorskip("triton")
-    imptome.apply_patch(sd, ratio=0.7)
+    imptome.apply_patch(sd, ratio=0.7, merge_kernel="embedding_bag")
+    assert patch_state(sd).merge_kernel == "embedding_bag"
     base = generate(sd)
-    imptome.apply_patch(sd, ratio=0.7, merge_kernel="triton")
-    assert np.array_equal(generate(sd), base)
+    for requested in ("auto", "triton"):
+        imptome.apply_patch(sd, ratio=0.7, merge_kernel=requested)
+        assert patch_state(sd).merge_kernel == "triton"
+        assert np.array_equal(generate(sd), base), requested
 
 
-def test_triton_merge_kernel_without_triton_is_a_clear_error(sd, monkeypatch):
+@pytest.fixture
+def without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.delitem(sys.modules, "imptome.merge.kernels", raising=False)
+
+
+def test_triton_merge_kernel_without_triton_is_a_clear_error(sd, without_triton):
     with pytest.raises(ValueError, match="merge_kernel='triton' needs the triton package"):
         imptome.apply_patch(sd, ratio=0.7, merge_kernel="triton")
     assert not imptome.is_patched(sd)
+
+
+def test_default_merge_kernel_without_triton_is_embedding_bag(sd, without_triton):
+    imptome.apply_patch(sd, ratio=0.7)
+    assert patch_state(sd).merge_kernel == "embedding_bag"
 
 
 def test_crossattn_and_mlp_options(sd):

@@ -7,9 +7,10 @@ from imptome.merge.partition import (
     importance_pool,
     pool_size,
 )
-from imptome.merge.plan import DESTINATION, INDEPENDENT, MERGED, MergePlan, build_plan
+from imptome.merge.plan import DESTINATION, INDEPENDENT, MERGED, AveragingKernel, MergePlan, build_plan
 
 __all__ = [
+    "AveragingKernel",
     "DESTINATION",
     "INDEPENDENT",
     "MERGED",

@@ -1,14 +1,15 @@
-"""The merge's averaging as a Triton kernel, for compiled steps on CUDA (`MergeConfig.merge_kernel="triton"`).
+"""The merge's averaging as a Triton kernel, for compiled steps on CUDA (`MergeConfig.merge_kernel`).
 
-Inductor has no lowering for `embedding_bag`, so inside a compiled step the merge stays ATen's kernel. On an
-H100 that kernel took 44-60 us per merge at the 1024 px SD2, PixArt-alpha and SD3 shapes, this one 7.5-9.4 us
-(docs/RESULTS.md, "The merge kernel alone"). Its launch costs the host more than ATen's, so eager steps, which
-the host bounds on a GPU, keep `embedding_bag`.
+Inductor has no lowering for `embedding_bag`, so inside a compiled step the merge would stay ATen's kernel.
+Timed alone on an H100, that kernel took 44-60 us per merge at the 1024 px SD2, PixArt-alpha and SD3 shapes,
+this one 7.5-9.4 us; inside CUDA-graphed 1024 px steps on an H200, 9-12 us per merge, which made the step
+2-5% faster (docs/RESULTS.md). Its launch costs the host more than ATen's, so eager steps, which the host
+bounds on a GPU, keep `embedding_bag`.
 
 Importing this module registers the custom operator `torch.ops.imptome.segment_mean` through
 `torch.library.triton_op`, which lets torch.compile put the kernel into its graph (and CUDA graphs). It needs
-the `triton` package, which PyTorch's CUDA wheels install; `apply_patch` imports it only for
-merge_kernel="triton", so nobody else pays for importing Triton.
+the `triton` package, which PyTorch's CUDA wheels install; `apply_patch` imports it unless
+merge_kernel="embedding_bag", and falls back to embedding_bag with the default "auto" where it cannot.
 """
 
 from __future__ import annotations

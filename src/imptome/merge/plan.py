@@ -8,15 +8,14 @@ tokens, D destinations, R removed tokens, K = N - R kept tokens, C channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from imptome.config import MergeKernel
-
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
+# What averages merged tokens in a compiled CUDA step: MergeConfig.merge_kernel as apply_patch resolved it.
+AveragingKernel = Literal["embedding_bag", "triton"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class MergePlan:
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
-    def merge(self, x: torch.Tensor, kernel: MergeKernel = "embedding_bag") -> torch.Tensor:
+    def merge(self, x: torch.Tensor, kernel: AveragingKernel = "embedding_bag") -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning).
 
         kernel="triton" averages with imptome's Triton kernel where it pays, while torch.compile traces

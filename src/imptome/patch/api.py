@@ -10,7 +10,8 @@ from torch import nn
 from torch._dynamo.eval_frame import reset_code
 from torch.utils.hooks import RemovableHandle
 
-from imptome.config import PRESETS, MergeConfig
+from imptome.config import PRESETS, MergeConfig, MergeKernel
+from imptome.merge import AveragingKernel
 from imptome.patch.families import (
     DENOISER_FAMILIES,
     check_merged_layers,
@@ -79,8 +80,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config = config.replace(**options)
     _check_copies_readable(target, config)
     _check_block_range(denoiser, config.block_range)
-    if config.merge_kernel == "triton":
-        _register_triton_merge()
+    merge_kernel = _merge_kernel(config.merge_kernel)
     finest = finest_attention_downsample(denoiser)
     if config.max_downsample is not None and config.max_downsample < finest:
         raise ValueError(
@@ -106,6 +106,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         info=info,
         cond_first=cond_first,
         max_downsample=config.max_downsample or finest,
+        merge_kernel=merge_kernel,
         merged_modules=merged_modules,
         feed_forward_blocks=feed_forward_blocks,
         attention_modules=[module for module in denoiser.modules() if hasattr(module, "processor")],
@@ -116,15 +117,22 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     return target
 
 
-def _register_triton_merge() -> None:
-    """Import imptome's Triton merge kernel, which registers its custom operator (see merge_kernel)."""
+def _merge_kernel(requested: MergeKernel) -> AveragingKernel:
+    """The kernel that averages merged tokens in compiled CUDA steps (see MergeConfig.merge_kernel). Triton's
+    is imported here, which registers its custom operator: with a diffusers pipeline loaded, Triton and
+    Inductor are imported already, and this takes milliseconds."""
+    if requested == "embedding_bag":
+        return requested
     try:
         import imptome.merge.kernels  # noqa: F401
     except ImportError as error:
+        if requested == "auto":
+            return "embedding_bag"
         raise ValueError(
             "merge_kernel='triton' needs the triton package, which is not installed (PyTorch's CUDA wheels "
-            "install it); use merge_kernel='embedding_bag'"
+            "install it); use merge_kernel='auto' or 'embedding_bag'"
         ) from error
+    return "triton"
 
 
 def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool) -> str:

@@ -115,7 +115,7 @@ class _LayerHooks:
             check_mask_support(module, plan.num_kept)
             mask = plan.key_bias.float() if self.mask_dtype.float32 else plan.key_bias
             kwargs = {**kwargs, "attention_mask": mask}
-        merged = plan.merge(tokens, self.state.config.merge_kernel)
+        merged = plan.merge(tokens, self.state.merge_kernel)
         if where == 0:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, where: merged}

@@ -21,7 +21,7 @@ from imptome.merge import (
     pool_to_grid,
 )
 from imptome.merge.noise import random_bits, stream_id
-from imptome.merge.plan import MergePlan
+from imptome.merge.plan import AveragingKernel, MergePlan
 from imptome.patch.families import (
     DenoiserInfo,
     check_merged_layers,
@@ -141,6 +141,7 @@ class PatchState:
     info: DenoiserInfo
     cond_first: bool
     max_downsample: int
+    merge_kernel: AveragingKernel  # config.merge_kernel as resolved by apply_patch
     step: int = 0
     last_timestep: float | None = None
     latent_grid: tuple[int, int] | None = None

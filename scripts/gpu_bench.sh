@@ -55,8 +55,8 @@ mkdir -p /tmp/md
 stage_tests() {
     # 14 tests, more than 300 s: on an H100 9 of them took 243 s with 0.6.2 (the two CUDA-graph tests 220 s);
     # on an H200 one CUDA-graph test took about 2 minutes and one Inductor test up to 3 (0.7.2 and 0.8.0)
-    # TESTS_K: a pytest -k expression to run some of them
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py ${TESTS_K:+-k "$TESTS_K"}
+    # TESTS_K: a pytest -k expression to run some of them; TESTS_TIMEOUT: seconds (default 300)
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -p no:logging tests/patch/test_cuda.py ${TESTS_K:+-k "$TESTS_K"}
 }
 stage_targets() {  # 7 alternating rounds
     timeout 200 $bench --arch sd2 pixart-alpha --res 1024 --ratios 0.5 0.7 --variants none tome importance tomesd \

@@ -44,7 +44,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 exec > >(tee "$OUT/run.log") 2>&1   # few files come back: one log, one JSON per case
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-python3 -c "import torch, diffusers, imptome; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'imptome', imptome.__version__)" \
+python3 -c "import torch, triton, diffusers, imptome; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'imptome', imptome.__version__)" \
     || exit 1
 echo "stages: $STAGES"
 

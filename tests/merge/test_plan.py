@@ -182,6 +182,20 @@ def test_importance_pool_marks_the_most_important_tokens():
     assert bool((pooled.min(1).values > others.max(1).values).all())
 
 
+@pytest.mark.parametrize("num_tokens, num_pool", [(40, 12), (4096, 1229), (16384, 4915)])
+def test_importance_pool_among_ties_is_the_sorted_top_k_set(num_tokens, num_pool):
+    """The pool (an unsorted top-k since 0.8.0) holds the same tokens as 0.7's sorted top-k, also where
+    tied values straddle the pool's edge (the SD2 and PixArt-alpha 1024 px sizes at ratio 0.7)."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    for importance in (
+        torch.randint(0, 4, (2, num_tokens), generator=generator).float(),
+        torch.randint(0, 9, (2, num_tokens), generator=generator),  # int64 ranking keys
+    ):
+        sorted_top_k = importance.topk(num_pool, dim=-1).indices
+        want = torch.zeros(2, num_tokens, dtype=torch.bool).scatter_(1, sorted_top_k, True)
+        assert torch.equal(importance_pool(importance, num_pool), want)
+
+
 @pytest.mark.parametrize("grid", [(4, 4), (5, 7), (9, 2), (3, 3)])
 def test_cell_partition_one_destination_per_full_cell(grid):
     h, w = grid

@@ -53,7 +53,8 @@ def importance_partition(
 
 def importance_pool(importance: torch.Tensor, num_pool: int) -> torch.Tensor:
     """[U, N] bool: the M = num_pool most important tokens of each row of importance [U, N]."""
-    return _pool_mask(importance.topk(num_pool, dim=-1).indices, importance.shape[1])
+    # a set: unsorted, top-k skips sorting its M indices (on a GPU one more sort kernel per plan)
+    return _pool_mask(importance.topk(num_pool, dim=-1, sorted=False).indices, importance.shape[1])
 
 
 def _pool_mask(pool: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -27,10 +27,10 @@
 #   planning  planning alone, eager against replayed from a CUDA graph, SD2 and PixArt-alpha at 1024 px
 #             (scripts/planning_graph.py): what a graphed planner could save an eager step
 #   triton    the Triton merge kernel (merge_kernel "auto", the default since 0.8.0, or "triton"): its tests
-#             (the kernel against embedding_bag, CUDA graphs with it), then PixArt-alpha at
-#             1024 px compiled with CUDA graphs, importance with either merge kernel (about 6 minutes with
-#             the tests; TRITON_ARCHS="pixart-alpha sd2" adds SD2, about 4 more; TRITON_TESTS=0 leaves the
-#             tests out). 0.7.2's run on an H200: tests 127 s, PixArt-alpha 155 s, SD2 215 s
+#             (the kernel against embedding_bag, CUDA graphs with it), then PixArt-alpha at 1024 px
+#             compiled with CUDA graphs, importance with either merge kernel (about 5 minutes with the
+#             tests; TRITON_ARCHS="pixart-alpha sd2" adds SD2, about 4 more; TRITON_TESTS=0 leaves the tests
+#             out). 0.7.2's run on an H200: tests 127 s, PixArt-alpha 155 s, SD2 215 s
 # Each stage has its own time limit and every case is written as soon as it is measured, so a run cut short
 # still returns what it got. Results go to $OUT (the device tool's folder) or ./out/gpu.
 set -uo pipefail

@@ -53,7 +53,7 @@ def importance_partition(
 
 def importance_pool(importance: torch.Tensor, num_pool: int) -> torch.Tensor:
     """[U, N] bool: the M = num_pool most important tokens of each row of importance [U, N]."""
-    # a set: unsorted, top-k skips sorting its M indices (on a GPU one more sort kernel per plan)
+    # a set: unsorted, top-k skips sorting its M indices (on a GPU, one sort kernel less per plan)
     return _pool_mask(importance.topk(num_pool, dim=-1, sorted=False).indices, importance.shape[1])
 
 

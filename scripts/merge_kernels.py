@@ -2,21 +2,22 @@
 
     python scripts/merge_kernels.py --device cuda --dtype float16 --json merge_kernels.json
 
-imptome merges with one `embedding_bag(mode="mean")` over the tokens in slot order. On an H200 that kernel
-took 46 us per call for PixArt-alpha's [2, 4096, 1152] fp16 tokens, about a tenth of the memory bandwidth,
-and its 28 calls made 3.6% of a 35 ms merged step; under torch.compile Inductor calls the same kernel (a
-fallback, not a lowering). This script times the alternatives on the plans imptome builds (2x2 cells,
-ratio --ratio, feature matching on random tokens, CFG batch 2) before any of them replaces it:
+Eager steps merge with one `embedding_bag(mode="mean")` over the tokens in slot order (and so did compiled
+steps up to imptome 0.7; since 0.8.0 they use the Triton kernel below). On an H200 that kernel took 46 us per
+call for PixArt-alpha's [2, 4096, 1152] fp16 tokens, about a tenth of the memory bandwidth, and its 28 calls
+made 3.6% of a 35 ms merged step; under torch.compile Inductor calls the same kernel (a fallback, not a
+lowering). This script times the alternatives on the plans imptome builds (2x2 cells, ratio --ratio, feature
+matching on random tokens, CFG batch 2) before any of them replaces it:
 
-- embedding_bag: `MergePlan.merge` as shipped;
+- embedding_bag: `MergePlan.merge` in eager steps;
 - index_add fp32 / index_add native: zeros, `index_add_` of every token into its slot, divide by the group
   sizes (atomics; in float32, or in the tokens' dtype);
 - gather + segment_reduce: the tokens in slot order (`index_select`), then `torch.segment_reduce` mean;
 - sparse CSR: the averaging matrix as a CSR tensor (the plan's bag offsets and order are its row pointers
   and column indices) times the tokens;
-- triton segment mean: imptome's Triton kernel (`imptome.merge.kernels`, used by `merge_kernel="triton"`),
-  one program per (slot, block of channels), summing its group's rows in float32 in slot order (no atomics,
-  so deterministic); only where Triton runs;
+- triton segment mean: imptome's Triton kernel (`imptome.merge.kernels`, used by compiled CUDA steps with the
+  default `merge_kernel="auto"` and with "triton"), one program per (slot, block of channels), summing its
+  group's rows in float32 in slot order (no atomics, so deterministic); only where Triton runs;
 - unmerge: one `index_select` back to every token, for scale (it moves as many bytes);
 - "compiled ..." rows: the same functions under `torch.compile` (Inductor's own kernels where it has a
   lowering; index_add becomes one atomic-add kernel fused with the division; the Triton kernel is called

@@ -195,15 +195,14 @@ def main() -> None:
     print(f"graphs compiled while timing: {graphs_while_timed}")
     if args.profile_calls and base["variant"] == "none":
         unmerged_us = sum(base["kernel_us"].values())
+        unmerged_inductor_us = inductor_model_kernels_us(base["kernel_us"], set())
         print(f"\nkernel time per compiled call, {args.profile_calls} profiled calls per variant")
         for row in rows[1:]:
             new = kernels_not_in(base["kernel_us"], row["kernel_us"])
             total, own = sum(row["kernel_us"].values()), sum(new.values())
             imptome_only = {kernel for kernel in new if not MODEL_OPERATION.search(kernel)}
             alone = sum(new[kernel] for kernel in imptome_only)
-            growth = inductor_model_kernels_us(row["kernel_us"], imptome_only) - inductor_model_kernels_us(
-                base["kernel_us"], set()
-            )
+            growth = inductor_model_kernels_us(row["kernel_us"], imptome_only) - unmerged_inductor_us
             row["kernel_total_us"], row["new_kernel_us"], row["imptome_only_kernel_us"] = total, own, alone
             row["inductor_model_kernel_growth_us"] = growth
             print(

@@ -110,3 +110,11 @@ def test_only_pipelines_with_a_safety_checker_are_told_not_to_load_one(tmp_path,
     assert type(loading.load_pipeline(str(tmp_path / "sdxl"), "cpu")).__name__ == "StableDiffusionXLPipeline"
     assert loading.load_pipeline(None, "cpu").components["safety_checker"] is None  # the bundled SD model
     assert ["safety_checker" in kwargs for kwargs in calls] == [False, True]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_pipeline_loads_in_the_dtype_asked_for(dtype):
+    """On every diffusers imptome allows: 0.35-0.39 ignore from_pretrained's `dtype` (newer ones deprecate
+    `torch_dtype`), which once loaded float32 whatever --dtype said."""
+    pipe = loading.load_pipeline(None, "cpu", dtype)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {getattr(torch, dtype)}

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.import_utils import compare_versions
 
 from imptome.cli import DTYPE_NAMES, CliError, check_model
 from imptome.patch.api import find_denoiser
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# from_pretrained's dtype argument: `dtype` since diffusers 0.40, which deprecates `torch_dtype`; older
+# versions know only `torch_dtype` and would ignore `dtype` (loading float32) with a logged warning
+_DTYPE_ARGUMENT = "dtype" if compare_versions("diffusers", ">=", "0.40.0") else "torch_dtype"
 
 
 def default_device() -> str:
@@ -75,7 +79,11 @@ def load_pipeline(model: str | None = None, device: str | None = None, dtype: st
         # never load a safety checker; pipelines without one would warn about the unexpected argument
         no_checker = {"safety_checker": None} if "safety_checker" in components else {}
         pipe = DiffusionPipeline.from_pretrained(
-            source, dtype=DTYPES[dtype], local_files_only=local, use_safetensors=True, **no_checker
+            source,
+            local_files_only=local,
+            use_safetensors=True,
+            **{_DTYPE_ARGUMENT: DTYPES[dtype]},
+            **no_checker,
         )
     except (OSError, ValueError) as error:  # no such hub id, no internet, missing files or components
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""

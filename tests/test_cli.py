@@ -75,6 +75,26 @@ def test_commands_check_the_device_before_loading_anything(command, tmp_path, ca
     assert "--device gpu0: not a device name; use e.g. cpu, cuda or cuda:1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command", [["demo"], ["generate", "--prompts", "{prompts}", "--out", "{out}"], ["bench", "quality"]]
+)
+def test_commands_without_the_bundled_model_say_how_to_get_one(command, tmp_path, capsys, monkeypatch):
+    """A source checkout without the trained model: one line naming the fix, for every command using it."""
+    import imptome.cli
+
+    def missing():
+        raise FileNotFoundError("the miniature model is missing at /nowhere; train it with `...`")
+
+    monkeypatch.setattr(imptome.cli, "miniature_path", missing)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    argv = [part.format(prompts=prompts, out=tmp_path / "out") for part in command]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert "the miniature model is missing at /nowhere; train it with `...`; or pass --model FOLDER" in (
+        capsys.readouterr().err
+    )
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

@@ -78,10 +78,19 @@ def test_demo_without_guidance_says_so(model_dir, tmp_path, capsys):
     assert "UserWarning" not in captured.err
 
 
-def test_demo_figure_format_is_refused_without_leaving_a_folder(tmp_path, capsys):
-    figure = tmp_path / "new" / "grid.xyz"
-    assert main(["demo", "--out", str(figure)]) == 2
-    assert "cannot write a .xyz figure; use one of" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "figure_name", "message"),
+    [
+        ([], "grid.xyz", "cannot write a .xyz figure; use one of"),
+        (["--model", "no/such/folder"], "grid.png", "model folder no/such/folder does not exist"),
+        (["--device", "tpu9"], "grid.png", "--device tpu9: not a device name"),
+    ],
+    ids=["format", "model", "device"],
+)
+def test_demo_bad_input_is_refused_without_leaving_a_folder(argv, figure_name, message, tmp_path, capsys):
+    figure = tmp_path / "new" / figure_name
+    assert main(["demo", *argv, "--out", str(figure)]) == 2
+    assert message in capsys.readouterr().err
     assert not figure.parent.exists()
 
 

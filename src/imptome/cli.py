@@ -223,7 +223,10 @@ def check_model(model: str | None) -> str:
     (downloaded by diffusers on first use; needs internet).
     """
     if model is None:
-        return str(miniature_path())
+        try:
+            return str(miniature_path())
+        except FileNotFoundError as error:  # a source checkout without the trained model
+            raise CliError(f"{error}; or pass --model FOLDER") from None
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

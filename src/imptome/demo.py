@@ -21,7 +21,7 @@ from imptome.cli import (
     prepare_output_folder,
     warn_outside_grammar,
 )
-from imptome.loading import load_pipeline
+from imptome.loading import check_device, load_pipeline
 from imptome.patch.api import find_denoiser
 from imptome.visualize import comparison_grid, figure_path
 
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or default_prompts()
     check_seed(args.seed, len(prompts))  # one seed per prompt
     out = args.figure
+    check_device(args.device)
     prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
     warn_outside_grammar(prompts, args.model)
 

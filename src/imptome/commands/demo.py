@@ -11,6 +11,7 @@ from imptome.cli import (
     add_model_argument,
     add_set_argument,
     check_guidance,
+    check_model,
     check_seed,
     merge_options,
 )
@@ -49,6 +50,7 @@ def check(args: argparse.Namespace) -> None:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
     check_seed(args.seed)
     check_guidance(args.guidance)
+    check_model(args.model)
     args.figure = _figure_path(args.out)
 
 

@@ -94,10 +94,7 @@ def check(args: argparse.Namespace) -> None:
         if value is not None and (value <= 0 or value % 8):
             raise CliError(f"--{name} {value}: must be a positive multiple of 8")
     args.prompt_list = read_prompts(args.prompts)
-    try:
-        source = check_model(args.model)
-    except FileNotFoundError as error:  # the bundled model is not installed
-        raise CliError(f"{error}; or pass --model FOLDER") from None
+    source = check_model(args.model)
     if Path(source).is_dir():
         source = str(Path(source).resolve())  # the same folder gives the same metadata from any working dir
     args.model_source = source

@@ -48,6 +48,10 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(out)]
     assert main(argv) == 0
     report = json.loads(out.read_text())
+    assert report["command"] == (  # everything that made these images, defaults included
+        "imptome bench quality --seeds 1 --ratios 0.5 --steps 2 --guidance 5 --batch-size 36 --dtype float32 "
+        f"--methods importance --model {model} --prompts {prompt_file}"
+    )
     rows = report["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("none", 0.0), ("importance", 0.5)]
     assert all(set(r) >= FIELDS for r in rows)
@@ -173,7 +177,9 @@ def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(
         (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
         (["--guidance", "-1"], "--guidance -1.0: must be a number >= 0"),
         (["--guidance", "nan"], "must be a number >= 0"),
-        (["--seeds", "1", "1", "2", "2"], "--seeds lists 1, 2 more than once; give each seed once"),
+        (["--seeds", "1", "1", "2", "2", "2"], "--seeds lists 1, 2 more than once; give each once"),
+        (["--methods", "tome", "importance", "tome"], "--methods lists tome more than once; give each once"),
+        (["--ratios", "0.5", "0.3", "0.50"], "--ratios lists 0.5 more than once; give each once"),
         (["--seeds", "-1", "3"], "--seeds -1: seeds must be >= 0"),
         (["--seeds", "0", str(2**64)], f"--seeds {2**64}: the seeds go up to {2**64}; the largest a"),
         (["--methods", "tome-per-layer-shuffled"], "or importance or an importance-* ablation followed by"),

@@ -511,6 +511,9 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     """The options that define the run, for the report."""
     out = ["--seeds", *map(str, args.seeds), "--ratios", *(f"{r:g}" for r in args.ratios)]
     out += ["--steps", str(args.steps), "--guidance", f"{args.guidance:g}"]
+    out += ["--batch-size", str(args.batch_size), "--dtype", args.dtype]  # both change the images
+    if args.device:
+        out += ["--device", args.device]
     if args.methods:
         out += ["--methods", *args.methods]
     if args.ablations:

@@ -17,3 +17,19 @@ def test_classifier_reads_procedural_images():
     s = classifier.score(imgs, [data.prompt_for(o) for o in objs])
     assert s["colour_shape_acc"] > 0.9 and s["position_acc"] > 0.9
     assert classifier.features(imgs[:4]).shape[0] == 4
+
+
+def test_continued_training_saves_the_size_of_the_classifier_it_continued(tmp_path):
+    """A classifier of another size, continued with `init`, is saved with its own config and loads again."""
+    import json
+
+    from safetensors.torch import save_file
+
+    small = classifier.AttributeClassifier(width=8, feat_dim=16)
+    (tmp_path / "small").mkdir()
+    save_file(small.state_dict(), tmp_path / "small" / "model.safetensors")
+    (tmp_path / "small" / "config.json").write_text(json.dumps({"width": 8, "feat_dim": 16}))
+    info = classifier.train(steps=1, batch=4, out=tmp_path / "continued", init=tmp_path / "small")
+    assert (info["width"], info["feat_dim"]) == (8, 16)
+    loaded = classifier.load_classifier(tmp_path / "continued")
+    assert loaded.fc[1].out_features == 16 and loaded.body[0][0].out_channels == 4

@@ -67,3 +67,10 @@ def test_export_only_writes_a_loadable_pipeline(tmp_path):
     train.main(["--out", str(out), "--export-only", "--export", str(tmp_path / "pipe")])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
     assert pipe.vae.config.scaling_factor > 0
+
+
+def test_export_only_without_a_folder_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--export-only"])
+    assert stopped.value.code == 2
+    assert "--export-only needs --export FOLDER" in capsys.readouterr().err

@@ -11,6 +11,7 @@ generations). Its penultimate features serve for a Frechet distance between imag
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ class AttributeClassifier(nn.Module):
 
     def __init__(self, width: int = 32, feat_dim: int = 256) -> None:
         super().__init__()
+        self.width, self.feat_dim = width, feat_dim  # saved with the weights (config.json)
         w = width
 
         def block(i: int, o: int, stride: int) -> nn.Sequential:
@@ -92,13 +94,9 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
     return model.eval()
 
 
-_CACHE: dict[str, AttributeClassifier] = {}
-
-
+@functools.cache
 def _default() -> AttributeClassifier:
-    if "m" not in _CACHE:
-        _CACHE["m"] = load_classifier()
-    return _CACHE["m"]
+    return load_classifier()
 
 
 @torch.no_grad()
@@ -244,7 +242,8 @@ def train(
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.eval()
     x, y = _batch(np.random.default_rng([seed, 4]), 500)
-    info: dict[str, Any] = {"width": 32, "feat_dim": 256, "steps": steps, "batch": batch, "seed": seed}
+    info: dict[str, Any] = {"width": model.width, "feat_dim": model.feat_dim}
+    info.update(steps=steps, batch=batch, seed=seed)
     with torch.no_grad():
         info["cell_accuracy_procedural"] = float((model(x).argmax(-1) == y).float().mean())
         if vae is not None:

@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.export_only and args.export is None:
+        ap.error("--export-only needs --export FOLDER (where to save the pipeline)")
     if args.export_only:
         step = export_checkpoint(args.out, args.export)
         print(f"exported step {step} to {args.export}")

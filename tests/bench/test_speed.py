@@ -110,7 +110,7 @@ def similarity_flops(rows: int) -> int:
 def step_flops(model: torch.nn.Module, inputs: dict, variant: Variant) -> int:
     call = _denoiser_call(model, inputs)
     with torch.inference_mode():
-        importance = cfg_importance(call()[0], 4, cond_first=False)
+        importance = cfg_importance(call()[0], 4)
         with variant.applied(model, importance, timestep=500.0):
             return count_flops(call)
 
@@ -168,7 +168,7 @@ def test_variants_run_as_in_mid_generation(unet):
     unet.set_attn_processor(AttnProcessor2_0())
     call = _denoiser_call(unet, tiny_sd_inputs())
     with torch.inference_mode():
-        importance = cfg_importance(call()[0], 4, cond_first=False)
+        importance = cfg_importance(call()[0], 4)
         for name, scope_plans in (("importance", 1), ("importance-per-layer", LAYERS), ("tome", 1)):
             with Variant(name, 0.7).applied(unet, importance, timestep=500.0):
                 for _ in range(2):  # a second call at the same timestep stays in the same state
@@ -190,7 +190,7 @@ def test_proportional_attention_mid_generation_reads_the_processors():
     with registered():
         call = _denoiser_call(unet, denoisers.example_inputs("tiny-sd", 128, dtype=torch.bfloat16))
     with torch.inference_mode():
-        importance = cfg_importance(call()[0].float(), 4, cond_first=False)
+        importance = cfg_importance(call()[0].float(), 4)
         with Variant("importance-prop", 0.5).applied(unet, importance, timestep=500.0):
             merged = call()[0]
             (record,) = imptome.merge_plan(unet)
@@ -209,7 +209,7 @@ def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merge
         model = denoisers.build_denoiser(arch)
         call = _denoiser_call(model, denoisers.example_inputs(arch, 128))
     with torch.inference_mode():
-        importance = cfg_importance(call()[0], 4, cond_first=False)
+        importance = cfg_importance(call()[0], 4)
         unmerged = count_operators(call)
         with Variant("importance", 0.7).applied(model, importance, timestep=500.0):
             merged = count_operators(call)

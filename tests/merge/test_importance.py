@@ -42,10 +42,13 @@ def test_video_importance_is_sample_major():
     torch.testing.assert_close(importance[1 * 3 + 2], cond[1, :, 2].abs().mean(dim=0))
 
 
-def test_cfg_importance_reads_the_halves_in_either_order():
-    uncond, cond = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
-    assert torch.equal(cfg_importance(torch.cat([uncond, cond]), 4, cond_first=False), torch.ones(1, 2, 2))
-    assert torch.equal(cfg_importance(torch.cat([cond, uncond]), 4, cond_first=True), torch.ones(1, 2, 2))
+def test_cfg_importance_pairs_image_s_of_each_half():
+    """Image s of the first half against image s of the second, over the noise channels only."""
+    uncond = torch.zeros(2, 6, 2, 2)
+    cond = torch.stack([torch.ones(6, 2, 2), torch.full((6, 2, 2), 3.0)])
+    cond[:, 4:] = 100  # a learned variance: not noise
+    importance = cfg_importance(torch.cat([uncond, cond]), 4)
+    assert torch.equal(importance, torch.stack([torch.ones(2, 2), torch.full((2, 2), 3.0)]))
 
 
 def _plan(units: int = 1, rows: int = 2):
@@ -57,7 +60,7 @@ def _plan(units: int = 1, rows: int = 2):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: cfg_importance(torch.zeros(3, 4, 2, 2), 4, cond_first=False), "even size, got 3"),
+        (lambda: cfg_importance(torch.zeros(3, 4, 2, 2), 4), "even size, got 3"),
         (lambda: _plan().merge(torch.zeros(3, 16, 8)), r"plan is for \(2, 16\) tokens, got \(3, 16\)"),
         (lambda: _plan().merge(torch.zeros(2, 9, 8)), r"got \(2, 9\)"),
         (lambda: _plan(units=2, rows=3), "rows=3 is not a multiple of the plan's units=2"),

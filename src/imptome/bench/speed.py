@@ -201,7 +201,7 @@ def _set_attention(model: torch.nn.Module, spec: ArchSpec, attention: str) -> No
 
 def step_importance(noise_pred: torch.Tensor, info: DenoiserInfo) -> torch.Tensor:
     """The CFG map a step's output [n, C, ...] (SVD: [n, F, C, ...]) leaves for the next step."""
-    return cfg_importance(noise_pred.movedim(info.channel_dim, 1), info.noise_channels, info.cond_first)
+    return cfg_importance(noise_pred.movedim(info.channel_dim, 1), info.noise_channels)
 
 
 def _denoiser_call(model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:

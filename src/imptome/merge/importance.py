@@ -25,14 +25,13 @@ def guidance_importance(cond: torch.Tensor, uncond: torch.Tensor, noise_channels
     return magnitude
 
 
-def cfg_importance(noise_pred: torch.Tensor, noise_channels: int, cond_first: bool) -> torch.Tensor:
-    """`guidance_importance` of a CFG batch [2S, ...]: [cond, uncond] when cond_first (DiT), else
-    [uncond, cond]."""
+def cfg_importance(noise_pred: torch.Tensor, noise_channels: int) -> torch.Tensor:
+    """`guidance_importance` of a CFG batch [2S, ...], halves in either order ([uncond, cond] in diffusers'
+    UNet pipelines, [cond, uncond] in DiT's): the magnitude of their difference does not depend on it."""
     if noise_pred.shape[0] % 2:
         raise ValueError(f"a CFG batch has an even size, got {noise_pred.shape[0]}")
     first, second = noise_pred.chunk(2)
-    cond, uncond = (first, second) if cond_first else (second, first)
-    return guidance_importance(cond, uncond, noise_channels)
+    return guidance_importance(second, first, noise_channels)
 
 
 def pool_to_grid(importance: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -51,7 +51,7 @@ class ImportanceRecorder:
 
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         eps = output.sample if hasattr(output, "sample") else output[0]
-        m = cfg_importance(eps, eps.shape[1], cond_first=False)  # diffusers pipelines batch [uncond, cond]
+        m = cfg_importance(eps, eps.shape[1])  # diffusers pipelines batch [uncond, cond]
         self.total = m if self.total is None else self.total + m
         self.steps += 1
 

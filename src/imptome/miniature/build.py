@@ -146,19 +146,15 @@ def denoise(
     guidance: float,
     steps: int,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Manual CFG sampling loop. Returns latents [n, 4, h, w] and the mean CFG importance map
-    |eps_cond - eps_uncond| (channel mean, averaged over steps) [n, h, w]."""
+) -> torch.Tensor:
+    """CFG sampling of the UNet while it trains (no pipeline object yet): latents [n, 4, h, w]."""
     n = cond.shape[0]
     size = unet.config.sample_size
     lat = torch.randn((n, unet.config.in_channels, size, size), generator=generator)
     scheduler.set_timesteps(steps)
     lat = lat * scheduler.init_noise_sigma
-    imp = torch.zeros(n, size, size)
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([lat, lat]), t)
-        eps = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        e_u, e_c = eps.chunk(2)
-        imp += (e_c - e_u).abs().mean(1)
+        e_u, e_c = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         lat = scheduler.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
-    return lat, imp / len(scheduler.timesteps)
+    return lat

@@ -223,7 +223,7 @@ def probe_positions(
     cond = build.encode_prompts(tok, text_encoder, prompts)
     uncond = build.encode_prompts(tok, text_encoder, [""] * len(prompts))
     g = torch.Generator().manual_seed(seed)
-    lat, _ = build.denoise(unet, build.build_inference_scheduler(), cond, uncond, 5.0, 15, g)
+    lat = build.denoise(unet, build.build_inference_scheduler(), cond, uncond, 5.0, 15, g)
     img = (vae.decode(lat / scale).sample.clamp(-1, 1) + 1) / 2  # [n, 3, H, W]
     sat = img.max(1).values - img.min(1).values
     palette = torch.tensor(list(data.COLOURS.values()), dtype=torch.float32) / 255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -282,8 +283,13 @@ def test_prompts_outside_the_classifier_grammar_are_named_and_the_rest_scored(tm
 
 def test_plot_of_rows_without_values_has_no_legend(tmp_path):
     row = quality.Row("none", 0.0, 1, None, None, None, None, None, None, None, None, None, None, 1e9)
-    quality.plot([row], tmp_path / "q.png")  # `--methods none` on prompts the classifier cannot score
-    assert (tmp_path / "q.png").exists()
+    # `--methods none` on prompts the classifier cannot score
+    figure = quality.plot([row], tmp_path / "q.png")
+    assert (tmp_path / "q.png").exists() and not figure.legends
+    scored = dataclasses.replace(row, accuracy=0.9)
+    merged = dataclasses.replace(row, method="tome", ratio=0.5, accuracy=0.8, psnr=30.0)
+    (legend,) = quality.plot([scored, merged], tmp_path / "q.png").legends
+    assert [text.get_text() for text in legend.get_texts()] == ["tome", "none"]
 
 
 def test_shuffled_control_moves_the_map_and_keeps_its_values():

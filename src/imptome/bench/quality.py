@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from imptome.miniature.data import grammar, parse_prompts
 from imptome.patch.api import find_denoiser, patch_state
 from imptome.patch.families import finest_attention_downsample
 from imptome.visualize import figure_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # "<ablation>-rowmatch" is that ablation with each CFG half matched on its own tokens; it is paired with it.
 ROW_MATCH = "-rowmatch"
@@ -410,7 +413,8 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]], cfg: bool
     return text
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: Path) -> Figure:
+    """Save each metric against the merge ratio, one line per method and `none` dashed; returns the figure."""
     from matplotlib.figure import Figure  # a figure of its own: the process's backend is left as it is
 
     metrics = [
@@ -438,6 +442,7 @@ def plot(rows: list[Row], path: Path) -> None:
         fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def run(args: argparse.Namespace) -> int:

@@ -66,7 +66,15 @@ def test_export_only_writes_a_loadable_pipeline(tmp_path):
     train.main(["--out", str(out), "--unet-steps", "1", *TOY])
     train.main(["--out", str(out), "--export-only", "--export", str(tmp_path / "pipe")])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
-    assert pipe.vae.config.scaling_factor > 0
+    weights = _unet_weights(out)
+    for name, model in (("ema_unet", pipe.unet), ("ema_te", pipe.text_encoder)):  # the EMA weights, not the
+        # trained ones (after one step with warm-up the two differ)
+        ema = {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(name + ".")}
+        assert ema and all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    trained = {k[len("unet.") :]: v for k, v in weights.items() if k.startswith("unet.")}
+    assert any(not torch.equal(pipe.unet.state_dict()[k], v) for k, v in trained.items())
+    latents = load_file(out / "latents.safetensors")["latents"]
+    assert pipe.vae.config.scaling_factor == pytest.approx(1 / latents.std().item())  # unit-variance latents
 
 
 def test_export_only_without_a_folder_is_a_usage_error(capsys):

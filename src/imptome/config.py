@@ -22,8 +22,8 @@ MergeKernel = Literal["auto", "triton", "embedding_bag"]
 class MergeConfig:
     """How and where tokens are merged. Defaults follow the paper's Stable Diffusion setting except where
     the README's "Defaults that differ from the paper" says otherwise (ratio, destination placement and
-    pool size, planning scope, calls without CFG); `MergeConfig(dst_selection="random", pool_factor=1.4,
-    ratio=0.7)` is the paper's SD partition.
+    pool size, merged levels, planning scope, calls without CFG, which CFG half is matched on);
+    `MergeConfig(dst_selection="random", pool_factor=1.4, ratio=0.7)` is the paper's SD partition.
 
     Merge amount
         ratio: fraction R/N of each merged layer's N tokens that are removed before attention.

@@ -56,7 +56,7 @@ def test_architecture_details():
     assert sd2.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 1024
     assert not hasattr(sdxl.down_blocks[0], "attentions")  # SDXL: no attention at full resolution
     assert len(sdxl.down_blocks[2].attentions[0].transformer_blocks) == 10
-    assert ARCHS["sd2"].top_level_tokens(768) == 9216  # DESIGN.md's worked example
+    assert ARCHS["sd2"].top_level_tokens(768) == 9216  # a 96 x 96 latent
     assert ARCHS["sdxl"].top_level_tokens(1024) == 4096
     assert ARCHS["pixart-alpha"].top_level_tokens(1024) == 4096
     assert ARCHS["animatediff"].top_level_tokens(512) == 4096

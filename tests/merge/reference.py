@@ -1,4 +1,5 @@
-"""A slow, loop-by-loop reading of DESIGN.md section 1, for checking the fast tensor code against."""
+"""A slow, loop-by-loop reading of the method (the partition and matching `MergeConfig` and
+`build_plan` document), for checking the fast tensor code against."""
 
 from __future__ import annotations
 

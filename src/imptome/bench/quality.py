@@ -10,7 +10,8 @@ Every method runs in one process on the same prompts and seeds. Images are cache
   images of the same prompts (the FID analogue);
 - psnr / ssim: each merged image against the unmerged image of the same prompt and seed;
 - step_seconds: median denoiser call time at the benchmark's batch size; flops_per_step: FLOPs of one
-  denoiser call for one prompt with CFG (batch 2), averaged over the schedule, merge overhead included.
+  denoiser call for one prompt (batch 2 with CFG, 1 with --guidance <= 1), averaged over the schedule,
+  merge overhead included.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from imptome.config import MergeConfig
 from imptome.miniature import GUIDANCE
 
 METHODS = ("none", "tome", "importance", "tomesd")
-# Ablations (DESIGN.md section 1 and the paper's discussion): MergeConfig options on top of method
+# Ablations (the paper's choices and the README's defaults table): MergeConfig options on top of method
 # "importance" (the default MergeConfig: cell destinations, pool factor 1.0), or "tome" for tome-* names.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "importance-paper": {"dst_selection": "random", "pool_factor": 1.4},  # the paper's SD partition

@@ -158,7 +158,7 @@ def build_plan(
     metric: torch.Tensor | None = None,
     in_pool: torch.Tensor | None = None,
     average: bool = True,
-    chunk_entries: int = 1 << 24,
+    chunk_entries: int = 1 << 26,
     proportional: bool = False,
     bias_dtype: torch.dtype = torch.float32,
 ) -> MergePlan:

@@ -1635,3 +1635,19 @@ def test_a_pass_after_a_split_cfg_pair_at_the_first_step_stays_in_its_generation
                 imptome.importance_map(unet), (eps_cond - eps_uncond).abs().mean(dim=1)
             )
             latent = latent - 0.1 * eps_uncond
+
+
+def test_a_pipeline_made_with_from_pipe_shares_the_patch_and_can_remove_it(sd):
+    """The README's promise: the patch lives on the UNet, so an image-to-image pipeline made from a patched
+    one merges too, and removing the patch through it removes it for both."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    unpatched = generate(sd)
+    imptome.apply_patch(sd, ratio=0.7)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(sd)
+    assert img2img.unet is sd.unet and imptome.is_patched(img2img)
+    generate(img2img, image=torch.rand(1, 3, 128, 128), strength=0.75)
+    assert imptome.merge_plan(img2img)  # it merged
+    imptome.remove_patch(img2img)
+    assert not imptome.is_patched(sd)
+    assert np.array_equal(generate(sd), unpatched)

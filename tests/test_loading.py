@@ -96,6 +96,15 @@ def test_a_name_that_is_no_folder_nor_an_owner_name_hub_id_is_a_missing_folder(t
         check_model("sd15")  # a mistyped local folder, not a hub lookup that needs internet
 
 
+def test_a_missing_folder_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`runs/model` before it is made: owner/name in form, but `runs` is here (once 33 s of hub retries)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(CliError, match="model folder runs/model does not exist in the local folder runs"):
+        check_model("runs/model")
+    assert check_model("stabilityai/sd-turbo") == "stabilityai/sd-turbo"  # no local folder stabilityai
+
+
 def test_only_pipelines_with_a_safety_checker_are_told_not_to_load_one(tmp_path, monkeypatch):
     """diffusers warns about a safety_checker=None given to a pipeline without that component (SDXL)."""
     tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")

@@ -243,6 +243,12 @@ def check_model(model: str | None) -> str:
             f"model folder {model} does not exist (give a local pipeline folder, or a hub id of the form "
             "owner/name)"
         )
+    owner = model.split("/")[0]
+    if Path(owner).is_dir():  # runs/model, not yet made: a local path, not a hub lookup that waits on retries
+        raise CliError(
+            f"model folder {model} does not exist in the local folder {owner} (a hub id owner/name is looked "
+            f"up only where no local folder named {owner} exists)"
+        )
     return model
 
 

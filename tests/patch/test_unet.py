@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import sys
 import warnings
@@ -682,9 +683,9 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
     with pytest.raises(TypeError, match="missing 1 required positional argument: 'timestep'"):
         sd.unet(sample, encoder_hidden_states=text)  # diffusers' own error, not one from imptome's hook
     imptome.remove_patch(sd.unet)
-    for inspect in (imptome.importance_map, imptome.merge_plan):  # forgot to patch: say so
+    for look_up in (imptome.importance_map, imptome.merge_plan):  # forgot to patch: say so
         with pytest.raises(ValueError, match="this StableDiffusionPipeline is not patched.*apply_patch"):
-            inspect(sd)
+            look_up(sd)
     with pytest.raises(TypeError, match="unknown MergeConfig option"):
         imptome.apply_patch(sd, rato=0.5)
     with pytest.raises(TypeError, match=r"config must be an imptome.MergeConfig, got dict; pass options as"):
@@ -1651,3 +1652,67 @@ def test_a_pipeline_made_with_from_pipe_shares_the_patch_and_can_remove_it(sd):
     imptome.remove_patch(img2img)
     assert not imptome.is_patched(sd)
     assert np.array_equal(generate(sd), unpatched)
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_ledits_pipeline_is_refused_with_importance_and_merges_with_tome(xl):
+    """LEDITS++ sends [uncond, edit 1, ..., edit n] copies: with three editing prompts the four copies passed
+    for a CFG batch of two images, and the maps compared edits with each other, without a word."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        LEditsPPPipelineStableDiffusion,
+        LEditsPPPipelineStableDiffusionXL,
+    )
+
+    cls, base = (
+        (LEditsPPPipelineStableDiffusionXL, tiny_sdxl_pipeline())
+        if xl
+        else (
+            LEditsPPPipelineStableDiffusion,
+            tiny_sd_pipeline(),
+        )
+    )
+    parameters = inspect.signature(cls.__init__).parameters
+    parts = {name: part for name, part in base.components.items() if name in parameters}
+    parts["scheduler"] = DPMSolverMultistepScheduler.from_config(
+        base.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+    )
+    pipe = cls(**parts)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: LEDITS\\+\\+ sends 1 \\+ n copies.*'tome'"):
+        imptome.apply_patch(pipe, ratio=0.5)
+    assert patch_state(pipe) is None
+    if xl:
+        return
+    imptome.apply_patch(pipe, ratio=0.5, method="tome")
+    pipe.invert(image=torch.rand(1, 3, 128, 128), source_prompt="a", num_inversion_steps=2, skip=0.0)
+    masks_off = dict(use_cross_attn_mask=False, use_intersect_mask=False)  # fail on this UNet, unpatched too
+    tokens = query_token_counts(
+        pipe.unet, lambda: pipe(editing_prompt=["x", "y", "z"], output_type="latent", **masks_off)
+    )
+    assert set(tokens["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]) == {128}
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "options", "call", "processor"),
+    [
+        ("StableDiffusionSAGPipeline", dict(max_downsample=2), {}, "CrossAttnStoreProcessor"),
+        (
+            "StableDiffusionAttendAndExcitePipeline",
+            dict(merge_crossattn=True),
+            dict(token_indices=[1], max_iter_to_alter=1),
+            "AttendExciteAttnProcessor",
+        ),
+    ],
+    ids=["sag", "attend-and-excite"],
+)
+def test_processors_that_store_a_merged_layers_attention_maps_are_refused(pipeline, options, call, processor):
+    """SAG stores the mid block's self-attention maps and Attend-and-Excite cross-attention maps, both set in
+    the pipeline's call, and read them over every token: on a merged layer they failed deep in diffusers."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline)
+    parts = tiny_sd_pipeline().components
+    pipe = cls(**{name: part for name, part in parts.items() if name in inspect.signature(cls).parameters})
+    imptome.apply_patch(pipe, ratio=0.5, **options)
+    with pytest.raises(ValueError, match=f"merges the tokens entering .*, and {processor} .*Leave the layer"):
+        pipe("a red circle", num_inference_steps=2, output_type="latent", **call)

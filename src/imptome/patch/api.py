@@ -159,6 +159,12 @@ _UNREADABLE_COPIES = {
         "an even n they pass for the two halves of a CFG batch of more images, and the map would compare "
         "the wrong copies"
     ),
+    **dict.fromkeys(
+        ("LEditsPPPipelineStableDiffusion", "LEditsPPPipelineStableDiffusionXL"),
+        "LEDITS++ sends 1 + n copies of every image (unconditional, one per editing prompt); with an odd n "
+        "they pass for the two halves of a CFG batch of more images, and the map would compare the wrong "
+        "copies",
+    ),
 }
 
 

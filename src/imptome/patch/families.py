@@ -136,11 +136,35 @@ def finest_attention_downsample(denoiser: nn.Module) -> int:
 
 
 def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[str, nn.Module]) -> None:
-    """Refuse what would make merging the layers go wrong: `check_no_output_cache` and
-    `check_no_chunked_feed_forward`. Run at patching and at every generation's start (either may be set on
-    the model after patching)."""
+    """Refuse what would make merging the layers go wrong: `check_no_output_cache`,
+    `check_no_attention_store` and `check_no_chunked_feed_forward`. Run at patching and at every generation's
+    start (pipelines set them on the model after patching, in their call)."""
     check_no_output_cache(merged)
+    check_no_attention_store(merged)
     check_no_chunked_feed_forward(feed_forward_blocks)
+
+
+# Processors that keep a layer's attention probabilities for their pipeline to read over the layer's full
+# token grid, by class name: pipeline.
+_ATTENTION_STORES = {
+    "CrossAttnStoreProcessor": "self-attention guidance (StableDiffusionSAGPipeline)",
+    "AttendExciteAttnProcessor": "Attend-and-Excite",
+    "LEDITSCrossAttnProcessor": "LEDITS++",
+}
+
+
+def check_no_attention_store(merged: dict[str, nn.Module]) -> None:
+    """Refuse processors that store a merged layer's attention maps for their pipeline: the maps would cover
+    the kept tokens only, and the pipeline, reshaping them to the token grid, fails deep inside diffusers."""
+    for name, module in merged.items():
+        pipeline = _ATTENTION_STORES.get(processor_name(module))
+        if pipeline is not None:
+            raise ValueError(
+                f"imptome merges the tokens entering {name}, and {processor_name(module)} ({pipeline}) "
+                "stores that layer's attention maps for the pipeline, which reads them over every token. "
+                "Leave the layer unmerged: merge_crossattn=False for cross-attention maps (Attend-and-"
+                "Excite, LEDITS++), and a max_downsample below the mid block's for self-attention guidance."
+            )
 
 
 def check_no_chunked_feed_forward(blocks: dict[str, nn.Module]) -> None:

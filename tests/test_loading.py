@@ -79,7 +79,8 @@ def test_a_pipeline_imptome_cannot_patch_is_refused_at_loading(tmp_path):
         norm_num_groups=8,
     )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
-    with pytest.raises(CliError, match=f"cannot use {tmp_path}: imptome cannot patch DDPMPipeline objects"):
+    message = f"cannot use {tmp_path}: imptome cannot patch the UNet2DModel of this DDPMPipeline"
+    with pytest.raises(CliError, match=message):
         loading.load_pipeline(str(tmp_path), "cpu")
 
 

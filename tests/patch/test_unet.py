@@ -673,6 +673,8 @@ def test_bad_ratio_and_bad_target_raise_clear_errors(sd):
         imptome.apply_patch(sd, method="random")
     with pytest.raises(TypeError, match="cannot patch Linear objects: .*UNet2DConditionModel"):
         imptome.apply_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="cannot patch the AutoencoderKL of this Pipe: supported .*PixArt"):
+        imptome.apply_patch(type("Pipe", (), {"transformer": sd.vae})())  # e.g. Flux's transformer
     with pytest.raises(TypeError, match="cannot unpatch Linear objects"):
         imptome.remove_patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="cannot inspect AutoencoderKL objects"):

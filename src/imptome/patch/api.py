@@ -42,7 +42,7 @@ _MAX_WRAPPING = 4
 def find_denoiser(target: Any, verb: str = "patch") -> nn.Module:
     """The denoiser of a pipeline (`unet` or `transformer`, looking through wrappers that keep the denoiser
     under one of those names), a supported denoiser itself, or a TypeError saying what cannot be `verb`ed."""
-    module = target
+    module, found = target, None
     for _ in range(_MAX_WRAPPING + 1):
         if isinstance(module, tuple(DENOISER_FAMILIES)):
             return module
@@ -50,6 +50,12 @@ def find_denoiser(target: Any, verb: str = "patch") -> nn.Module:
         module = next((m for m in inner if isinstance(m, nn.Module)), None)
         if module is None:
             break
+        found = module
+    if found is not None:  # a pipeline (or wrapper) whose denoiser imptome does not support
+        raise TypeError(
+            f"imptome cannot {verb} the {type(found).__name__} of this {type(target).__name__}: supported "
+            f"denoisers are {supported_names()}"
+        )
     raise TypeError(
         f"imptome cannot {verb} {type(target).__name__} objects: pass a diffusers pipeline with a `unet` or "
         f"`transformer`, or one of the supported denoisers: {supported_names()}"

@@ -1718,3 +1718,33 @@ def test_processors_that_store_a_merged_layers_attention_maps_are_refused(pipeli
     imptome.apply_patch(pipe, ratio=0.5, **options)
     with pytest.raises(ValueError, match=f"merges the tokens entering .*, and {processor} .*Leave the layer"):
         pipe("a red circle", num_inference_steps=2, output_type="latent", **call)
+
+
+def test_an_inversion_is_one_generation_that_merges_by_importance(sd):
+    """DDIM inversion runs the schedule upwards, one later element of one timesteps tensor per call. Each call
+    was taken for a new generation: never past the warm-up, never merged by importance, and warned about as
+    generations taking turns. A descending schedule reused from its start is still a new generation."""
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler.from_config(sd.scheduler.config)
+    inverse.set_timesteps(6)
+    text = torch.randn(2, 8, TEXT_HIDDEN)
+    latents = torch.randn(1, 4, 16, 16)
+
+    def invert():
+        x = latents
+        for t in inverse.timesteps:  # views of one tensor, going up
+            uncond, cond = sd.unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample.chunk(2)
+            x = inverse.step(uncond + 5 * (cond - uncond), t, x).prev_sample
+        return x
+
+    imptome.apply_patch(sd, ratio=0.5)
+    state = patch_state(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about generations taking turns
+        first = invert()
+        assert state.step == 5 and inverse.timesteps[0] < inverse.timesteps[-1]
+        (record,) = imptome.merge_plan(sd)
+        assert record.importance is not None and not record.pruned
+        assert torch.equal(invert(), first)  # the same timesteps again: a new generation, the same draws
+    assert state.step == 5

@@ -268,8 +268,10 @@ class PatchState:
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
-        A new generation starts when the timestep goes up, when it lives in other memory than the last
-        call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts lower),
+        A new generation starts when the timestep goes up (unless it lies after the last call's in the same
+        schedule: an inversion's next step) or lies before the last call's in the same schedule (run again),
+        when it lives in other memory than the last call's scheduler timesteps (an interrupted generation
+        followed by image-to-image, which starts lower),
         or when a call at the first timestep of a generation repeats and is no split-CFG pair nor a further
         pass on the pair's sample, with the same input shape or a timestep in other memory: one-step
         generations run back to back, whose plans must not depend on how many ran before (the very timestep
@@ -311,11 +313,16 @@ class PatchState:
         )
         self.last_shape = sample.shape
         went_up = self.last_timestep is None or t > self.last_timestep
-        new_generation = went_up or repeated_start or new_schedule
+        # an inversion's next step (DDIM inversion, DiffEdit's invert): its timesteps go up, each later in one
+        # schedule; a schedule run again from its start (either way) is a new generation
+        memory = self.compare_timestep_memory
+        inversion_step = went_up and memory.later_in_memory
+        restarted = memory.earlier_in_memory
+        new_generation = (went_up and not inversion_step) or restarted or repeated_start or new_schedule
         if new_generation:
             self.start_generation()
             self._count_stopped_early(stopped_early and self.last_timestep is not None)
-        elif t < self.last_timestep:
+        elif t < self.last_timestep or inversion_step:
             self.step += 1
             self.maps_before, self.maps_now = self.maps_now, {}
             self.stopped_early_in_a_row = 0

@@ -39,6 +39,9 @@ class TimestepMemory:
         self._last: torch.Tensor | None = None
         self._first_timestep: float | None = None
         self._is_schedule = False
+        self._last_offset = 0  # where in that memory the last call's timestep lies
+        # whether the last call's timestep lies after / before the one of the call before, in the same memory
+        self.later_in_memory = self.earlier_in_memory = False
 
     @property
     def in_schedule(self) -> bool:
@@ -55,9 +58,13 @@ class TimestepMemory:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
         no tensor; whether it does not and the last call's was a schedule)."""
         if not isinstance(timestep, torch.Tensor):
-            self._last = None
+            self._last, self.later_in_memory, self.earlier_in_memory = None, False, False
             return None, False
         same = None if self._last is None else same_memory(self._last, timestep)
+        offset, previous_offset = timestep.storage_offset(), self._last_offset
+        self._last_offset = offset
+        self.later_in_memory = bool(same) and offset > previous_offset
+        self.earlier_in_memory = bool(same) and offset < previous_offset
         if same:
             self._is_schedule |= t != self._first_timestep
             return True, False

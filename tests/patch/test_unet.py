@@ -20,7 +20,13 @@ from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 from imptome.patch.api import patch_state
 from imptome.patch.families import finest_attention_downsample
 from imptome.patch.state import _ranking_keys
-from tests.factories import TEXT_HIDDEN, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
+from tests.factories import (
+    TEXT_HIDDEN,
+    tiny_sd_pipeline,
+    tiny_sd_unet,
+    tiny_sd_unet_config,
+    tiny_sdxl_pipeline,
+)
 from tests.patch.probes import token_shapes
 
 PROMPT = "a red circle on the left"
@@ -1748,3 +1754,32 @@ def test_an_inversion_is_one_generation_that_merges_by_importance(sd):
         assert record.importance is not None and not record.pruned
         assert torch.equal(invert(), first)  # the same timesteps again: a new generation, the same draws
     assert state.step == 5
+
+
+@pytest.mark.filterwarnings("ignore:imptome. this denoiser call has no classifier-free guidance")
+def test_marigold_ensemble_members_are_not_taken_for_cfg_copies():
+    """Marigold puts the image's latents before the noisy ones ([image, prediction] channels, no guidance):
+    read as leading channels, the members of an ensemble always compared equal, so they passed for the two
+    halves of a CFG batch: one shared plan, and a "CFG" map made of two members' difference."""
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline, UNet2DConditionModel
+
+    base = tiny_sd_pipeline()
+    unet = UNet2DConditionModel(**tiny_sd_unet_config(in_channels=8)).eval()
+    pipe = MarigoldDepthPipeline(
+        unet=unet,
+        vae=base.vae,
+        scheduler=DDIMScheduler.from_config(base.scheduler.config, timestep_spacing="trailing"),
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        prediction_type="depth",
+        default_denoising_steps=2,
+        default_processing_resolution=128,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    imptome.apply_patch(pipe, ratio=0.5)
+    image = torch.rand(1, 3, 128, 128)
+    pipe(image, ensemble_size=2, batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+    state = patch_state(pipe)
+    assert state.copies == 1 and imptome.importance_map(pipe) is None
+    (record,) = imptome.merge_plan(pipe)
+    assert record.roles.shape[0] == 2 and record.importance is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -81,6 +81,8 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
             "(apply_patch(pipe, ratio=0.5)) or apply_patch(pipe, **options)"
         )
     info = denoiser_info(denoiser)
+    if any(cls.__name__ in _NOISE_LAST for cls in type(target).__mro__):
+        info = replace(info, noise_last=True)
     config = config if config is not None else PRESETS[info.family]
     if options:
         config = config.replace(**options)
@@ -172,6 +174,11 @@ _UNREADABLE_COPIES = {
         "copies",
     ),
 }
+
+
+# Pipelines that put the noisy latents after the conditioning channels, by class name: the image latents
+# come first, torch.cat([image_latent, pred_latent], dim=1).
+_NOISE_LAST = {"MarigoldDepthPipeline", "MarigoldNormalsPipeline", "MarigoldIntrinsicsPipeline"}
 
 
 def _check_copies_readable(target: Any, config: MergeConfig) -> None:

@@ -54,7 +54,8 @@ class DenoiserInfo:
     channels, the leading ones of the output (the rest is a learned variance) and of the input (noisy
     latents; the rest is conditioning the pipeline concatenates, e.g. inpainting masks); cond_first: default
     CFG batch order; channel_dim: the channel dimension of the sample, 1 ([B, C, H, W], AnimateDiff's
-    [B, C, F, H, W]) or 2 (Stable Video Diffusion's [B, F, C, H, W]); a 5-D sample's frames are in the other.
+    [B, C, F, H, W]) or 2 (Stable Video Diffusion's [B, F, C, H, W]); a 5-D sample's frames are in the other;
+    noise_last: the noisy latents are the input's last channels, after the conditioning (Marigold).
     """
 
     family: str
@@ -62,6 +63,7 @@ class DenoiserInfo:
     noise_channels: int
     cond_first: bool
     channel_dim: int = 1
+    noise_last: bool = False
 
     def frames(self, sample: torch.Tensor) -> int:
         """Frames in a sample: the spatial layers see batch x frames rows."""
@@ -69,7 +71,15 @@ class DenoiserInfo:
 
     def latents(self, sample: torch.Tensor) -> torch.Tensor:
         """The noisy latents of a sample, without the conditioning channels concatenated to them."""
-        return sample.narrow(self.channel_dim, 0, min(self.noise_channels, sample.shape[self.channel_dim]))
+        channels = sample.shape[self.channel_dim]
+        noise = min(self.noise_channels, channels)
+        return sample.narrow(self.channel_dim, channels - noise if self.noise_last else 0, noise)
+
+    def conditioning(self, sample: torch.Tensor) -> torch.Tensor:
+        """The channels of a sample that are not its noisy latents (none: an empty tensor)."""
+        channels = sample.shape[self.channel_dim]
+        noise = min(self.noise_channels, channels)
+        return sample.narrow(self.channel_dim, 0 if self.noise_last else noise, channels - noise)
 
 
 def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:

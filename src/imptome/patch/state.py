@@ -463,11 +463,10 @@ class PatchState:
         in the first two copies and zeros in the third. Other three-copy batches (safe latent diffusion,
         SEGA, equal-seed batches of three prompts) have no such channels; checked before two copies, which
         an InstructPix2Pix batch of two images with equal noise would also pass."""
-        channel_dim, noise_channels = self.info.channel_dim, self.info.noise_channels
-        extra = sample.shape[channel_dim] - noise_channels
-        if extra <= 0 or not _equal_chunks(latents, 3):
+        conditioning = self.info.conditioning(sample)
+        if conditioning.numel() == 0 or not _equal_chunks(latents, 3):
             return False
-        first, second, third = sample.narrow(channel_dim, noise_channels, extra).chunk(3)
+        first, second, third = conditioning.chunk(3)
         return torch.equal(first, second) and not third.any()
 
     def enter_step(self, step: int) -> None:

@@ -121,3 +121,14 @@ def test_demo_names_prompts_outside_the_bundled_models_language(own_model, tmp_p
     assert "stopped before loading" in error
     assert ("1 of 2 prompt(s) are outside the bundled model's language" in error) != own_model
     assert ("'a photo of a cat'" in error) != own_model
+
+
+def test_default_prompts_suit_the_model(model_dir):
+    """The bundled model's held-out prompts for it (named by its folder too), general ones for another."""
+    from imptome.demo import GENERAL_PROMPTS, default_prompts
+    from imptome.miniature import miniature_path
+    from imptome.miniature.data import parse_prompts
+
+    assert default_prompts(None) == default_prompts(str(miniature_path()))
+    assert all(parse_prompts(default_prompts(None)))  # in the bundled model's language
+    assert default_prompts(str(model_dir)) == GENERAL_PROMPTS

@@ -338,15 +338,32 @@ def test_bad_input_exits_2_with_a_clear_message_before_loading(
     assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind
 
 
-def test_the_guidance_default_is_the_bundled_models_own_without_model(tmp_path, prompts_file):
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_the_guidance_default_is_the_bundled_models_own_for_it_and_diffusers_usual_else(
+    command, tmp_path, prompts_file, model_dir
+):
+    """5 for the bundled model, whether named by its folder or not at all; 7.5 for another model."""
     from imptome.cli import build_parser
+    from imptome.commands import demo as demo_command
     from imptome.commands import generate as generate_command
-    from imptome.miniature import GUIDANCE
+    from imptome.miniature import GUIDANCE, miniature_path
 
-    argv = ["generate", "--prompts", str(prompts_file), "--out", str(tmp_path / "out")]
-    args = build_parser(argv).parse_args(argv)
-    generate_command.check(args)
-    assert args.guidance == GUIDANCE == 5.0
+    base = ["generate", "--prompts", str(prompts_file), "--out", str(tmp_path / "out")]
+    check = generate_command.check
+    if command == "demo":
+        base, check = ["demo"], demo_command.check
+    for model, guidance in (
+        ([], GUIDANCE),
+        (["--model", str(miniature_path())], GUIDANCE),
+        (
+            ["--model", str(model_dir)],
+            7.5,
+        ),
+    ):
+        args = build_parser([*base, *model]).parse_args([*base, *model])
+        check(args)
+        assert args.guidance == guidance, model
+    assert GUIDANCE == 5.0
 
 
 def test_a_model_that_fails_to_load_leaves_no_output_folder_behind(tmp_path, prompts_file, capsys):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import imptome
 from imptome.config import MergeConfig
-from imptome.miniature import miniature_path
+from imptome.miniature import GUIDANCE, MODEL_DIR, miniature_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,11 +261,22 @@ def apply_patch_or_fail(pipe: Any, **options: Any) -> None:
         raise CliError(str(error)) from None
 
 
+def uses_bundled_model(model: str | None) -> bool:
+    """Whether --model `model` is the bundled model: not given, or its folder."""
+    return model is None or Path(model).expanduser().resolve() == MODEL_DIR.resolve()
+
+
+def default_guidance(model: str | None) -> float:
+    """The CFG scale when --guidance is not given: the bundled model's own (see `imptome.miniature`), else
+    diffusers' usual 7.5."""
+    return GUIDANCE if uses_bundled_model(model) else 7.5
+
+
 def warn_outside_grammar(prompts: list[str], model: str | None) -> None:
-    """Warn on stderr about prompts outside the bundled model's language (no --model given)."""
+    """Warn on stderr about prompts outside the bundled model's language (when it is the model)."""
     from imptome.miniature.data import outside_grammar_warning
 
-    warning = None if model else outside_grammar_warning(prompts)
+    warning = outside_grammar_warning(prompts) if uses_bundled_model(model) else None
     if warning:
         print(warning, file=sys.stderr, flush=True)
 

@@ -19,6 +19,7 @@ from imptome.cli import (
     apply_patch_or_fail,
     check_seed,
     prepare_output_folder,
+    uses_bundled_model,
     warn_outside_grammar,
 )
 from imptome.loading import check_device, load_pipeline
@@ -34,8 +35,20 @@ VARIANTS = {
 }
 
 
-def default_prompts(count: int = 4) -> list[str]:
-    """Held-out prompts of the bundled model (attribute combinations it never saw in training)."""
+# Prompts for a model given with --model (a text-to-image model of general images)
+GENERAL_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, detailed fur",
+    "a bowl of fruit on a wooden table, studio lighting",
+    "a lighthouse on a cliff at sunset, oil painting",
+]
+
+
+def default_prompts(model: str | None, count: int = 4) -> list[str]:
+    """Held-out prompts of the bundled model (attribute combinations it never saw in training), or general
+    ones for another model."""
+    if not uses_bundled_model(model):
+        return GENERAL_PROMPTS[:count]
     from imptome.miniature.data import held_out_prompts, prompt_for
 
     return [prompt_for(objects) for objects in held_out_prompts()[:count]]
@@ -101,7 +114,7 @@ def _check_figure_format(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_figure_format(args)  # the other checks ran before torch was imported (imptome.commands.demo)
-    prompts = args.prompt or default_prompts()
+    prompts = args.prompt or default_prompts(args.model)
     check_seed(args.seed, len(prompts))  # one seed per prompt
     out = args.figure
     check_device(args.device)

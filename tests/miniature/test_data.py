@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 
 from imptome.miniature import data
 
@@ -67,3 +68,16 @@ def test_the_warning_names_three_prompts_outside_the_grammar_and_counts_them_all
     three = data.outside_grammar_warning(outside[:3])
     assert "'a cat', 'a dog', 'a fox'. It reads" in three and "..." not in three
     assert data.outside_grammar_warning(["top left: red circle"]) is None
+
+
+def test_prompts_are_read_in_any_case_and_spacing_as_the_tokenizer_reads_them():
+    """The bundled model's tokenizer lowercases and collapses spaces, so these are the same prompt to it."""
+    from imptome.miniature.build import tokenize
+    from imptome.miniature.evaluate import load_miniature_pipeline
+
+    variants = ["top left: red circle", "Top Left: Red Circle", "  TOP  left:red   circle "]
+    tokenizer = load_miniature_pipeline().tokenizer
+    ids = [tokenize(tokenizer, [prompt]) for prompt in variants]
+    assert all(torch.equal(ids[0], other) for other in ids[1:])
+    assert [data.parse_prompt(prompt) for prompt in variants] == [[data.Obj(0, 0, 0)]] * 3
+    assert data.outside_grammar(variants) == []

@@ -13,9 +13,9 @@ from imptome.cli import (
     check_guidance,
     check_model,
     check_seed,
+    default_guidance,
     merge_options,
 )
-from imptome.miniature import GUIDANCE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt",
         action="append",
-        help="a prompt; repeat for more (default: 4 held-out; the bundled model reads prompts like "
-        "'top left: red circle', see README)",
+        help="a prompt; repeat for more (default: 4 held-out prompts of the bundled model, which reads "
+        "prompts like 'top left: red circle', see README; with --model, 4 general ones)",
     )
     parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="CFG scale (1 or less: no CFG)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="CFG scale, 1 or less: no CFG (default: 5 for the bundled model, which suits it; 7.5, "
+        "diffusers' usual, with --model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
     parser.add_argument("--out", default="imptome-demo.png", help="figure to write (.png when no suffix)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -49,6 +54,8 @@ def check(args: argparse.Namespace) -> None:
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
     check_seed(args.seed)
+    if args.guidance is None:
+        args.guidance = default_guidance(args.model)
     check_guidance(args.guidance)
     check_model(args.model)
     args.figure = _figure_path(args.out)

@@ -13,10 +13,10 @@ from imptome.cli import (
     check_guidance,
     check_model,
     check_seed,
+    default_guidance,
     merge_options,
     read_prompts,
 )
-from imptome.miniature import GUIDANCE as BUNDLED_MODEL_GUIDANCE
 
 METHODS = ("none", "tome", "importance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -87,7 +87,7 @@ def check(args: argparse.Namespace) -> None:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     check_seed(args.seed, args.seeds)
     if args.guidance is None:
-        args.guidance = BUNDLED_MODEL_GUIDANCE if args.model is None else 7.5
+        args.guidance = default_guidance(args.model)
     check_guidance(args.guidance)
     for name in ("height", "width"):
         value = getattr(args, name)

@@ -79,9 +79,9 @@ def prompt_for(objs: list[Obj] | tuple[Obj, ...]) -> str:
 
 
 def parse_prompt(prompt: str) -> list[Obj]:
-    """Inverse of :func:`prompt_for`."""
+    """Inverse of :func:`prompt_for`, read as the model's tokenizer reads it: in any case and spacing."""
     objs = []
-    for part in prompt.split(" and "):
+    for part in " ".join(prompt.lower().split()).split(" and "):
         pos, what = part.split(":")
         colour, shape = what.split()
         objs.append(Obj(COLOUR_NAMES.index(colour), SHAPES.index(shape), POSITIONS.index(pos.strip())))

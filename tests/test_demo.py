@@ -42,6 +42,14 @@ def test_demo_writes_grid_and_prints_timings(model_dir, tmp_path, capsys):
         assert seconds > 0 and math.isclose(speedup, base / seconds, abs_tol=0.015)
     assert "batch 2 with CFG" in printed and "grid.png" in printed.replace("\n", "")
     assert "No step of the importance variants used the CFG map" not in printed
+    assert "16x16 latent" not in printed  # the caution is the bundled model's
+
+
+def test_demo_on_the_bundled_model_cautions_that_its_times_say_nothing_about_speed(tmp_path, capsys):
+    argv = ["demo", "--prompt", "top left: red circle", "--steps", "2", "--out", str(tmp_path / "grid.png")]
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "bundled model's 16x16 latent merging saves little work: these times say nothing about" in printed
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(variant, ratio, f"{result.step_seconds:.4f}", f"{base / result.step_seconds:.2f}x")
     console = Console()
     console.print(table)
+    if uses_bundled_model(args.model):
+        console.print(
+            "(at the bundled model's 16x16 latent merging saves little work: these times say nothing about "
+            "speed at real sizes; see `imptome bench speed` and the README's results)"
+        )
     note = busy_machine_note()
     if note is not None:
         console.print(note)

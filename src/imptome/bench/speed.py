@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     if generation_rows:
         print("\n" + generation_table(generation_rows))
-    note = busy_machine_note()
+    note = busy_machine_note("rerun on an idle machine or with more --rounds")
     if note is not None:
         say(note)
     say(f"wrote {args.json} and {markdown}")

@@ -57,15 +57,16 @@ def round_order(items: list, round_index: int) -> list:
     return order[::-1] if round_index % 2 else order
 
 
-def busy_machine_note() -> str | None:
+def busy_machine_note(remedy: str = "rerun on an idle machine") -> str | None:
     """A caution for printed timings when other work keeps the CPU busy (1-minute load average above the
-    core count): stalls then land in some timed calls and not others, so ratios of a few calls mislead."""
+    core count): stalls then land in some timed calls and not others, so ratios of a few calls mislead.
+    `remedy` ends it (e.g. the command's option for more rounds)."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load <= cores:
         return None
     return (
         f"note: the machine is busy (load average {load:.1f} on {cores} cores): other work stalls some timed "
-        "calls, so these times and speedups are unreliable; rerun on an idle machine or with more rounds"
+        f"calls, so these times and speedups are unreliable; {remedy}"
     )
 
 

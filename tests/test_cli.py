@@ -48,19 +48,19 @@ def test_values_take_the_type_of_their_field():
         ("proportional_attention=maybe", "'maybe' is not a valid proportional_attention (true or false)"),
         ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
         ("pool_factor=big", "'big' is not a valid pool_factor (float)"),
-        ("fallback=cells", "fallback='cells' is not supported; choose one of auto, random, tome"),
-        ("pool_factor=0.5", "pool_factor=0.5 must be a finite number >= 1"),
+        ("fallback=cells", "--set fallback='cells' is not supported; choose one of auto, random, tome"),
+        ("pool_factor=0.5", "--set pool_factor=0.5 must be a finite number >= 1"),
     ],
 )
 def test_bad_options_name_what_is_wrong(pair, message):
     with pytest.raises(CliError) as error:
         merge_options([pair], ratio=0.5, method="importance")
-    assert message in str(error.value)
+    assert str(error.value).startswith("--set ") and message in str(error.value)
 
 
 def test_options_are_checked_together_with_ratio_and_method():
     assert merge_options(["dst_selection=random"], ratio=0.75, method="importance")
-    with pytest.raises(CliError, match=r"ratio=0.75 is out of range: allowed 0 <= ratio <= 0.666667"):
+    with pytest.raises(CliError, match=r"^--ratio=0.75 is out of range: allowed 0 <= ratio <= 0.666667"):
         merge_options(["sx=3", "sy=1"], ratio=0.75, method="tome")
 
 

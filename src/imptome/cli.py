@@ -127,8 +127,11 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
             raise CliError(f"--set {pair}: {text!r} is not a valid {key} ({_describe(hints[key])})") from None
     try:
         MergeConfig(ratio=ratio, method=method, **options)
-    except ValueError as error:
-        raise CliError(str(error)) from None
+    except ValueError as error:  # "<option>=<value> ...": named by the flag that set it
+        message = str(error)
+        option = message.partition("=")[0]
+        flag = "--set " if option in options else "--" if option in ("ratio", "method") else ""
+        raise CliError(flag + message) from None
     return options
 
 

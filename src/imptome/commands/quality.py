@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         default=None,
-        help=f"of {', '.join(METHODS)} (default: all), or ablations: {', '.join(ABLATIONS)}, "
+        help=f"of {', '.join(METHODS)} (default: these four, tomesd where installed), or ablations: "
+        f"{', '.join(ABLATIONS)}, "
         "importance or an importance-* ablation with -pool<factor> appended (e.g. importance-pool1.4), "
         "and any importance variant with -shuffled appended: a control whose importance map is shuffled "
         "every step",

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ratios", nargs="+", help="merge ratios (default: 0.5 0.7)")
     parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds after the warm-up (default: %(default)s)"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="(default: cuda when available)")
     add_dtype_argument(parser)
     parser.add_argument(
         "--attention",
@@ -43,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cuDNN convolutions use natively, so no layout conversions around them)",
     )
     parser.add_argument("--frames", type=int, help="video frames for animatediff and svd (default: 16, 14)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per call; CFG doubles it (default 1)")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="prompts per call; CFG doubles it (default: %(default)s)"
+    )
     parser.add_argument(
         "--generation-steps",
         type=int,
@@ -51,11 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time whole generations of this many steps with imptome, DeepCache and both (sd15 / sd2 "
         f"only; 0: off, else at least {DEEPCACHE_INTERVAL + 1} so that DeepCache reuses its cache)",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument(
-        "--json", type=Path, default=Path("speed.json"), help="results JSON (default speed.json)"
+        "--threads", type=int, help="CPU threads, torch.set_num_threads (default: PyTorch's, all cores)"
     )
-    parser.add_argument("--markdown", type=Path, help="results table (default: the JSON path with .md)")
+    parser.add_argument(
+        "--json", type=Path, default=Path("speed.json"), help="results JSON (default: %(default)s)"
+    )
+    parser.add_argument("--markdown", type=Path, help="results table (default: next to --json, with .md)")
 
 
 def check(args: argparse.Namespace) -> None:

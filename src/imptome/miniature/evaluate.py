@@ -213,20 +213,26 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = argparse.ArgumentParser(
+        prog="python -m imptome.miniature.evaluate", description=__doc__, formatter_class=_HelpFormatter
+    )
+    ap.add_argument("--model", default=None, help="pipeline folder (None: the shipped model)")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
     ap.add_argument("--guidance", type=float, nargs="+", default=[5.0, 7.5], help="CFG scales besides 1")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument(
         "--run-dir",
         type=Path,
         default=None,
         help="training run folder whose timing, args and probes to include",
     )
-    ap.add_argument("--out", type=Path, default=CARD)
+    ap.add_argument("--out", type=Path, default=CARD, help="model card JSON to update")
     ap.add_argument("--grid-dir", type=Path, default=None, help="write sample grids (first seed) here")
     a = ap.parse_args(argv)
     res = evaluate(a.model, a.steps, a.seeds, tuple(a.guidance), a.threads, a.grid_dir)

@@ -1,4 +1,4 @@
-"""Train the miniature text-to-image model on procedural data (CPU, about 70 minutes on 2 idle cores).
+"""Train the miniature text-to-image model on procedural data (CPU: 83 minutes on 2 shared cores, see README).
 
 Stages: (1) the VAE on random 32 px crops of generated images, (2) cache VAE posterior means of a fixed
 training set and set the VAE scaling factor to 1/std of those latents, (3) text encoder + UNet with 10%
@@ -366,29 +366,37 @@ def export_checkpoint(out: Path, path: Path) -> int:
     return json.loads((out / "ckpt_unet" / "state.json").read_text())["step"]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/miniature"))
+    ap = argparse.ArgumentParser(
+        prog="python -m imptome.miniature.train", description=__doc__, formatter_class=_HelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=Path("runs/miniature"), help="run folder (checkpoints, logs)")
     ap.add_argument("--export", type=Path, default=None, help="save_pretrained folder for the final pipeline")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="default: PyTorch's (all cores)")
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (None: PyTorch's, all cores)")
+    ap.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps")
     ap.add_argument("--vae-minutes", type=float, default=0.0, help="VAE time budget (0: none)")
     ap.add_argument("--vae-crop", type=int, default=32, help="train the VAE on random square crops")
-    ap.add_argument("--vae-batch", type=int, default=32)
-    ap.add_argument("--vae-lr", type=float, default=2e-3)
-    ap.add_argument("--vae-kl", type=float, default=1e-6)
-    ap.add_argument("--n-train", type=int, default=20000)
-    ap.add_argument("--unet-steps", type=int, default=8000)
+    ap.add_argument("--vae-batch", type=int, default=32, help="VAE batch size")
+    ap.add_argument("--vae-lr", type=float, default=2e-3, help="VAE learning rate")
+    ap.add_argument("--vae-kl", type=float, default=1e-6, help="weight of the VAE's KL term")
+    ap.add_argument("--n-train", type=int, default=20000, help="training images (latents cached once)")
+    ap.add_argument("--unet-steps", type=int, default=8000, help="text encoder + UNet training steps")
     ap.add_argument("--unet-minutes", type=float, default=0.0, help="UNet time budget (0: none)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
+    ap.add_argument(
+        "--lr", type=float, default=1e-3, help="UNet learning rate after warm-up (cosine decay to 10%%)"
+    )
+    ap.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
+    ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the exported weights")
+    ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")
     ap.add_argument("--min-snr-gamma", type=float, default=0.0, help="0: plain (unweighted) v-loss")
-    ap.add_argument("--probe-every", type=int, default=200)
-    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--probe-every", type=int, default=200, help="steps between position probes (0: none)")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     ap.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA and exit")
     args = ap.parse_args(argv)
     if args.threads is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import io
 import json
 import sys
@@ -36,15 +35,15 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 import imptome
+from imptome.bench.baseline import tomesd_patched
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
-from imptome.bench.timing import busy_machine_note
+from imptome.bench.timing import busy_machine_note, package_versions
 from imptome.cli import CliError, write_atomically
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts
 from imptome.patch.api import find_denoiser, patch_state
-from imptome.patch.families import finest_attention_downsample
 from imptome.visualize import figure_path
 
 if TYPE_CHECKING:
@@ -67,15 +66,12 @@ class Variant:
     def applied(self, pipe: Any) -> Iterator[None]:
         """The method patched into `pipe` for the duration (nothing for `none`)."""
         imptome.remove_patch(pipe)
-        handles = []
         if self.method == "tomesd":
-            import tomesd
-
-            # at imptome's level (the finest with attention), as `bench speed` patches it; tomesd's default,
-            # the full-resolution level, has no attention on SDXL, where it would merge nothing
-            finest = finest_attention_downsample(find_denoiser(pipe))
-            tomesd.apply_patch(pipe, ratio=self.ratio, max_downsample=finest)
-        elif self.method != "none":
+            with tomesd_patched(pipe, self.ratio):
+                yield
+            return
+        handles = []
+        if self.method != "none":
             options = ablation_options(self.method) or {}
             imptome.apply_patch(pipe, ratio=self.ratio, method=base_method(self.method), **options)
             if self.method.endswith(SHUFFLED):
@@ -85,10 +81,6 @@ class Variant:
         finally:
             for handle in handles:
                 handle.remove()
-            if self.method == "tomesd":
-                import tomesd
-
-                tomesd.remove_patch(pipe)
             imptome.remove_patch(pipe)
 
 
@@ -146,17 +138,6 @@ def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str |
 
 
 # ---------------------------------------------------------------------------------------------- images
-
-
-def _package_versions() -> dict[str, str | None]:
-    """Versions of the packages whose arithmetic makes the images (tomesd: its rows)."""
-    versions = {}
-    for package in ("torch", "diffusers", "transformers", "tomesd"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 class ImageCache:
@@ -460,7 +441,8 @@ def run(args: argparse.Namespace) -> int:
     cache_root = args.cache
     settings = {
         "imptome_version": imptome.__version__,  # plans (and so merged images) differ between versions
-        "versions": _package_versions(),  # and so, slightly, do the images of other packages' versions
+        # and so, slightly, do the images of the versions of the packages whose arithmetic makes them
+        "versions": package_versions("torch", "diffusers", "transformers", "tomesd"),
         "model": model,
         "weights": model_fingerprint(model),
         "steps": args.steps,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -49,6 +48,7 @@ import torch
 
 import imptome
 from imptome.bench.archs import ARCHS, ArchSpec
+from imptome.bench.baseline import tomesd_patched
 from imptome.bench.denoisers import build_denoiser, example_inputs
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import GUIDANCE, measure_generations
@@ -57,6 +57,7 @@ from imptome.bench.timing import (
     PeakMemory,
     WorkTimer,
     busy_machine_note,
+    package_versions,
     quartiles,
     round_order,
     synchronize,
@@ -104,13 +105,8 @@ class Variant:
         if self.name == "none":
             yield
         elif self.name == "tomesd":
-            import tomesd
-
-            tomesd.apply_patch(model, ratio=self.ratio, max_downsample=finest_attention_downsample(model))
-            try:
+            with tomesd_patched(model, self.ratio):
                 yield
-            finally:
-                tomesd.remove_patch(model)
         else:
             imptome.apply_patch(model, self.config(denoiser_info(model).family))
             _enter_mid_generation(model, importance, timestep)
@@ -423,17 +419,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def _meta(settings: Settings, command: str) -> dict[str, Any]:
-    import diffusers
-
-    versions = {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "imptome": imptome.__version__,
-    }
-    try:
-        versions["tomesd"] = importlib.metadata.version("tomesd")
-    except importlib.metadata.PackageNotFoundError:
-        versions["tomesd"] = None
+    versions = {**package_versions("torch", "diffusers", "tomesd"), "imptome": imptome.__version__}
     return {
         "command": command,
         "device": settings.device.type,

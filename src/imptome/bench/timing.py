@@ -1,5 +1,6 @@
-"""Timing helpers for the speed benchmark: device sync, peak memory, and the time a merging method spends
-in its own work (importance map, planning, merge / unmerge) inside a denoiser call.
+"""Timing helpers for the benchmarks: device sync, peak memory, the time a merging method spends in its own
+work (importance map, planning, merge / unmerge) inside a denoiser call, and what a run's numbers rest on
+(package versions, a busy machine).
 
 Own work is timed by wrapping the method's functions while a call runs. Every wrapped function is bracketed
 by device synchronisations, so on a GPU its kernels are counted in full (launch and execution) but the call
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import os
 import statistics
 import time
@@ -55,6 +57,17 @@ def round_order(items: list, round_index: int) -> list:
     shift = (round_index // 2) % len(items)
     order = items[shift:] + items[:shift]
     return order[::-1] if round_index % 2 else order
+
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    """The installed version of each package (None: not installed), for a benchmark's record."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def busy_machine_note(remedy: str = "rerun on an idle machine") -> str | None:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from imptome.bench.flops import flop_counter
+from imptome.bench.timing import synchronize
 
 
 @contextmanager
@@ -25,8 +26,8 @@ def _around_calls(module: torch.nn.Module, before: Callable, after: Callable) ->
 
 
 class DenoiserTimer:
-    """Wall time of every call of a module (CUDA-synchronised), via forward hooks around every other hook of
-    the module (a patch's included)."""
+    """Wall time of every call of a module (its device synchronised), via forward hooks around every other
+    hook of the module (a patch's included)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -34,14 +35,15 @@ class DenoiserTimer:
 
     @contextmanager
     def attach(self, module: torch.nn.Module) -> Iterator[DenoiserTimer]:
+        weight = next(module.parameters(), None)
+        device = torch.device("cpu") if weight is None else weight.device
+
         def pre(*_: object) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize(device)
             self._start = time.perf_counter()
 
         def post(*_: object) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize(device)
             self.seconds.append(time.perf_counter() - self._start)
 
         with _around_calls(module, pre, post):

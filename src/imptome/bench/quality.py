@@ -42,7 +42,7 @@ from imptome.bench.timing import busy_machine_note, package_versions
 from imptome.cli import CliError, write_atomically
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
-from imptome.miniature.data import grammar, parse_prompts
+from imptome.miniature.data import grammar, parse_prompts, quote_some
 from imptome.patch.api import find_denoiser, patch_state
 from imptome.visualize import figure_path
 
@@ -125,9 +125,7 @@ def _unscorable_warning(prompts: list[str], objects: list[list | None]) -> str |
     outside = [prompt for prompt, objs in zip(prompts, objects, strict=True) if objs is None]
     if not outside:
         return None
-    shown = ", ".join(repr(prompt) for prompt in outside[:5])
-    if len(outside) > 5:
-        shown += f" and {len(outside) - 5} more"
+    shown = quote_some(outside, 5)
     scored = len(prompts) - len(outside)
     covered = f"cover only the other {scored} prompt(s)" if scored else "are not computed ('-')"
     return (

@@ -120,10 +120,6 @@ def build_inference_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
 
 
-def n_params(m: Any) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
     """Text embeddings [n, MAX_TOKENS, d] exactly as StableDiffusionPipeline computes them."""
     return text_encoder(tokenize(tokenizer, prompts))[0]

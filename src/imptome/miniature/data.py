@@ -115,12 +115,18 @@ def outside_grammar(prompts: list[str]) -> list[str]:
     return [prompt for prompt, objs in zip(prompts, parse_prompts(prompts), strict=True) if objs is None]
 
 
+def quote_some(prompts: list[str], shown: int) -> str:
+    """The first `shown` prompts quoted, and how many more there are: "'a', 'b' and 3 more"."""
+    quoted = ", ".join(repr(prompt) for prompt in prompts[:shown])
+    return quoted + (f" and {len(prompts) - shown} more" if len(prompts) > shown else "")
+
+
 def outside_grammar_warning(prompts: list[str]) -> str | None:
     """The CLI's warning for prompts given to the bundled model outside its language; None when all are in."""
     outside = outside_grammar(prompts)
     if not outside:
         return None
-    shown = ", ".join(repr(prompt) for prompt in outside[:3]) + (" ..." if len(outside) > 3 else "")
+    shown = quote_some(outside, 3)
     return (
         f"imptome: warning: {len(outside)} of {len(prompts)} prompt(s) are outside the bundled model's "
         f"language and will come out as textures without objects: {shown}. It reads {grammar()}."

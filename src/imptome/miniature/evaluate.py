@@ -168,14 +168,10 @@ def evaluate(
 def describe_model(path: str | Path | None = None) -> dict[str, Any]:
     """Sizes and shapes of the pipeline's components."""
     pipe = load_miniature_pipeline(path)
-
-    def n(m: torch.nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
-
     return {
-        "unet_params": n(pipe.unet),
-        "text_encoder_params": n(pipe.text_encoder),
-        "vae_params": n(pipe.vae),
+        "unet_params": pipe.unet.num_parameters(),
+        "text_encoder_params": pipe.text_encoder.num_parameters(),
+        "vae_params": pipe.vae.num_parameters(),
         "image_size": data.IMAGE_SIZE,
         "latent_grid": pipe.unet.config.sample_size,
         "unet_blocks": list(pipe.unet.config.down_block_types),

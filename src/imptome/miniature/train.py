@@ -277,8 +277,8 @@ def train_unet(
         _log(out, f"unet: resumed at step {start}")
     _log(
         out,
-        f"unet {build.n_params(unet) / 1e6:.2f}M params, "
-        f"text encoder {build.n_params(text_encoder) / 1e6:.2f}M, "
+        f"unet {unet.num_parameters() / 1e6:.2f}M params, "
+        f"text encoder {text_encoder.num_parameters() / 1e6:.2f}M, "
         f"latent scale {scale:.4f}, {len(prompts)} training pairs",
     )
     t0 = time.time()

@@ -179,15 +179,19 @@ class ArchSpec:
     def top_level_tokens(self, res: int | tuple[int, int]) -> int:
         """Image tokens seen by the highest-resolution attention (per frame for video).
 
-        UNets: SD 1.x/2.x attend at the full latent grid; SDXL has no attention there, so its first
-        attention level is 2x downsampled. PixArt, SD3: one token per ``patch_size``^2 latent patch.
+        UNets: the grid of the first down block with attention, each block before it halving the latent grid
+        (SD 1.x/2.x attend at the full latent grid, SDXL from its 2x downsampled second block, as
+        `finest_attention_downsample` finds on a built model). PixArt, SD3: one token per ``patch_size``^2
+        latent patch.
         """
         h, w = self.latent_hw(res)
         if self.model_kind in ("pixart", "sd3"):
             p = self.config["patch_size"]
             return (h // p) * (w // p)
-        if self.model_kind == "sdxl":
-            return math.ceil(h / 2) * math.ceil(w / 2)
+        for block in self.config["down_block_types"]:
+            if "Attn" in block:
+                break
+            h, w = math.ceil(h / 2), math.ceil(w / 2)  # a stride-2 convolution, padded
         return h * w
 
 

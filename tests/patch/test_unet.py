@@ -1727,33 +1727,49 @@ def test_processors_that_store_a_merged_layers_attention_maps_are_refused(pipeli
 
 
 def test_an_inversion_is_one_generation_that_merges_by_importance(sd):
-    """DDIM inversion runs the schedule upwards, one later element of one timesteps tensor per call. Each call
-    was taken for a new generation: never past the warm-up, never merged by importance, and warned about as
-    generations taking turns. A descending schedule reused from its start is still a new generation."""
-    from diffusers import DDIMInverseScheduler
+    """DDIM inversion walks up one timesteps tensor, one element per call. Each call was taken for a new
+    generation: never past the warm-up, never merged by importance, and warned about as generations taking
+    turns. Walking the tensor again from its start, or leaving it for Python numbers, starts a new
+    generation; walking an ascending tensor backwards is a generation going down, as a DDPM loop's."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
 
     inverse = DDIMInverseScheduler.from_config(sd.scheduler.config)
     inverse.set_timesteps(6)
+    forward = DDIMScheduler.from_config(sd.scheduler.config)
+    forward.set_timesteps(6)
     text = torch.randn(2, 8, TEXT_HIDDEN)
     latents = torch.randn(1, 4, 16, 16)
+    state = None
+    steps = []
+
+    def run(scheduler, timesteps):
+        x = latents
+        for t in timesteps:
+            uncond, cond = sd.unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample.chunk(2)
+            steps.append(state.step)
+            x = scheduler.step(uncond + 5 * (cond - uncond), t, x).prev_sample
+        return x
 
     def invert():
-        x = latents
-        for t in inverse.timesteps:  # views of one tensor, going up
-            uncond, cond = sd.unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample.chunk(2)
-            x = inverse.step(uncond + 5 * (cond - uncond), t, x).prev_sample
-        return x
+        return run(inverse, inverse.timesteps)  # views of one tensor, going up
 
     imptome.apply_patch(sd, ratio=0.5)
     state = patch_state(sd)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning about generations taking turns
         first = invert()
-        assert state.step == 5 and inverse.timesteps[0] < inverse.timesteps[-1]
+        assert inverse.timesteps[0] < inverse.timesteps[-1] and steps == [0, 1, 2, 3, 4, 5]
         (record,) = imptome.merge_plan(sd)
         assert record.importance is not None and not record.pruned
-        assert torch.equal(invert(), first)  # the same timesteps again: a new generation, the same draws
-    assert state.step == 5
+        assert torch.equal(invert(), first)  # walked again from its start: a new generation, the same draws
+        numbers = run(forward, [int(t) for t in forward.timesteps])  # starts where the inversion ended
+        ascending = inverse.timesteps
+        walked_back = run(forward, [ascending[i] for i in reversed(range(6))])
+        assert torch.equal(run(forward, [int(t) for t in forward.timesteps]), numbers)
+        assert torch.equal(invert(), first)  # after Python numbers
+        assert torch.equal(run(forward, [int(t) for t in forward.timesteps]), numbers)  # after an inversion
+        assert torch.equal(run(forward, [ascending[i] for i in reversed(range(6))]), walked_back)
+    assert steps == [0, 1, 2, 3, 4, 5] * 8
 
 
 @pytest.mark.filterwarnings("ignore:imptome. this denoiser call has no classifier-free guidance")

@@ -188,6 +188,7 @@ class PatchState:
     # a call of the pair's step had another sample than the pair's: a second pair may follow (second-order
     # schedulers such as Heun evaluate each timestep twice, at two samples)
     sample_moved_since_pair: bool = False
+    inverting: bool = False  # the generation is an inversion: its timesteps went up through one schedule
     cfg_step: int | None = None  # the step whose CFG batch made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
     last_sample_version: int | None = None  # last_sample's version counter then (None: an inference tensor)
@@ -268,10 +269,11 @@ class PatchState:
     def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
 
-        A new generation starts when the timestep goes up (unless it lies after the last call's in the same
-        schedule: an inversion's next step) or lies before the last call's in the same schedule (run again),
-        when it lives in other memory than the last call's scheduler timesteps (an interrupted generation
-        followed by image-to-image, which starts lower),
+        A new generation starts when the timestep goes up (unless the calls walk on through one schedule: an
+        inversion's next step, after which a call outside that schedule starts a new generation), when the
+        walk through a schedule turns back (the schedule run again), when it lives in other memory than the
+        last call's scheduler timesteps (an interrupted generation followed by image-to-image, which starts
+        lower) or is part of a schedule after a call with a number,
         or when a call at the first timestep of a generation repeats and is no split-CFG pair nor a further
         pass on the pair's sample, with the same input shape or a timestep in other memory: one-step
         generations run back to back, whose plans must not depend on how many ran before (the very timestep
@@ -313,16 +315,24 @@ class PatchState:
         )
         self.last_shape = sample.shape
         went_up = self.last_timestep is None or t > self.last_timestep
-        # an inversion's next step (DDIM inversion, DiffEdit's invert): its timesteps go up, each later in one
-        # schedule; a schedule run again from its start (either way) is a new generation
+        # An inversion's next step (DDIM inversion, DiffEdit's invert): its timesteps go up as the calls walk
+        # on through one schedule. A walk that turns back begins again: a new generation. An inversion ends
+        # with its walk: a call in other memory, or with a number, starts a new generation.
         memory = self.compare_timestep_memory
-        inversion_step = went_up and memory.later_in_memory
-        restarted = memory.earlier_in_memory
-        new_generation = (went_up and not inversion_step) or restarted or repeated_start or new_schedule
+        inversion_step = went_up and memory.moved_on
+        left_inversion = self.inverting and same_memory is not True
+        new_generation = (
+            (went_up and not inversion_step)
+            or memory.walked_back
+            or left_inversion
+            or repeated_start
+            or new_schedule
+        )
         if new_generation:
             self.start_generation()
             self._count_stopped_early(stopped_early and self.last_timestep is not None)
         elif t < self.last_timestep or inversion_step:
+            self.inverting = inversion_step
             self.step += 1
             self.maps_before, self.maps_now = self.maps_now, {}
             self.stopped_early_in_a_row = 0
@@ -399,6 +409,7 @@ class PatchState:
         self.sample_moved_since_pair = False
         self.perturbed_attention = perturbed_attention_layout(self.attention_modules)
         self.layouts = {}
+        self.inverting = False
 
     def _pairs_with_last_call(self, sample: torch.Tensor, same_timestep_memory: bool) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample

@@ -39,9 +39,13 @@ class TimestepMemory:
         self._last: torch.Tensor | None = None
         self._first_timestep: float | None = None
         self._is_schedule = False
-        self._last_offset = 0  # where in that memory the last call's timestep lies
-        # whether the last call's timestep lies after / before the one of the call before, in the same memory
-        self.later_in_memory = self.earlier_in_memory = False
+        self._last_was_number = False
+        # The walk through the memory: where the last call's timestep lies in it, and which way the calls
+        # have moved since the walk began (+1 towards later elements, -1 towards earlier ones, 0 not yet)
+        self._last_offset = 0
+        self._direction = 0
+        # whether the last call's timestep moved on in the walk, or against it (the walk began again)
+        self.moved_on = self.walked_back = False
 
     @property
     def in_schedule(self) -> bool:
@@ -56,21 +60,29 @@ class TimestepMemory:
 
     def __call__(self, timestep: object, t: float) -> tuple[bool | None, bool]:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
-        no tensor; whether it does not and the last call's was a schedule)."""
-        if not isinstance(timestep, torch.Tensor):
-            self._last, self.later_in_memory, self.earlier_in_memory = None, False, False
+        no tensor; whether it does not and the last call's was a schedule, or the last call's was a number
+        and this one is part of a schedule)."""
+        after_number, self._last_was_number = self._last_was_number, not isinstance(timestep, torch.Tensor)
+        if self._last_was_number:
+            self._last, self._direction, self.moved_on, self.walked_back = None, 0, False, False
             return None, False
         same = None if self._last is None else same_memory(self._last, timestep)
-        offset, previous_offset = timestep.storage_offset(), self._last_offset
+        offset = timestep.storage_offset()
+        move = (offset > self._last_offset) - (offset < self._last_offset) if same else 0
         self._last_offset = offset
-        self.later_in_memory = bool(same) and offset > previous_offset
-        self.earlier_in_memory = bool(same) and offset < previous_offset
+        self.walked_back = move != 0 and move == -self._direction
+        self.moved_on = move != 0 and not self.walked_back
+        if not same or self.walked_back:  # another memory, or the walk begins again
+            self._direction = 0
+        elif move:
+            self._direction = move
         if same:
             self._is_schedule |= t != self._first_timestep
             return True, False
-        changed = same is False and self._is_schedule
+        part_of_a_schedule = _views_part_of_its_memory(timestep)
+        changed = (same is False and self._is_schedule) or (after_number and part_of_a_schedule)
         self._last, self._first_timestep = timestep, t
-        self._is_schedule = _views_part_of_its_memory(timestep)
+        self._is_schedule = part_of_a_schedule
         return same, changed
 
 

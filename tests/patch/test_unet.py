@@ -781,7 +781,11 @@ def test_unet_without_transformer_blocks_is_refused_at_patch_time():
         up_block_types=("SimpleCrossAttnUpBlock2D",) * 2,
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     )
-    with pytest.raises(ValueError, match="no transformer blocks over the image tokens.*SimpleCrossAttn"):
+    with pytest.raises(
+        ValueError,
+        match="no transformer blocks over the image tokens that imptome knows \\(its attention sits in "
+        "SimpleCrossAttnDownBlock2D, SimpleCrossAttnUpBlock2D, UNetMidBlock2DSimpleCrossAttn\\)",
+    ):
         imptome.apply_patch(unet)
     assert not imptome.is_patched(unet)
 
@@ -1799,3 +1803,45 @@ def test_marigold_ensemble_members_are_not_taken_for_cfg_copies():
     assert state.copies == 1 and imptome.importance_map(pipe) is None
     (record,) = imptome.merge_plan(pipe)
     assert record.roles.shape[0] == 2 and record.importance is None
+
+
+def test_pix2pix_zero_cross_attention_store_is_refused_on_merged_layers():
+    """Pix2Pix-Zero compares a reference pass's cross-attention maps with a later pass's: merged, the two
+    covered different kept tokens and the loss compared unrelated tokens, without a word."""
+    from diffusers import DDIMInverseScheduler, StableDiffusionPix2PixZeroPipeline
+
+    sd = tiny_sd_pipeline()
+    pipe = StableDiffusionPix2PixZeroPipeline(
+        **{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        caption_generator=None,
+        caption_processor=None,
+        inverse_scheduler=DDIMInverseScheduler.from_config(sd.scheduler.config),
+    )
+    imptome.apply_patch(pipe, merge_crossattn=True)
+    embeds = torch.randn(2, 8, TEXT_HIDDEN)
+    with pytest.raises(ValueError, match="Pix2PixZeroAttnProcessor \\(Pix2Pix-Zero\\) stores"):
+        pipe("a", source_embeds=embeds, target_embeds=embeds, num_inference_steps=2, output_type="latent")
+
+
+def test_proportional_attention_is_refused_with_text2video_zeros_cross_frame_attention():
+    """Text2Video-Zero makes every frame attend to the first frame's keys, which each frame's mask of its own
+    kept tokens does not describe: wrong weights, without a word."""
+    from diffusers import TextToVideoZeroPipeline
+
+    sd = tiny_sd_pipeline()
+    pipe = TextToVideoZeroPipeline(
+        **{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    video = dict(video_length=3, num_inference_steps=4, t0=1, t1=2, output_type="latent")
+    imptome.apply_patch(pipe, proportional_attention=True)
+    with pytest.raises(ValueError, match="CrossFrameAttnProcessor2_0 \\(Text2Video-Zero\\) makes every"):
+        pipe("a", **video)
+    imptome.apply_patch(pipe)  # without proportional attention it merges
+    pipe("a", **video)
+    assert imptome.merge_plan(pipe)

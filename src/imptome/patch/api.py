@@ -143,14 +143,34 @@ def _merge_kernel(requested: MergeKernel) -> AveragingKernel:
     return "triton"
 
 
+def _attention_holders(model: nn.Module) -> list[nn.Module]:
+    """The blocks that hold `model`'s attention modules: each one's closest ancestor that is no container."""
+    modules = dict(model.named_modules())
+    holders = []
+    for name, module in modules.items():
+        if not hasattr(module, "processor") or not name:
+            continue
+        parent = name
+        while True:
+            parent = parent.rpartition(".")[0]
+            holder = modules[parent]
+            if not parent or not isinstance(holder, nn.ModuleList | nn.ModuleDict | nn.Sequential):
+                break
+        holders.append(holder)
+    return holders
+
+
 def _nothing_to_merge(denoiser: nn.Module, config: MergeConfig, has_blocks: bool) -> str:
     name = type(denoiser).__name__
     if not has_blocks:
+        holders = sorted({type(block).__name__ for block in _attention_holders(denoiser)})
+        found = f"its attention sits in {', '.join(holders)}" if holders else "it has no attention"
         return (
             f"imptome found nothing to merge in this {name}: it has no transformer blocks over the image "
-            "tokens. imptome merges those of Stable Diffusion-style UNets (AnimateDiff and Stable Video "
-            "Diffusion included), PixArt, DiT and SD3; UNets whose attention sits in SimpleCrossAttn blocks "
-            "(DeepFloyd IF, Kandinsky, unCLIP) are not supported."
+            f"tokens that imptome knows ({found}). imptome merges those of Stable Diffusion-style UNets "
+            "(AnimateDiff and Stable Video Diffusion included), PixArt, DiT and SD3; UNets whose attention "
+            "sits in other blocks (SimpleCrossAttn blocks in DeepFloyd IF, Kandinsky and unCLIP, KAttention "
+            "blocks in the latent upscaler) are not supported."
         )
     return (
         f"imptome found nothing to merge in this {name}: its transformer blocks have none of the sub-layers "

@@ -160,6 +160,7 @@ _ATTENTION_STORES = {
     "CrossAttnStoreProcessor": "self-attention guidance (StableDiffusionSAGPipeline)",
     "AttendExciteAttnProcessor": "Attend-and-Excite",
     "LEDITSCrossAttnProcessor": "LEDITS++",
+    "Pix2PixZeroAttnProcessor": "Pix2Pix-Zero",
 }
 
 
@@ -173,7 +174,8 @@ def check_no_attention_store(merged: dict[str, nn.Module]) -> None:
                 f"imptome merges the tokens entering {name}, and {processor_name(module)} ({pipeline}) "
                 "stores that layer's attention maps for the pipeline, which reads them over every token. "
                 "Leave the layer unmerged: merge_crossattn=False for cross-attention maps (Attend-and-"
-                "Excite, LEDITS++), and a max_downsample below the mid block's for self-attention guidance."
+                "Excite, LEDITS++, Pix2Pix-Zero), and a max_downsample below the mid block's for self-"
+                "attention guidance."
             )
 
 

@@ -164,9 +164,10 @@ def _uses_ip_adapter_masks(attention: nn.Module) -> bool:
 def check_mask_support(attention: nn.Module, num_kept: int | None) -> None:
     """Refuse processors that cannot take proportional attention's additive mask, with the fix, rather than
     fail deep inside them: xformers' kernels want a key count that is a multiple of 8 (diffusers' xformers
-    processors pass the mask unpadded, diffusers#9637), SD3's joint-attention processors ignore masks, and
+    processors pass the mask unpadded, diffusers#9637), SD3's joint-attention processors ignore masks,
     perturbed-attention guidance's processors split the batch into its copies and reshape the mask for fewer
-    rows than it has. Checked at patching (num_kept None: not known yet) and at every merged call, as the
+    rows than it has, and Text2Video-Zero's cross-frame processors attend to other frames' tokens than the
+    mask's. Checked at patching (num_kept None: not known yet) and at every merged call, as the
     processors may change in between."""
     name = processor_name(attention)
     if num_kept is not None and num_kept % 8 and "XFormers" in name:
@@ -180,6 +181,12 @@ def check_mask_support(attention: nn.Module, num_kept: int | None) -> None:
             f"imptome: proportional_attention passes an additive attention mask, and {name} (SD3's attention "
             "over text and image tokens) ignores attention masks, so it would have no effect. Use "
             "proportional_attention=False."
+        )
+    if name.startswith("CrossFrameAttnProcessor"):  # Text2Video-Zero
+        raise ValueError(
+            f"imptome: proportional_attention passes each frame an additive attention mask for its own kept "
+            f"tokens, and {name} (Text2Video-Zero) makes every frame attend to the first frame's, which the "
+            "mask does not describe. Use proportional_attention=False."
         )
     if name.startswith("PAG"):
         raise ValueError(

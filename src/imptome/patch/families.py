@@ -166,7 +166,8 @@ _ATTENTION_STORES = {
 
 def check_no_attention_store(merged: dict[str, nn.Module]) -> None:
     """Refuse processors that store a merged layer's attention maps for their pipeline: the maps would cover
-    the kept tokens only, and the pipeline, reshaping them to the token grid, fails deep inside diffusers."""
+    the kept tokens only, and the pipeline, reading them over the token grid, fails deep inside diffusers
+    (SAG, Attend-and-Excite, LEDITS++) or compares maps of different tokens (Pix2Pix-Zero)."""
     for name, module in merged.items():
         pipeline = _ATTENTION_STORES.get(processor_name(module))
         if pipeline is not None:

@@ -49,7 +49,7 @@ def test_demo_on_the_bundled_model_cautions_that_its_times_say_nothing_about_spe
     argv = ["demo", "--prompt", "top left: red circle", "--steps", "2", "--out", str(tmp_path / "grid.png")]
     assert main(argv) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert "bundled model's 16x16 latent merging saves little work: these times say nothing about" in printed
+    assert "the bundled model is tiny, with a 16x16 latent: these times say nothing about speed" in printed
 
 
 @pytest.mark.parametrize(

@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     if uses_bundled_model(args.model):
         console.print(
-            "(at the bundled model's 16x16 latent merging saves little work: these times say nothing about "
-            "speed at real sizes; see `imptome bench speed` and the README's results)"
+            "(the bundled model is tiny, with a 16x16 latent: these times say nothing about speed at real "
+            "sizes; see `imptome bench speed` and the README's results)"
         )
     note = busy_machine_note()
     if note is not None:

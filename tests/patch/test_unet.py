@@ -1845,3 +1845,20 @@ def test_proportional_attention_is_refused_with_text2video_zeros_cross_frame_att
     imptome.apply_patch(pipe)  # without proportional attention it merges
     pipe("a", **video)
     assert imptome.merge_plan(pipe)
+
+
+def test_a_further_pass_whose_batch_does_not_fit_its_steps_map_is_warned_about(sd):
+    """A pass without CFG after the step's CFG batch merges with that batch's map; with other images in it
+    (Pix2Pix-Zero's passes after an edit step) the map does not fit and the fallback merged it silently."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    scheduler.set_timesteps(4)
+    text = torch.randn(2, 8, TEXT_HIDDEN)
+    x = torch.randn(1, 4, 16, 16)
+    imptome.apply_patch(sd, ratio=0.5)
+    with pytest.warns(UserWarning, match="has no CFG batch and follows one in its step, but its batch \\(2"):
+        for t in scheduler.timesteps:
+            sd.unet(torch.cat([x, x]), t, encoder_hidden_states=text)  # the CFG batch: the step's map
+            sd.unet(torch.cat([x, x + 1]), t, encoder_hidden_states=text)  # two other images
+    assert patch_state(sd).copies == 1 and imptome.merge_plan(sd)[0].importance is None

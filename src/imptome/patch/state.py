@@ -205,6 +205,7 @@ class PatchState:
     # per generation.
     silent_units: tuple[bool, ...] | None = None
     warned_silent_map: bool = False
+    warned_unfit_map: bool = False  # a guided call whose batch did not match its map (see begin_call)
     layers_ran: bool = False  # set by every layer hook; checked after the first call (see end_call)
     merged_modules: dict[str, nn.Module] = field(default_factory=dict)  # name -> module of each merged layer
     feed_forward_blocks: dict[str, nn.Module] = field(default_factory=dict)  # block name -> block, ff merged
@@ -376,6 +377,19 @@ class PatchState:
                 stacklevel=_outside_libraries(),
             )
             self.warned_no_cfg = True
+        # a call without a CFG batch that merges with the map of its step's (a further pass) but does not fit
+        # it; a CFG batch that does not fit the map of the step before (the batch changed) makes its own
+        units = self.rows // self.copies
+        unfit = self.guided and not self.cfg and self.call_map is not None and not self._map_fits(units)
+        if merges and self.use_importance and unfit and not self.warned_unfit_map:
+            warnings.warn(
+                f"imptome: this denoiser call has no CFG batch and follows one in its step, but its batch "
+                f"({units} image(s)) does not match that call's importance map ({self.call_map.shape[0]} "
+                "image(s) on its grid), so it merges as a call without guidance does (see `fallback`). "
+                "Pipelines that change their batch between the passes of a step (e.g. Pix2Pix-Zero) do this.",
+                stacklevel=_outside_libraries(),
+            )
+            self.warned_unfit_map = True
 
     def _count_stopped_early(self, stopped_early: bool) -> None:
         """Warn once when three generations in a row stopped after one call although their schedules went on:

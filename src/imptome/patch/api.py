@@ -81,7 +81,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
             "(apply_patch(pipe, ratio=0.5)) or apply_patch(pipe, **options)"
         )
     info = denoiser_info(denoiser)
-    if any(cls.__name__ in _NOISE_LAST for cls in type(target).__mro__):
+    if not _NOISE_LAST.isdisjoint(_class_names(target)):
         info = replace(info, noise_last=True)
     config = config if config is not None else PRESETS[info.family]
     if options:
@@ -201,16 +201,21 @@ _UNREADABLE_COPIES = {
 _NOISE_LAST = {"MarigoldDepthPipeline", "MarigoldNormalsPipeline", "MarigoldIntrinsicsPipeline"}
 
 
+def _class_names(target: Any) -> list[str]:
+    """The names of `target`'s class and its bases, to recognise pipelines (and subclasses of them, e.g.
+    community pipelines) without importing their modules."""
+    return [cls.__name__ for cls in type(target).__mro__]
+
+
 def _check_copies_readable(target: Any, config: MergeConfig) -> None:
     """Refuse method="importance" on a pipeline whose copies would be misread (method="tome" reads none)."""
     if config.method != "importance":
         return
-    for cls in type(target).__mro__:
-        why = _UNREADABLE_COPIES.get(cls.__name__)
+    for name in _class_names(target):
+        why = _UNREADABLE_COPIES.get(name)
         if why is not None:
             raise ValueError(
-                f"imptome: method='importance' does not work with {cls.__name__}: {why}. Use "
-                "method='tome' there."
+                f"imptome: method='importance' does not work with {name}: {why}. Use method='tome' there."
             )
 
 

@@ -62,8 +62,9 @@ class TimestepMemory:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
         no tensor; whether it does not and the last call's was a schedule, or the last call's was a number
         and this one is part of a schedule)."""
-        after_number, self._last_was_number = self._last_was_number, not isinstance(timestep, torch.Tensor)
-        if self._last_was_number:
+        is_number = not isinstance(timestep, torch.Tensor)
+        after_number, self._last_was_number = self._last_was_number, is_number
+        if is_number:
             self._last, self._direction, self.moved_on, self.walked_back = None, 0, False, False
             return None, False
         same = None if self._last is None else same_memory(self._last, timestep)

@@ -103,3 +103,73 @@ def test_the_grid_adds_png_to_a_path_without_suffix_and_leaves_the_backend_alone
     heatmap_overlay(Image.new("RGB", (8, 8)), torch.rand(2, 2))
     assert matplotlib.get_backend() == "pdf"
     assert written == tmp_path / "grid.png" and Image.open(written).format == "PNG"
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures comparison_grid draws (their axes hold the arrays and colours as drawn)."""
+    import imptome.visualize as visualize
+
+    figures = []
+
+    class Recorded(visualize.Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(visualize, "Figure", Recorded)
+    return figures
+
+
+def test_the_grid_draws_panels_upright_in_their_rows_and_roles_in_the_legends_colours(tmp_path, drawn):
+    """Row r, column c shows panel r of column c, array row 0 at the top and not transposed (a 2 x 3 map
+    spans 3 columns and 2 rows); each role is drawn in the colour the legend gives its name, and the heatmap
+    spans magma's range from the map's minimum to its maximum. Names and colours as README describes them."""
+    from matplotlib import colormaps
+
+    from imptome.merge import DESTINATION, INDEPENDENT, MERGED
+
+    names = {MERGED: "merged", DESTINATION: "destination", INDEPENDENT: "independent"}
+
+    images = [Image.fromarray(np.arange(18, dtype=np.uint8).reshape(2, 3, 3) * (i + 5)) for i in range(2)]
+    heats = [
+        torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]),
+        torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+    ]
+    roles = [
+        torch.tensor([[MERGED, DESTINATION, INDEPENDENT], [INDEPENDENT, MERGED, MERGED]], dtype=torch.int8),
+        torch.tensor(
+            [[DESTINATION, DESTINATION, MERGED], [MERGED, INDEPENDENT, DESTINATION]], dtype=torch.int8
+        ),
+    ]
+    columns = [("images", images, "image"), ("maps", heats, "heatmap"), ("roles", roles, "roles")]
+    comparison_grid(tmp_path / "grid.png", ["first", "second"], columns, title="the title")
+    (figure,) = drawn
+    axes = np.array(figure.axes).reshape(2, 3)  # subplots are made row by row
+    assert [ax.get_title() for ax in axes[0]] == ["images", "maps", "roles"]
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["first", "second"]
+    assert figure._suptitle.get_text() == "the title"
+    (legend,) = figure.legends
+    legend_colours = {
+        text.get_text(): handle.get_facecolor()
+        for handle, text in zip(legend.legend_handles, legend.texts, strict=True)
+    }
+    assert list(legend_colours) == ["merged", "destination", "independent"]
+    # README: "red tokens are destinations, blue ones are independent and grey ones are merged"
+    (r, g, b, _), grey = legend_colours["destination"], legend_colours["merged"]
+    assert r > max(g, b) and legend_colours["independent"][2] > max(legend_colours["independent"][:2])
+    assert grey[0] == grey[1] == grey[2]
+    for row in range(2):
+        shown = [ax.images[0] for ax in axes[row]]
+        for picture in shown:  # array row 0 at the top, 3 columns wide, 2 rows high
+            assert picture.get_extent() == [-0.5, 2.5, 1.5, -0.5]
+        assert np.array_equal(shown[0].get_array(), np.asarray(images[row]))
+        assert np.array_equal(shown[1].get_array(), heats[row].numpy())
+        heat_rgba = shown[1].to_rgba(shown[1].get_array())
+        top, bottom = divmod(int(heats[row].argmax()), 3), divmod(int(heats[row].argmin()), 3)
+        assert np.allclose(heat_rgba[top], colormaps["magma"](1.0))
+        assert np.allclose(heat_rgba[bottom], colormaps["magma"](0.0))
+        assert np.array_equal(shown[2].get_array(), roles[row].numpy())
+        role_rgba = shown[2].to_rgba(shown[2].get_array())
+        for (y, x), role in np.ndenumerate(roles[row].numpy()):
+            assert np.allclose(role_rgba[y, x], legend_colours[names[role]]), (row, y, x)

@@ -140,3 +140,38 @@ def test_default_prompts_suit_the_model(model_dir):
     assert default_prompts(None) == default_prompts(str(miniature_path()))
     assert all(parse_prompts(default_prompts(None)))  # in the bundled model's language
     assert default_prompts(str(model_dir)) == GENERAL_PROMPTS
+
+
+def test_demo_panels_show_each_prompts_own_map_and_tokens_upright(tmp_path, monkeypatch):
+    """The bundled model draws its shape where the prompt says, and the CFG importance is highest there: the
+    heatmap of prompt i must be brightest in that prompt's quadrant (top right vs bottom left also catches a
+    transposed map). The importance variant's kept-token map must be the plan built from that heatmap: with
+    the default pool factor 1 the pool is the K most important tokens, and every independent (kept, not a
+    destination) token is in the pool."""
+    import imptome.demo as demo
+    from imptome.merge import INDEPENDENT, MERGED
+
+    drawn = {}
+    grid = demo.comparison_grid
+
+    def recording(path, row_titles, columns, title=""):
+        drawn.update(rows=row_titles, columns=columns)
+        return grid(path, row_titles, columns, title=title)
+
+    monkeypatch.setattr(demo, "comparison_grid", recording)
+    prompts = ["top right: red circle", "bottom left: blue cross"]
+    argv = ["demo", "--steps", "6", "--out", str(tmp_path / "grid.png")]
+    assert main([*argv, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+    assert drawn["rows"] == prompts
+    panels = {kind: (title, panels) for title, panels, kind in drawn["columns"] if kind != "image"}
+    assert panels["heatmap"][0] == "CFG importance used at step 3"
+    (roles_title, roles), heats = panels["roles"], panels["heatmap"][1]
+    assert roles_title == "importance: kept tokens, step 3"
+    quadrant = {"top right": (slice(0, 8), slice(8, 16)), "bottom left": (slice(8, 16), slice(0, 8))}
+    for prompt, heat, role in zip(prompts, heats, roles, strict=True):
+        assert heat.shape == role.shape == (16, 16)
+        inside = heat[quadrant[prompt.split(":")[0]]].mean()
+        assert inside > 2 * heat.mean(), prompt
+        kept = int((role != MERGED).sum())
+        pool_threshold = heat.flatten().topk(kept).values[-1]
+        assert bool((heat[role == INDEPENDENT] >= pool_threshold).all()), prompt

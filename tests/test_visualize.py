@@ -173,3 +173,17 @@ def test_the_grid_draws_panels_upright_in_their_rows_and_roles_in_the_legends_co
         role_rgba = shown[2].to_rgba(shown[2].get_array())
         for (y, x), role in np.ndenumerate(roles[row].numpy()):
             assert np.allclose(role_rgba[y, x], legend_colours[names[role]]), (row, y, x)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "1"])
+def test_the_grid_draws_greyscale_and_palette_images_in_their_own_colours(tmp_path, drawn, mode):
+    """A one-channel image (greyscale, palette) is drawn as its RGB pixels, not as values in imshow's
+    default colormap (viridis drew a grey image dark purple and a red palette image purple)."""
+    rgb = Image.new("RGB", (4, 2), (200, 30, 30) if mode == "P" else (255, 255, 255))
+    image = rgb.convert(mode)
+    comparison_grid(tmp_path / "grid.png", ["p"], [("x", [image], "image")])
+    (figure,) = drawn
+    drawn_image = figure.axes[0].images[0]
+    rgba = drawn_image.to_rgba(drawn_image.get_array())
+    expected = np.asarray(image.convert("RGB"), dtype=float) / 255
+    assert rgba.shape[:2] == (2, 4) and np.allclose(rgba[..., :3], expected, atol=1 / 255)

@@ -105,8 +105,8 @@ def comparison_grid(
         for r in range(rows):
             ax = axes[r][c]
             panel = panels[r]
-            if kind == "image":
-                ax.imshow(np.asarray(panel))
+            if kind == "image":  # greyscale or palette images as they look, not as numbers in a colormap
+                ax.imshow(np.asarray(panel if panel.mode in ("RGB", "RGBA") else panel.convert("RGB")))
             elif kind == "heatmap":
                 heat = torch.as_tensor(panel).float().cpu().numpy()
                 ax.imshow(heat, cmap="magma", interpolation="nearest")

@@ -187,3 +187,15 @@ def test_the_grid_draws_greyscale_and_palette_images_in_their_own_colours(tmp_pa
     rgba = drawn_image.to_rgba(drawn_image.get_array())
     expected = np.asarray(image.convert("RGB"), dtype=float) / 255
     assert rgba.shape[:2] == (2, 4) and np.allclose(rgba[..., :3], expected, atol=1 / 255)
+
+
+def test_the_grid_refuses_a_heatmap_without_a_range_and_draws_one_that_needs_grad(tmp_path, drawn):
+    """As heatmap_overlay does: a NaN or infinite value leaves the map no range (matplotlib drew it blank,
+    with a warning at most). A map that requires grad is drawn as its values (it raised numpy()'s error)."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="column 'm', row 0: the heatmap holds NaN or infinite values"):
+            comparison_grid(tmp_path / "grid.png", ["p"], [("m", [torch.tensor([[0.0, bad]])], "heatmap")])
+    assert not (tmp_path / "grid.png").exists()
+    heat = torch.tensor([[0.0, 1.0], [2.0, 3.0]], requires_grad=True)
+    comparison_grid(tmp_path / "grid.png", ["p"], [("m", [heat], "heatmap")])
+    assert np.array_equal(drawn[-1].axes[0].images[0].get_array(), heat.detach().numpy())

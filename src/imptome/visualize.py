@@ -108,7 +108,7 @@ def comparison_grid(
             if kind == "image":  # greyscale or palette images as they look, not as numbers in a colormap
                 ax.imshow(np.asarray(panel if panel.mode in ("RGB", "RGBA") else panel.convert("RGB")))
             elif kind == "heatmap":
-                heat = torch.as_tensor(panel).float().cpu().numpy()
+                heat = torch.as_tensor(panel).detach().float().cpu().numpy()
                 ax.imshow(heat, cmap="magma", interpolation="nearest")
             else:
                 roles = torch.as_tensor(panel).cpu().numpy()
@@ -170,3 +170,8 @@ def _check_panels(
                         f"{where}: a roles panel holds the integers {MERGED} (merged), {DESTINATION} "
                         f"(destination) and {INDEPENDENT} (independent) only, as PlanRecord.roles does"
                     )
+            if kind == "heatmap" and not torch.isfinite(torch.as_tensor(panel).detach().float()).all():
+                raise ValueError(
+                    f"{where}: the heatmap holds NaN or infinite values (e.g. a half-precision overflow); "
+                    "it has no range"
+                )

@@ -199,3 +199,18 @@ def test_the_grid_refuses_a_heatmap_without_a_range_and_draws_one_that_needs_gra
     heat = torch.tensor([[0.0, 1.0], [2.0, 3.0]], requires_grad=True)
     comparison_grid(tmp_path / "grid.png", ["p"], [("m", [heat], "heatmap")])
     assert np.array_equal(drawn[-1].axes[0].images[0].get_array(), heat.detach().numpy())
+
+
+@pytest.mark.parametrize("columns", [1, 2])
+def test_the_role_legend_fits_in_a_narrow_grid(tmp_path, drawn, columns):
+    """A grid of one roles column was 2.1 inches wide, narrower than its legend: "merged" and
+    "independent" were cut off at the edges of the PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    panel = ("roles", [torch.tensor([[0, 1], [2, 0]])], "roles")
+    comparison_grid(tmp_path / "grid.png", ["p"], [panel] * columns)
+    (figure,) = drawn
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    (legend,) = figure.legends
+    box = legend.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (box, figure.bbox)

@@ -75,6 +75,7 @@ def role_legend() -> list[Patch]:
 
 _PANEL_KINDS = ("image", "heatmap", "roles")
 _ROLE_VALUES = torch.tensor([MERGED, DESTINATION, INDEPENDENT])
+_LEGEND_WIDTH = 3.6  # inches: the role legend in one line at fontsize 8 (about 3.2), with a margin
 
 
 def comparison_grid(
@@ -99,7 +100,9 @@ def comparison_grid(
             f"cannot save {path}: the folder {path.parent} does not exist; create it first"
         )
     rows, cols = len(row_titles), len(columns)
-    fig = Figure(figsize=(2.1 * cols, 2.2 * rows + 0.6))
+    has_roles = any(kind == "roles" for _, _, kind in columns)
+    width = 2.1 * cols if not has_roles else max(2.1 * cols, _LEGEND_WIDTH)  # the legend's three names fit
+    fig = Figure(figsize=(width, 2.2 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     for c, (col_title, panels, kind) in enumerate(columns):
         for r in range(rows):
@@ -119,7 +122,7 @@ def comparison_grid(
                 ax.set_title(col_title, fontsize=8)
             if c == 0:
                 ax.set_ylabel(textwrap.fill(row_titles[r], 32), fontsize=7)  # lines fit one panel's height
-    if any(kind == "roles" for _, _, kind in columns):
+    if has_roles:
         fig.legend(handles=role_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)

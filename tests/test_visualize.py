@@ -214,3 +214,20 @@ def test_the_role_legend_fits_in_a_narrow_grid(tmp_path, drawn, columns):
     (legend,) = figure.legends
     box = legend.get_window_extent(renderer)
     assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (box, figure.bbox)
+
+
+def test_an_overlay_refuses_a_map_lying_across_a_non_square_image():
+    """A transposed map was stretched over the image's other sides without a word; maps lying like the
+    image, and any map over a square image, are drawn."""
+    wide = Image.new("RGB", (64, 32))
+    with pytest.raises(ValueError, match=r"heat of shape \[h=8, w=4\] does not lie like the image"):
+        heatmap_overlay(wide, torch.rand(8, 4))
+    assert heatmap_overlay(wide, torch.rand(4, 8)).size == (64, 32)
+    assert heatmap_overlay(wide, torch.rand(3, 3)).size == (64, 32)
+    assert heatmap_overlay(Image.new("RGB", (32, 32)), torch.rand(8, 4)).size == (32, 32)
+
+
+def test_the_grid_refuses_one_string_as_its_row_titles(tmp_path):
+    """A string is a sequence of characters: "abc" drew three rows titled a, b and c."""
+    with pytest.raises(ValueError, match="row_titles must be a list of titles, one per row, got the string"):
+        comparison_grid(tmp_path / "grid.png", "abc", [("x", [Image.new("RGB", (2, 2))] * 3, "image")])

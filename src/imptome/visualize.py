@@ -42,6 +42,12 @@ def heatmap_overlay(
         )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
+    (h, w), (width, height) = heat.shape, image.size
+    if (h > w and height < width) or (h < w and height > width):  # transposed: stretched over the wrong sides
+        raise ValueError(
+            f"heat of shape [h={h}, w={w}] does not lie like the image ({width} wide, {height} high): a map "
+            "is [rows, columns], like importance_map(pipe)[i]; was it transposed?"
+        )
     if isinstance(cmap, str):
         if cmap not in matplotlib.colormaps:
             raise ValueError(f"cmap={cmap!r} is not a matplotlib colormap (e.g. magma, viridis, gray)")
@@ -135,6 +141,8 @@ def _check_panels(
     row_titles: Sequence[str], columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor], str]]
 ) -> None:
     """A ValueError naming the first column or panel that comparison_grid cannot draw."""
+    if isinstance(row_titles, str):
+        raise ValueError(f"row_titles must be a list of titles, one per row, got the string {row_titles!r}")
     if not row_titles:
         raise ValueError("row_titles is empty: give one title per row of panels")
     if not columns:

@@ -124,10 +124,12 @@ def test_bench_without_a_benchmark_names_the_choices(capsys):
     assert "the following arguments are required: {speed,quality}" in capsys.readouterr().err
 
 
-def test_importing_imptome_and_asking_its_version_load_neither_diffusers_nor_matplotlib():
+def test_importing_imptome_and_asking_its_version_load_neither_torch_diffusers_nor_matplotlib():
     """They take seconds to import; the patch functions load them on first use."""
     script = (
-        "import sys, imptome; from imptome.cli import main\n"
+        "import contextlib, io, sys, imptome; from imptome.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--version'])\n"
         "heavy = [name for name in ('diffusers', 'matplotlib', 'torch') if name in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert callable(imptome.apply_patch) and 'diffusers' in sys.modules\n"

@@ -1826,6 +1826,33 @@ def test_pix2pix_zero_cross_attention_store_is_refused_on_merged_layers():
         pipe("a", source_embeds=embeds, target_embeds=embeds, num_inference_steps=2, output_type="latent")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    "pipeline", ["StableDiffusionAttendAndExcitePipeline", "StableDiffusionPix2PixZeroPipeline"]
+)
+def test_cross_attention_stores_on_self_attention_do_not_refuse_merging_it(pipeline):
+    """Attend-and-Excite and Pix2Pix-Zero put their processor on every attention of the UNet, and store the
+    maps of cross-attention only: with the default options (self-attention merged, cross-attention not) both
+    were refused, with the advice to set merge_crossattn=False, which was set already."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline)
+    sd = tiny_sd_pipeline()
+    parts = {name: part for name, part in sd.components.items() if name in inspect.signature(cls).parameters}
+    if pipeline == "StableDiffusionPix2PixZeroPipeline":
+        inverse = diffusers.DDIMInverseScheduler.from_config(sd.scheduler.config)
+        pipe = cls(**parts, caption_generator=None, caption_processor=None, inverse_scheduler=inverse)
+        embeds = torch.randn(2, 77, TEXT_HIDDEN, generator=torch.Generator().manual_seed(0))
+        call = dict(source_embeds=embeds, target_embeds=embeds)
+    else:
+        pipe = cls(**parts)
+        call = dict(token_indices=[1], max_iter_to_alter=1)
+    imptome.apply_patch(pipe)
+    counts = query_token_counts(pipe.unet, lambda: generate(pipe, steps=3, **call))
+    assert counts["down_blocks.0.attentions.0.transformer_blocks.0.attn1"][-1] == 256 - 128
+    assert set(counts[TOP_CROSS_ATTENTION]) == {256}  # the stored maps cover every token
+
+
 def test_proportional_attention_is_refused_with_text2video_zeros_cross_frame_attention():
     """Text2Video-Zero makes every frame attend to the first frame's keys, which each frame's mask of its own
     kept tokens does not describe: wrong weights, without a word."""

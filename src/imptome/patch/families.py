@@ -162,17 +162,29 @@ _ATTENTION_STORES = {
     "LEDITSCrossAttnProcessor": "LEDITS++",
     "Pix2PixZeroAttnProcessor": "Pix2Pix-Zero",
 }
+# Of those, the ones that store cross-attention maps only. Attend-and-Excite and Pix2Pix-Zero install theirs
+# on every attention of the UNet, self-attention included, where they store nothing (Attend-and-Excite keeps
+# the maps of calls with text, Pix2Pix-Zero those of its attn2 processors).
+_CROSS_ATTENTION_STORES = {
+    "AttendExciteAttnProcessor",
+    "LEDITSCrossAttnProcessor",
+    "Pix2PixZeroAttnProcessor",
+}
 
 
 def check_no_attention_store(merged: dict[str, nn.Module]) -> None:
     """Refuse processors that store a merged layer's attention maps for their pipeline: the maps would cover
     the kept tokens only, and the pipeline, reading them over the token grid, fails deep inside diffusers
-    (SAG, Attend-and-Excite, LEDITS++) or compares maps of different tokens (Pix2Pix-Zero)."""
+    (SAG, Attend-and-Excite, LEDITS++) or compares maps of different tokens (Pix2Pix-Zero). Processors that
+    store cross-attention maps only are left alone on self-attention, which they do not store."""
     for name, module in merged.items():
-        pipeline = _ATTENTION_STORES.get(processor_name(module))
+        processor = processor_name(module)
+        pipeline = _ATTENTION_STORES.get(processor)
+        if processor in _CROSS_ATTENTION_STORES and not getattr(module, "is_cross_attention", True):
+            continue
         if pipeline is not None:
             raise ValueError(
-                f"imptome merges the tokens entering {name}, and {processor_name(module)} ({pipeline}) "
+                f"imptome merges the tokens entering {name}, and {processor} ({pipeline}) "
                 "stores that layer's attention maps for the pipeline, which reads them over every token. "
                 "Leave the layer unmerged: merge_crossattn=False for cross-attention maps (Attend-and-"
                 "Excite, LEDITS++, Pix2Pix-Zero), and a max_downsample below the mid block's for self-"

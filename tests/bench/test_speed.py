@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from imptome.bench.generation import generation_variants, sd_pipeline
 from imptome.bench.operators import OperatorCounter
 from imptome.bench.speed import Variant, _denoiser_call, markdown_table
 from imptome.bench.timing import round_order
-from imptome.cli import build_parser, main
+from imptome.cli import CliError, build_parser, main
 from imptome.commands.speed import VARIANTS
 from imptome.commands.speed import check as check_speed_arguments
 from imptome.merge import cfg_importance
@@ -369,6 +370,27 @@ def test_bad_input_is_a_clear_error(option, message, tmp_path, capsys):
     option = [part.format(tmp=tmp_path) for part in option]
     assert main(["bench", "speed", *option]) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arch", "res", "message"),
+    [
+        ("pixart-alpha", "8", "--res 8: image sizes for pixart-alpha must be positive multiples of 16 px"),
+        ("pixart-alpha", "1000", "--res 1000: image sizes for pixart-alpha must be positive multiples of 16"),
+        ("sd3", "520", "--res 520: image sizes for sd3 must be positive multiples of 16 px"),
+        ("sd3", "3088", "--res 3088: sd3 takes at most 3072 px (its position embeddings)"),
+    ],
+)
+def test_patch_transformers_refuse_sizes_their_patches_do_not_tile(arch, res, message):
+    """PixArt and SD3 cut a latent side that is not a multiple of the patch to fewer tokens (PixArt then
+    returns a smaller latent: the row would name a size it did not time) or fail deep in torch (8 px: a
+    1x1 latent under a 2x2 patch; SD3 past its position-embedding table): refused before building."""
+    argv = ["bench", "speed", "--arch", arch, "--res", res]
+    args = build_parser(argv).parse_args(argv)
+    with pytest.raises(CliError, match=re.escape(message)):
+        check_speed_arguments(args)
+    ok = ["bench", "speed", "--arch", arch, "--res", "1024"]
+    check_speed_arguments(build_parser(ok).parse_args(ok))
 
 
 def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):

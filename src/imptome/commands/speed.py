@@ -86,8 +86,7 @@ def check(args: argparse.Namespace) -> None:
     resolutions = {name: res_list or list(ARCHS[name].resolutions) for name in archs}
     for name, values in resolutions.items():
         for res in values:
-            if res <= 0 or res % ARCHS[name].vae_scale_factor:
-                raise CliError(f"--res {res}: image sizes must be positive multiples of 8 px")
+            _check_res(name, res)
     joint = [name for name in archs if ARCHS[name].model_kind == "sd3"]
     if joint and args.attention == "math":
         raise CliError(f"--attention math: {', '.join(joint)} has SDPA joint attention only; use sdpa")
@@ -129,6 +128,21 @@ def check(args: argparse.Namespace) -> None:
         ratios,
         names,
     )
+
+
+def _check_res(name: str, res: int) -> None:
+    """A CliError unless `name` runs at `res` px: a positive multiple of the VAE's factor, and for the patch
+    transformers (PixArt, SD3) of the factor times the patch size (a latent side that is not a multiple of the
+    patch is cut to fewer tokens, so the step would be timed at a smaller image than the row names, or fail
+    in the patch embedding), within SD3's position-embedding table."""
+    spec = ARCHS[name]
+    patch = spec.config["patch_size"] if spec.model_kind in ("pixart", "sd3") else 1
+    step = spec.vae_scale_factor * patch
+    if res <= 0 or res % step:
+        raise CliError(f"--res {res}: image sizes for {name} must be positive multiples of {step} px")
+    max_patches = spec.config.get("pos_embed_max_size") if spec.model_kind == "sd3" else None
+    if max_patches is not None and res > max_patches * step:
+        raise CliError(f"--res {res}: {name} takes at most {max_patches * step} px (its position embeddings)")
 
 
 def _split(values: list[str] | None) -> list[str]:

@@ -393,6 +393,22 @@ def test_patch_transformers_refuse_sizes_their_patches_do_not_tile(arch, res, me
     check_speed_arguments(build_parser(ok).parse_args(ok))
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--arch", "sd15", "SD15"], "--arch lists sd15 more than once; give each once"),
+        (["--res", "512,512"], "--res lists 512 more than once; give each once"),
+        (["--ratios", "0.5", "0.50"], "--ratios lists 0.5 more than once; give each once"),
+        (["--variants", "tome", "importance", "tome"], "--variants lists tome more than once"),
+    ],
+)
+def test_repeated_values_are_refused(option, message):
+    """A repeat would run a case or variant twice and write two rows for one (arch, res, variant, ratio)."""
+    argv = ["bench", "speed", *option]
+    with pytest.raises(CliError, match=re.escape(message)):
+        check_speed_arguments(build_parser(argv).parse_args(argv))
+
+
 def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):
     from imptome.bench import timing
 

@@ -98,6 +98,12 @@ def check(args: argparse.Namespace) -> None:
         if args.variants:
             raise CliError("--variants tomesd needs the tomesd package: pip install 'imptome[bench]'")
         names.remove("tomesd")  # the default list: run the rest
+    # a repeat would run the same case or variant twice: rows are one per (arch, res, variant, ratio)
+    for flag, values in (("--arch", archs), ("--res", res_list), ("--ratios", ratios), ("--variants", names)):
+        repeated = dict.fromkeys(value for index, value in enumerate(values) if value in values[:index])
+        if repeated:
+            listed = ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in repeated)
+            raise CliError(f"{flag} lists {listed} more than once; give each once")
     for ratio in ratios:
         if not 0 < ratio <= MAX_RATIO:
             raise CliError(

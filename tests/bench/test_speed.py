@@ -400,13 +400,18 @@ def test_patch_transformers_refuse_sizes_their_patches_do_not_tile(arch, res, me
         (["--res", "512,512"], "--res lists 512 more than once; give each once"),
         (["--ratios", "0.5", "0.50"], "--ratios lists 0.5 more than once; give each once"),
         (["--variants", "tome", "importance", "tome"], "--variants lists tome more than once"),
+        # would be ignored: no video denoiser to take the frames
+        (["--arch", "sd15", "--frames", "4"], "--frames 4: only the video denoisers (animatediff, svd) take"),
     ],
 )
-def test_repeated_values_are_refused(option, message):
-    """A repeat would run a case or variant twice and write two rows for one (arch, res, variant, ratio)."""
+def test_repeated_or_ignored_values_are_refused(option, message):
+    """A repeat would run a case or variant twice and write two rows for one (arch, res, variant, ratio);
+    --frames without a video denoiser would be dropped (and still named in the recorded command)."""
     argv = ["bench", "speed", *option]
     with pytest.raises(CliError, match=re.escape(message)):
         check_speed_arguments(build_parser(argv).parse_args(argv))
+    argv = ["bench", "speed", "--arch", "sd15", "svd", "--frames", "4"]  # one video denoiser suffices
+    check_speed_arguments(build_parser(argv).parse_args(argv))
 
 
 def test_timings_on_a_busy_machine_come_with_a_caution(monkeypatch):

@@ -115,6 +115,12 @@ def check(args: argparse.Namespace) -> None:
         raise CliError(f"--threads {args.threads}: need at least 1")
     if args.batch < 1 or (args.frames is not None and args.frames < 1):
         raise CliError("--batch and --frames must be at least 1")
+    video = [name for name in ARCHS if ARCHS[name].num_frames]
+    if args.frames is not None and not any(name in video for name in archs):
+        raise CliError(
+            f"--frames {args.frames}: only the video denoisers ({', '.join(video)}) take frames, not "
+            f"{', '.join(archs)}; add one of those to --arch or leave --frames out"
+        )
     if args.generation_steps < 0 or 0 < args.generation_steps < DEEPCACHE_INTERVAL + 1:
         raise CliError(
             f"--generation-steps {args.generation_steps}: 0 (off) or at least {DEEPCACHE_INTERVAL + 1}, so "

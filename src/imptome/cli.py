@@ -156,6 +156,15 @@ def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
         )
 
 
+def refuse_repeats(flag: str, values: list) -> None:
+    """A CliError naming the values that `flag` lists more than once (they would run or count a case
+    twice)."""
+    repeated = dict.fromkeys(value for index, value in enumerate(values) if value in values[:index])
+    if repeated:
+        listed = ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in repeated)
+        raise CliError(f"{flag} lists {listed} more than once; give each once")
+
+
 def check_output_files(outputs: dict[str, Path]) -> None:
     """Files a command writes when its work is done (flag -> path), checked before the work: none is a folder,
     each one's folder exists and is writable or can be made in a writable folder, and no two flags name one

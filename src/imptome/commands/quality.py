@@ -17,6 +17,7 @@ from imptome.cli import (
     check_seed,
     output_beside_json,
     read_prompts,
+    refuse_repeats,
     tomesd_installed,
 )
 from imptome.config import MergeConfig
@@ -150,25 +151,17 @@ def _seeds(values: list[int]) -> list[int]:
         if values[0] < 1:
             raise CliError(f"--seeds {values[0]}: give a count >= 1 or a list of seeds")
         return list(range(values[0]))
-    _refuse_repeats("--seeds", values)
+    refuse_repeats("--seeds", values)
     for seed in values:
         check_seed(seed, flag="--seeds")
     return values
 
 
-def _refuse_repeats(flag: str, values: list) -> None:
-    """A CliError naming the values that `flag` lists more than once (they would count images twice)."""
-    repeated = dict.fromkeys(value for index, value in enumerate(values) if value in values[:index])
-    if repeated:
-        listed = ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in repeated)
-        raise CliError(f"{flag} lists {listed} more than once; give each once")
-
-
 def _methods(args: argparse.Namespace) -> list[str]:
     """The methods to run at each ratio: --methods (default: every method) and the --ablations, without
     `none` (the job runs it once, unmerged); a CliError for an unknown one, or a ratio one does not allow."""
-    _refuse_repeats("--methods", args.methods or [])
-    _refuse_repeats("--ratios", args.ratios)
+    refuse_repeats("--methods", args.methods or [])
+    refuse_repeats("--ratios", args.ratios)
     methods = args.methods or [m for m in METHODS if m != "tomesd" or tomesd_installed()]
     unknown = [m for m in methods if m not in METHODS and ablation_options(m) is None]
     if unknown:

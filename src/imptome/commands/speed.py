@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
-from imptome.cli import CliError, add_dtype_argument, check_output_files, output_beside_json, tomesd_installed
+from imptome.cli import (
+    CliError,
+    add_dtype_argument,
+    check_output_files,
+    output_beside_json,
+    refuse_repeats,
+    tomesd_installed,
+)
 from imptome.config import PRESETS
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
@@ -100,10 +107,7 @@ def check(args: argparse.Namespace) -> None:
         names.remove("tomesd")  # the default list: run the rest
     # a repeat would run the same case or variant twice: rows are one per (arch, res, variant, ratio)
     for flag, values in (("--arch", archs), ("--res", res_list), ("--ratios", ratios), ("--variants", names)):
-        repeated = dict.fromkeys(value for index, value in enumerate(values) if value in values[:index])
-        if repeated:
-            listed = ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in repeated)
-            raise CliError(f"{flag} lists {listed} more than once; give each once")
+        refuse_repeats(flag, values)
     for ratio in ratios:
         if not 0 < ratio <= MAX_RATIO:
             raise CliError(

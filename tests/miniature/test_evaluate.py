@@ -42,3 +42,24 @@ def test_the_card_describes_the_shipped_model():
     assert card["latent_grid"] * 4 == card["image_size"] == data.IMAGE_SIZE  # VAE downsampling 4
     assert card["unet_params"] > 0 and card["vocab_size"] > len(data.COLOUR_NAMES) + len(data.SHAPES)
     assert len(card["held_out_triples"]) == 18
+
+
+def _pickled_pipeline(folder):
+    """The shipped pipeline saved again with pickled (.bin) UNet and VAE weights (transformers writes the text
+    encoder as safetensors whatever it is asked)."""
+    evaluate.load_miniature_pipeline().save_pretrained(folder, safe_serialization=False)
+    for part in ("unet", "vae"):
+        assert [f.name for f in (folder / part).glob("*.*") if f.suffix != ".json"] == [
+            "diffusion_pytorch_model.bin"
+        ]
+    return folder
+
+
+def test_pickled_weights_are_refused_not_unpickled(tmp_path):
+    from imptome.miniature import classifier
+
+    folder = _pickled_pipeline(tmp_path / "pickled")
+    with pytest.raises(OSError, match="safetensors"):
+        evaluate.load_miniature_pipeline(folder)
+    with pytest.raises(OSError, match="safetensors"):
+        classifier.load_vae(folder)

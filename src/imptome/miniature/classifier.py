@@ -187,14 +187,15 @@ def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_vae(path: str | Path) -> torch.nn.Module:
-    """A trained miniature VAE: a pipeline folder (its vae/ subfolder) or a safetensors state dict."""
+    """A trained miniature VAE: a pipeline folder (its vae/ subfolder, safetensors only) or a safetensors
+    state dict."""
     from diffusers import AutoencoderKL
 
     from . import build
 
     p = Path(path)
     if p.is_dir():
-        return AutoencoderKL.from_pretrained(p, subfolder="vae").eval()
+        return AutoencoderKL.from_pretrained(p, subfolder="vae", use_safetensors=True).eval()
     vae = build.build_vae()
     vae.load_state_dict(load_file(p))
     return vae.eval()

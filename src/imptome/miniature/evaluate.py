@@ -28,13 +28,15 @@ CARD = Path(__file__).parent / "model_card.json"
 
 
 def load_miniature_pipeline(path: str | Path | None = None) -> Any:
-    """The shipped StableDiffusionPipeline (offline, safety checker off)."""
+    """The shipped StableDiffusionPipeline (offline, safety checker off), or the one at `path`; weights are
+    read from safetensors only, never unpickled."""
     from diffusers import StableDiffusionPipeline
 
     from . import miniature_path
 
     return StableDiffusionPipeline.from_pretrained(
         str(path or miniature_path()),
+        use_safetensors=True,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -82,3 +82,39 @@ def test_export_only_without_a_folder_is_a_usage_error(capsys):
         train.main(["--export-only"])
     assert stopped.value.code == 2
     assert "--export-only needs --export FOLDER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--threads", "0"], "--threads must be 1 or more, not 0"),
+        (["--ckpt-every", "0"], "--ckpt-every must be 1 or more, not 0"),
+        (["--n-train", "0"], "--n-train must be 1 or more, not 0"),
+        (["--batch", "0"], "--batch must be 1 or more, not 0"),
+        (["--vae-batch", "0"], "--vae-batch must be 1 or more, not 0"),
+        (["--seed", "-1"], "--seed must be 0 or more, not -1"),
+        (["--unet-steps", "-5"], "--unet-steps must be 0 or more, not -5"),
+        (["--lr", "nan"], "--lr must be more than 0, not nan"),
+        (["--caption-dropout", "2"], "--caption-dropout must be between 0 and 1, not 2.0"),
+        (["--ema", "-0.5"], "--ema must be between 0 and 1, not -0.5"),
+        (["--vae-crop", "0"], "--vae-crop must be a multiple of 4 from 4 to 64"),
+        (["--vae-crop", "30"], "--vae-crop must be a multiple of 4 from 4 to 64"),
+        (["--vae-crop", "100"], "--vae-crop must be a multiple of 4 from 4 to 64"),
+    ],
+)
+def test_bad_values_are_usage_errors_before_any_training(tmp_path, capsys, bad, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--out", str(out), "--unet-steps", "1", *TOY, *bad])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_only_from_a_folder_without_a_run_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--out", str(tmp_path / "none"), "--export-only", "--export", str(tmp_path / "pipe")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds no trained run to export (missing vae_final.safetensors" in err
+    assert not (tmp_path / "pipe").exists()

@@ -370,6 +370,45 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module docstring as written, and every option's default."""
 
 
+#: What --export-only reads from the run folder.
+EXPORT_NEEDS = ("vae_final.safetensors", "latents.safetensors", "ckpt_unet/weights.safetensors")
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values training cannot use with a one-line usage error, before any stage starts."""
+    at_least = {
+        "--seed": (args.seed, 0),
+        "--vae-steps": (args.vae_steps, 0),
+        "--unet-steps": (args.unet_steps, 0),
+        "--vae-minutes": (args.vae_minutes, 0),
+        "--unet-minutes": (args.unet_minutes, 0),
+        "--vae-batch": (args.vae_batch, 1),
+        "--n-train": (args.n_train, 1),
+        "--batch": (args.batch, 1),
+        "--vae-kl": (args.vae_kl, 0),
+        "--warmup": (args.warmup, 0),
+        "--min-snr-gamma": (args.min_snr_gamma, 0),
+        "--probe-every": (args.probe_every, 0),
+        "--ckpt-every": (args.ckpt_every, 1),
+    }
+    if args.threads is not None:
+        at_least["--threads"] = (args.threads, 1)
+    for flag, (value, low) in at_least.items():
+        if not value >= low:  # also refuses nan
+            ap.error(f"{flag} must be {low} or more, not {value}")
+    for flag, value in (("--vae-lr", args.vae_lr), ("--lr", args.lr)):
+        if not value > 0:
+            ap.error(f"{flag} must be more than 0, not {value}")
+    for flag, value in (("--ema", args.ema), ("--caption-dropout", args.caption_dropout)):
+        if not 0 <= value <= 1:
+            ap.error(f"{flag} must be between 0 and 1, not {value}")
+    if not (4 <= args.vae_crop <= data.IMAGE_SIZE and args.vae_crop % 4 == 0):
+        ap.error(
+            f"--vae-crop must be a multiple of 4 from 4 to {data.IMAGE_SIZE} (the VAE downsamples twice), "
+            f"not {args.vae_crop}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m imptome.miniature.train", description=__doc__, formatter_class=_HelpFormatter
@@ -399,11 +438,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     ap.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA and exit")
     args = ap.parse_args(argv)
+    _check_args(ap, args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.export_only and args.export is None:
         ap.error("--export-only needs --export FOLDER (where to save the pipeline)")
     if args.export_only:
+        missing = [f for f in EXPORT_NEEDS if not (args.out / f).exists()]
+        if missing:
+            missed = ", ".join(missing)
+            ap.error(f"--export-only: {args.out} holds no trained run to export (missing {missed})")
         step = export_checkpoint(args.out, args.export)
         print(f"exported step {step} to {args.export}")
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +65,33 @@ def test_pickled_weights_are_refused_not_unpickled(tmp_path):
         evaluate.load_miniature_pipeline(folder)
     with pytest.raises(OSError, match="safetensors"):
         classifier.load_vae(folder)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--seeds", "0"], "--seeds must be 1 or more, not 0"),
+        (["--steps", "0"], "--steps must be 1 or more, not 0"),
+        (["--threads", "0"], "--threads must be 1 or more, not 0"),
+        (["--guidance", "5", "0.5"], "--guidance takes CFG scales above 1"),
+        (["--model", "{tmp}/no_such_model"], "no_such_model is not a pipeline folder"),
+        (["--run-dir", "{tmp}/no_such_run"], "no_such_run is not a folder"),
+        (["--out", "{tmp}/no_such_folder/card.json"], "no folder"),
+        (["--out", "{tmp}/broken.json"], "broken.json is not a readable JSON model card"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_the_evaluation(tmp_path, monkeypatch, capsys, bad, message):
+    (tmp_path / "broken.json").write_text("{not json")
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"training": {"kept": True}}))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(evaluate, "evaluate", must_not_run)
+    monkeypatch.setattr(evaluate, "describe_model", lambda path=None: {})
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(["--out", str(card), *[arg.format(tmp=tmp_path) for arg in bad]])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert json.loads(card.read_text()) == {"training": {"kept": True}}  # untouched

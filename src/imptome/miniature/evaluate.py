@@ -215,6 +215,29 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module docstring as written, and every option's default."""
 
 
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse what the evaluation cannot use with a one-line usage error, before minutes of sampling."""
+    for flag, value in (("--steps", a.steps), ("--seeds", a.seeds), ("--threads", a.threads)):
+        if value < 1:
+            ap.error(f"{flag} must be 1 or more, not {value}")
+    low = [g for g in a.guidance if not g > 1]
+    if low:
+        ap.error(f"--guidance takes CFG scales above 1 (scale 1, no CFG, always runs), not {low[0]:g}")
+    if a.model is not None and not (Path(a.model) / "model_index.json").is_file():
+        ap.error(f"--model {a.model} is not a pipeline folder (no model_index.json)")
+    if a.run_dir is not None and not a.run_dir.is_dir():
+        ap.error(f"--run-dir {a.run_dir} is not a folder (the card's training section would be emptied)")
+    if not a.out.parent.is_dir():
+        ap.error(f"--out {a.out}: no folder {a.out.parent}")
+    if a.out.exists():
+        try:
+            card = json.loads(a.out.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            ap.error(f"--out {a.out} is not a readable JSON model card ({error})")
+        if not isinstance(card, dict):
+            ap.error(f"--out {a.out} is not a JSON model card (not an object)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m imptome.miniature.evaluate", description=__doc__, formatter_class=_HelpFormatter
@@ -233,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=CARD, help="model card JSON to update")
     ap.add_argument("--grid-dir", type=Path, default=None, help="write sample grids (first seed) here")
     a = ap.parse_args(argv)
+    _check_args(ap, a)
     res = evaluate(a.model, a.steps, a.seeds, tuple(a.guidance), a.threads, a.grid_dir)
     card = json.loads(a.out.read_text()) if a.out.exists() else {}
     card["model"] = describe_model(a.model)

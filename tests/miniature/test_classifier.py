@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from imptome.miniature import classifier, data
 
@@ -33,3 +34,26 @@ def test_continued_training_saves_the_size_of_the_classifier_it_continued(tmp_pa
     assert (info["width"], info["feat_dim"]) == (8, 16)
     loaded = classifier.load_classifier(tmp_path / "continued")
     assert loaded.fc[1].out_features == 16 and loaded.body[0][0].out_channels == 4
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--batch", "0"], "--batch must be 1 or more, not 0"),
+        (["--steps", "-1"], "--steps must be 1 or more, not -1"),
+        (["--threads", "0"], "--threads must be 1 or more, not 0"),
+        (["--seed", "-1"], "--seed must be 0 or more, not -1"),
+        (["--lr", "0"], "--lr must be more than 0, not 0.0"),
+        (["--init", "{tmp}/none"], "holds no classifier (no model.safetensors)"),
+        (["--vae", "{tmp}/none"], "no such pipeline folder or safetensors file"),
+    ],
+)
+def test_bad_training_arguments_are_usage_errors_and_write_nothing(tmp_path, capsys, bad, message):
+    """A bad value used to train anyway (--batch 0: NaN weights, --steps -1: untrained ones) or end in a
+    stack trace; --out defaults to the shipped classifier, so nothing may be written."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        classifier.main(["--out", str(out), "--steps", "1", *[arg.format(tmp=tmp_path) for arg in bad]])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -260,6 +260,25 @@ def train(
     return info
 
 
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse values training cannot use with a one-line usage error, before anything is written."""
+    least_batch = 2 if a.vae else 1  # with --vae, half of each batch is reconstructed
+    for flag, value, low in (
+        ("--steps", a.steps, 1),
+        ("--batch", a.batch, least_batch),
+        ("--seed", a.seed, 0),
+        ("--threads", a.threads, 1),
+    ):
+        if value < low:
+            ap.error(f"{flag} must be {low} or more, not {value}")
+    if not a.lr > 0:
+        ap.error(f"--lr must be more than 0, not {a.lr}")
+    if a.init is not None and not (Path(a.init) / "model.safetensors").is_file():
+        ap.error(f"--init {a.init} holds no classifier (no model.safetensors)")
+    if a.vae is not None and not Path(a.vae).exists():
+        ap.error(f"--vae {a.vae}: no such pipeline folder or safetensors file")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=800)
@@ -273,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", default=None, help="classifier folder to continue from")
     ap.add_argument("--lr", type=float, default=2e-3)
     a = ap.parse_args(argv)
+    _check_args(ap, a)
     torch.set_num_threads(a.threads)
     print(train(a.steps, a.batch, a.seed, a.out, a.vae, a.init, a.lr))
 

@@ -118,3 +118,18 @@ def test_export_only_from_a_folder_without_a_run_is_a_usage_error(tmp_path, caps
     err = capsys.readouterr().err
     assert "holds no trained run to export (missing vae_final.safetensors" in err
     assert not (tmp_path / "pipe").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed_into_the_run(tmp_path, capsys):
+    """Resuming reuses the VAE, latents and UNet checkpoint; with another seed the folder's args.json would
+    claim seed 1 for weights trained with seed 0. Thread and probe settings may change."""
+    out = tmp_path / "run"
+    train.main(["--out", str(out), "--unet-steps", "1", *TOY])
+    recorded = (out / "args.json").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--out", str(out), "--unet-steps", "1", *TOY, "--seed", "1"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a run trained with --seed 0; resume it with the same values" in err
+    assert (out / "args.json").read_text() == recorded
+    train.main(["--out", str(out), "--unet-steps", "1", *TOY, "--threads", "2", "--probe-every", "1"])

@@ -409,6 +409,27 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
 
 
+#: Options a rerun may change and still resume the run: they do not change the weights (threads only float
+#: sums). Any other option differing from the run folder's args.json would mix two runs under the new args.
+RESUMABLE_WITH_ANY = ("out", "export", "threads", "probe_every", "ckpt_every", "export_only")
+STAGE_OUTPUTS = ("ckpt_vae", "vae_final.safetensors", "latents.safetensors", "ckpt_unet")
+
+
+def _check_resume(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse to resume a run folder with settings other than those it was trained with."""
+    recorded = args.out / "args.json"
+    if not recorded.exists() or not any((args.out / f).exists() for f in STAGE_OUTPUTS):
+        return
+    before = json.loads(recorded.read_text())
+    now = {k: str(v) for k, v in vars(args).items()}
+    changed = [k for k in now if k not in RESUMABLE_WITH_ANY and k in before and before[k] != now[k]]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {before[k]}" for k in changed)
+        ap.error(
+            f"{args.out} holds a run trained with {was}; resume it with the same values or give a new --out"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m imptome.miniature.train", description=__doc__, formatter_class=_HelpFormatter
@@ -451,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         step = export_checkpoint(args.out, args.export)
         print(f"exported step {step} to {args.export}")
         return
+    _check_resume(ap, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     t0 = time.time()

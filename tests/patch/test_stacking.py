@@ -3,6 +3,7 @@ caches, model CPU offload, half precision, channels_last."""
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import functools
 import math
@@ -15,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import imptome
 from imptome.merge import DESTINATION
-from imptome.patch.api import patch_state
+from imptome.patch.api import RECOMPILE_LIMIT, patch_state
 from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
 from tests.versions import has_accelerator, needs_diffusers
 
@@ -203,6 +204,61 @@ def test_regional_compilation_with_fullgraph(upcast_proportional):
         assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_regional_compilation_at_several_image_and_batch_sizes():
+    """A patched model compiles graphs per image size and batch size (the layer hooks read the latent grid
+    and the batch's rows from the patch), 5 per size for the transformer blocks' forward under regional
+    compilation. With Dynamo's default limit of 8 graphs per function the second image size failed with
+    FailOnRecompileLimitHit (fullgraph=True); apply_patch raises the limit unless the user set it. Run in a
+    copy of the context, where Dynamo keeps its config overrides, so the raised limit stays in this test."""
+    contextvars.copy_context().run(_regional_compilation_at_several_sizes)
+
+
+def _reset_recompile_limit() -> None:
+    """Back to Dynamo's default limit, in this context only (earlier tests' patches raised it)."""
+    from torch.utils._config_module import _UNSET_SENTINEL
+
+    torch._dynamo.config._config["recompile_limit"].user_override.set(_UNSET_SENTINEL)
+    assert torch._dynamo.config._is_default("recompile_limit")
+
+
+def _regional_compilation_at_several_sizes():
+    _reset_recompile_limit()
+    pipe = tiny_sd_pipeline()
+    imptome.apply_patch(pipe, ratio=0.7)
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    sizes = [(128, 1), (96, 1), (96, 2)]  # (px, images)
+
+    def run(size, images):
+        generator = torch.Generator().manual_seed(0)
+        prompts = [PROMPT] * images
+        kwargs = {"height": size, "width": size, "output_type": "latent"}
+        return pipe(prompts, num_inference_steps=3, generator=generator, **kwargs).images
+
+    eager = [run(*size) for size in sizes]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        pipe.unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+        for size, expected in zip(sizes, eager, strict=True):
+            assert torch.equal(run(*size), expected), size
+        graphs = counters["stats"]["unique_graphs"]
+        for size, expected in zip(sizes, eager, strict=True):  # each size's graphs are reused
+            assert torch.equal(run(*size), expected), size
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_recompile_limit_set_by_the_user_is_kept():
+    def patch_with_limit():
+        _reset_recompile_limit()
+        torch._dynamo.config.recompile_limit = 4
+        imptome.apply_patch(tiny_sd_unet(layers_per_block=1))
+        assert torch._dynamo.config.recompile_limit == 4
+
+    contextvars.copy_context().run(patch_with_limit)
 
 
 def _unet_call(unet) -> torch.Tensor:

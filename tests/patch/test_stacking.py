@@ -3,12 +3,13 @@ caches, model CPU offload, half precision, channels_last."""
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import functools
 import math
+import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from torch._dynamo.utils import counters
 
 import imptome
 from imptome.merge import DESTINATION
-from imptome.patch.api import RECOMPILE_LIMIT, patch_state
+from imptome.patch.api import patch_state
+from imptome.patch.hooks import RECOMPILE_LIMIT
 from tests.factories import TEXT_HIDDEN, tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sd_unet
 from tests.versions import has_accelerator, needs_diffusers
 
@@ -206,28 +208,32 @@ def test_regional_compilation_with_fullgraph(upcast_proportional):
         torch._dynamo.reset()
 
 
+def _in_a_new_thread(run: Callable[[], None]) -> None:
+    """Run `run` in a thread of its own, re-raising what it raises. Dynamo keeps its settings per thread (a
+    context variable): a new thread starts from the defaults, whatever earlier tests' patches raised."""
+    raised = []
+
+    def target():
+        try:
+            run()
+        except BaseException as error:  # noqa: BLE001 (re-raised in the test's thread)
+            raised.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
+
+
 def test_regional_compilation_at_several_image_and_batch_sizes():
     """A patched model compiles graphs per image size and batch size (the layer hooks read the latent grid
     and the batch's rows from the patch), 5 per size for the transformer blocks' forward under regional
     compilation. With Dynamo's default limit of 8 graphs per function the second image size failed with
-    FailOnRecompileLimitHit (fullgraph=True); apply_patch raises the limit unless the user set it. Run in a
-    copy of the context, where Dynamo keeps its config overrides, so the raised limit stays in this test."""
-    contextvars.copy_context().run(_regional_compilation_at_several_sizes)
-
-
-def _reset_recompile_limit() -> None:
-    """Back to Dynamo's default limit, in this context only (earlier tests' patches raised it)."""
-    from torch.utils._config_module import _UNSET_SENTINEL
-
-    torch._dynamo.config._config["recompile_limit"].user_override.set(_UNSET_SENTINEL)
-    assert torch._dynamo.config._is_default("recompile_limit")
-
-
-def _regional_compilation_at_several_sizes():
-    _reset_recompile_limit()
+    FailOnRecompileLimitHit (fullgraph=True); each patched denoiser call raises the limit unless the user set
+    it, in the thread that calls it (patched here, generated in another thread, as a web server would)."""
     pipe = tiny_sd_pipeline()
     imptome.apply_patch(pipe, ratio=0.7)
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     sizes = [(128, 1), (96, 1), (96, 2)]  # (px, images)
 
     def run(size, images):
@@ -237,28 +243,35 @@ def _regional_compilation_at_several_sizes():
         return pipe(prompts, num_inference_steps=3, generator=generator, **kwargs).images
 
     eager = [run(*size) for size in sizes]
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        pipe.unet.compile_repeated_blocks(fullgraph=True, backend="eager")
-        for size, expected in zip(sizes, eager, strict=True):
-            assert torch.equal(run(*size), expected), size
-        graphs = counters["stats"]["unique_graphs"]
-        for size, expected in zip(sizes, eager, strict=True):  # each size's graphs are reused
-            assert torch.equal(run(*size), expected), size
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
+
+    def compiled_generations():
+        assert torch._dynamo.config.recompile_limit == 8  # the default, in this thread
         torch._dynamo.reset()
+        counters.clear()
+        try:
+            pipe.unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+            for size, expected in zip(sizes, eager, strict=True):
+                assert torch.equal(run(*size), expected), size
+            assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+            graphs = counters["stats"]["unique_graphs"]
+            for size, expected in zip(sizes, eager, strict=True):  # each size's graphs are reused
+                assert torch.equal(run(*size), expected), size
+            assert counters["stats"]["unique_graphs"] == graphs
+        finally:
+            torch._dynamo.reset()
+
+    _in_a_new_thread(compiled_generations)
 
 
 def test_a_recompile_limit_set_by_the_user_is_kept():
-    def patch_with_limit():
-        _reset_recompile_limit()
+    unet = imptome.apply_patch(tiny_sd_unet(layers_per_block=1))
+
+    def call_with_limit():
         torch._dynamo.config.recompile_limit = 4
-        imptome.apply_patch(tiny_sd_unet(layers_per_block=1))
+        _unet_call(unet)
         assert torch._dynamo.config.recompile_limit == 4
 
-    contextvars.copy_context().run(patch_with_limit)
+    _in_a_new_thread(call_with_limit)
 
 
 def _unet_call(unet) -> torch.Tensor:

@@ -122,7 +122,6 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     handles = register_hooks(denoiser, layers, state)
     setattr(denoiser, _ATTR, _Patch(state, handles))
     _drop_compiled_code(denoiser)
-    _make_room_for_graphs()
     return target
 
 
@@ -255,28 +254,6 @@ def _unhook(denoiser: nn.Module) -> bool:
     for handle in patch.handles:
         handle.remove()
     return True
-
-
-# Graphs Dynamo may keep per compiled function once a model is patched (see _make_room_for_graphs).
-RECOMPILE_LIMIT = 64
-
-
-def _make_room_for_graphs() -> None:
-    """Raise Dynamo's per-function graph limit (`torch._dynamo.config.recompile_limit`, 8) to RECOMPILE_LIMIT
-    unless the user set it.
-
-    A patched model specialises its graphs on what the layer hooks read from the patch's state: the schedule's
-    phase (warm-up or merging), the latent grid, the batch's rows and layout, and, compiled block by block,
-    whether the block builds its grid's plan or reuses it. So every image size or batch size compiles graphs
-    of its own (2 for a model compiled whole, 5 per transformer block's forward with
-    `compile_repeated_blocks` on SD UNets), where the unpatched model turns dynamic after one change. With 8,
-    a regionally compiled pipeline failed at its second image size (fullgraph=True: FailOnRecompileLimitHit
-    from inside torch; otherwise the blocks fell back to eager mode) and a whole one at its fifth.
-    """
-    config = torch._dynamo.config
-    is_default = getattr(config, "_is_default", lambda name: config.recompile_limit == 8)
-    if is_default("recompile_limit") and config.recompile_limit < RECOMPILE_LIMIT:
-        config.recompile_limit = RECOMPILE_LIMIT
 
 
 def _drop_compiled_code(denoiser: nn.Module) -> None:

@@ -50,6 +50,30 @@ def _timestep_position(denoiser: nn.Module) -> int:
     return list(inspect.signature(type(denoiser).forward).parameters).index("timestep") - 1  # minus self
 
 
+# Graphs Dynamo may keep per compiled function once a model is patched (see make_room_for_graphs).
+RECOMPILE_LIMIT = 64
+
+
+def make_room_for_graphs() -> None:
+    """Raise Dynamo's per-function graph limit (`torch._dynamo.config.recompile_limit`, 8) to RECOMPILE_LIMIT
+    unless the user set it. Called at every denoiser call, before any compiled block runs: Dynamo keeps its
+    settings per thread (a context variable), and a pipeline patched in one thread may run in others (web
+    servers run requests in worker threads). About 2 us.
+
+    A patched model specialises its graphs on what the layer hooks read from the patch's state: the schedule's
+    phase (warm-up or merging), the latent grid, the batch's rows and layout, and, compiled block by block,
+    whether the block builds its grid's plan or reuses it. So every image size or batch size compiles graphs
+    of its own (2 for a model compiled whole, 5 per transformer block's forward with
+    `compile_repeated_blocks` on SD UNets), where the unpatched model turns dynamic after one change. With 8,
+    a regionally compiled pipeline failed at its second image size (fullgraph=True: FailOnRecompileLimitHit
+    from inside torch; otherwise the blocks fell back to eager mode) and a whole one at its fifth.
+    """
+    config = torch._dynamo.config
+    is_default = getattr(config, "_is_default", lambda name: config.recompile_limit == 8)
+    if is_default("recompile_limit") and config.recompile_limit < RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
+
+
 class _DenoiserHooks:
     """Start and end each denoiser call in the patch's state.
 
@@ -69,6 +93,7 @@ class _DenoiserHooks:
 
     @torch.compiler.disable
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        make_room_for_graphs()
         sample, _ = _first_input(args, kwargs, _SAMPLE_KEYS)
         if "timestep" not in kwargs and len(args) <= self.timestep_position:
             return  # the denoiser's forward raises its own error for the missing argument

@@ -79,3 +79,39 @@ def test_auto_fallback_is_random_without_and_tome_with_proportional_attention():
     assert MergeConfig(proportional_attention=True).fallback_partition == "tome"
     assert MergeConfig(proportional_attention=True, fallback="random").fallback_partition == "random"
     assert MergeConfig(fallback="tome").fallback_partition == "tome"
+
+
+def test_numpy_scalars_become_python_numbers():
+    """A NumPy scalar passes the type checks, but in its own width it wraps around where the patch multiplies
+    or hashes it (np.int8 cells, np.int32 seeds): the config keeps plain ints and floats."""
+    np = pytest.importorskip("numpy")
+    config = MergeConfig(
+        ratio=np.float32(0.5),
+        dst_fraction=np.float16(0.25),
+        pool_factor=np.float64(1.4),
+        sx=np.int8(2),
+        sy=np.uint8(2),
+        importance_start_step=np.int16(1),
+        merge_start_step=np.int32(3),
+        max_downsample=np.int64(2),
+        seed=np.int32(7),
+        similarity_chunk=np.int32(1 << 20),
+    )
+    numbers = ("ratio", "dst_fraction", "pool_factor", "sx", "sy", "importance_start_step")
+    for name in (*numbers, "merge_start_step", "max_downsample", "seed", "similarity_chunk"):
+        assert type(getattr(config, name)) in (int, float), name
+    assert config == MergeConfig(
+        ratio=0.5,
+        pool_factor=1.4,
+        importance_start_step=1,
+        merge_start_step=3,
+        max_downsample=2,
+        seed=7,
+        similarity_chunk=1 << 20,
+    )
+
+
+@pytest.mark.parametrize("name", ["ratio", "pool_factor", "dst_fraction"])
+def test_an_int_too_large_for_a_float_is_refused_as_out_of_range(name):
+    with pytest.raises(ValueError, match=f"{name}=inf"):
+        MergeConfig(**{name: 10**400})

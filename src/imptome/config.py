@@ -156,6 +156,13 @@ class MergeConfig:
         for name in ("merge_attn", "merge_crossattn", "merge_mlp", "proportional_attention"):
             if not isinstance(getattr(self, name), bool):  # "no" would otherwise count as True
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        # Plain Python numbers from here on: a NumPy scalar (np.int8(2), np.int32(seed)) passes the checks
+        # above but wraps around in the products and hashes that use it (a cell size of np.int8 overflowed
+        # in the partition; a seed of np.int32 failed at the first denoiser call with an OverflowError).
+        for name in ("sx", "sy", "importance_start_step", "merge_start_step", "similarity_chunk"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("ratio", "dst_fraction", "pool_factor"):
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
         if not 0.0 < self.dst_fraction <= 0.5:
             raise ValueError(f"dst_fraction={self.dst_fraction} must be in (0, 0.5]")
         if not (self.pool_factor >= 1.0 and math.isfinite(self.pool_factor)):  # also rejects NaN
@@ -166,8 +173,10 @@ class MergeConfig:
         if self.sx < 1 or self.sy < 1 or self.sx * self.sy < 2:
             raise ValueError(f"sx={self.sx}, sy={self.sy}: cells must hold at least 2 tokens")
         downsample = self.max_downsample
-        if downsample is not None and not (_is_int(downsample) and downsample in (1, 2, 4, 8)):
-            raise ValueError(f"max_downsample={downsample!r} must be None (auto) or one of 1, 2, 4, 8")
+        if downsample is not None:
+            if not (_is_int(downsample) and downsample in (1, 2, 4, 8)):
+                raise ValueError(f"max_downsample={downsample!r} must be None (auto) or one of 1, 2, 4, 8")
+            object.__setattr__(self, "max_downsample", int(downsample))
         if self.importance_start_step < 0 or self.merge_start_step < 0:
             raise ValueError(
                 f"importance_start_step={self.importance_start_step} and merge_start_step="
@@ -187,6 +196,7 @@ class MergeConfig:
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be True")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be a non-negative int")
+        object.__setattr__(self, "seed", int(self.seed))
         if self.similarity_chunk < 1:
             raise ValueError(f"similarity_chunk={self.similarity_chunk} must be >= 1")
         if not 0.0 <= self.ratio <= self.max_ratio:
@@ -222,6 +232,14 @@ class MergeConfig:
         if unknown:
             raise TypeError(f"unknown MergeConfig option(s) {unknown}; valid options: {sorted(valid)}")
         return dataclasses.replace(self, **changes)
+
+
+def _as_float(value: numbers.Real) -> float:
+    """`value` as a Python float; an int too large for one is infinite (and then refused as out of range)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _is_int(value: object) -> bool:

@@ -307,6 +307,24 @@ def test_cell_draws_change_with_the_call_and_the_seed_and_repeat_with_both(sd):
     assert not any(torch.equal(a, b) for a, b in zip(first, destinations(1), strict=True))
 
 
+def test_numpy_scalar_options_plan_as_python_numbers(sd):
+    """Options given as NumPy scalars (a seed of np.int32, cells of np.int8) plan as the same Python numbers
+    do: in their own width they wrapped around (an OverflowError at the first call for the seed, a
+    shape error deep in the partition for the cells)."""
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=generator).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, TEXT_HIDDEN, generator=generator)
+
+    def roles(**options) -> torch.Tensor:
+        imptome.apply_patch(sd.unet, ratio=0.5, method="tome", **options)
+        with torch.no_grad():
+            sd.unet(latent, 900, encoder_hidden_states=text)
+        return imptome.merge_plan(sd.unet)[0].roles
+
+    expected = roles(seed=3, sx=2, sy=2)
+    assert torch.equal(roles(seed=np.int32(3), sx=np.int8(2), sy=np.int8(2)), expected)
+
+
 def test_paper_partition_draws_destinations_from_the_pool(sd):
     imptome.apply_patch(sd, ratio=0.7, dst_selection="random", pool_factor=1.4)
     generate(sd, steps=4)

@@ -64,6 +64,16 @@ def test_options_are_checked_together_with_ratio_and_method():
         merge_options(["sx=3", "sy=1"], ratio=0.75, method="tome")
 
 
+def test_options_are_checked_on_top_of_the_family_presets():
+    """--set goes on top of the loaded model's preset, as apply_patch's keywords do: merge_attn=false is
+    fine on PixArt, whose preset also merges cross-attention, so it is not refused before the model is known
+    (apply_patch refuses it on a UNet); what no preset accepts still is."""
+    assert imptome.PRESETS["pixart"].replace(merge_attn=False).merge_crossattn
+    assert merge_options(["merge_attn=false"], ratio=0.5, method="importance") == {"merge_attn": False}
+    with pytest.raises(CliError, match=r"^at least one of merge_attn, merge_crossattn, merge_mlp"):
+        merge_options(["merge_attn=false", "merge_crossattn=false"], ratio=0.5, method="importance")
+
+
 @pytest.mark.parametrize(
     "command", [["demo"], ["generate", "--prompts", "{prompts}", "--out", "{out}"], ["bench", "quality"]]
 )

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.config import MergeConfig
+from imptome.config import PRESETS, MergeConfig
 from imptome.miniature import GUIDANCE, MODEL_DIR, miniature_path
 
 
@@ -106,7 +106,8 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
 def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool = True) -> dict[str, Any]:
     """MergeConfig options from `--set KEY=VALUE` strings, typed as the fields are and checked together
     with `ratio` and `method` (which have their own flags; `method_flag=False` for a command that runs
-    every method); a CliError names what is wrong."""
+    every method) on top of the family presets; a CliError names what is wrong with every preset.
+    `apply_patch_or_fail` checks them against the loaded model's preset."""
     hints = typing.get_type_hints(MergeConfig)
     settable = [f.name for f in dataclasses.fields(MergeConfig) if f.name not in ("ratio", "method")]
     options: dict[str, Any] = {}
@@ -125,14 +126,21 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
             options[key] = _typed(text.strip(), hints[key])
         except ValueError:
             raise CliError(f"--set {pair}: {text!r} is not a valid {key} ({_describe(hints[key])})") from None
-    try:
-        MergeConfig(ratio=ratio, method=method, **options)
-    except ValueError as error:  # "<option>=<value> ...": named by the flag that set it
-        message = str(error)
-        option = message.partition("=")[0]
-        flag = "--set " if option in options else "--" if option in ("ratio", "method") else ""
-        raise CliError(flag + message) from None
-    return options
+    # The options go on top of the model family's preset (apply_patch), which is known only once the model
+    # is loaded: refuse here what no preset accepts (the first is the UNets', MergeConfig's defaults), and
+    # leave what depends on the family to apply_patch (merge_attn=false is fine on PixArt, whose preset merges
+    # cross-attention too, but merges nothing in a UNet).
+    errors = []
+    for preset in dict.fromkeys(PRESETS.values()):
+        try:
+            preset.replace(ratio=ratio, method=method, **options)
+            return options
+        except ValueError as error:
+            errors.append(error)
+    message = str(errors[0])  # "<option>=<value> ...": named by the flag that set it
+    option = message.partition("=")[0]
+    flag = "--set " if option in options else "--" if option in ("ratio", "method") else ""
+    raise CliError(flag + message)
 
 
 def check_guidance(guidance: float) -> None:

@@ -64,6 +64,12 @@ def test_options_are_checked_together_with_ratio_and_method():
         merge_options(["sx=3", "sy=1"], ratio=0.75, method="tome")
 
 
+def test_an_option_set_twice_is_refused():
+    """The last value silently won, and the command recorded only that one."""
+    with pytest.raises(CliError, match=r"^--set pool_factor=2: pool_factor is set twice; give each option"):
+        merge_options(["pool_factor=1.5", "pool_factor=2"], ratio=0.5, method="importance")
+
+
 def test_options_are_checked_on_top_of_the_family_presets():
     """--set goes on top of the loaded model's preset, as apply_patch's keywords do: merge_attn=false is
     fine on PixArt, whose preset also merges cross-attention, so it is not refused before the model is known

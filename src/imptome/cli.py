@@ -122,6 +122,8 @@ def merge_options(pairs: list[str], ratio: float, method: str, method_flag: bool
             raise CliError(f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(settable)}")
         if key not in settable:
             raise CliError(f"--set {pair}: unknown option {key!r}; KEY is one of {', '.join(settable)}")
+        if key in options:  # the last would silently win
+            raise CliError(f"--set {pair}: {key} is set twice; give each option once")
         try:
             options[key] = _typed(text.strip(), hints[key])
         except ValueError:

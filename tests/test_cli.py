@@ -124,6 +124,21 @@ def test_a_prompt_file_with_a_byte_order_mark_reads_as_plain_prompts(tmp_path):
     assert read_prompts(str(prompts)) == ["top left: red circle", "blue square"]
 
 
+def test_prompts_are_numbered_by_newlines_only_as_editors_and_wc_count_lines(tmp_path):
+    """A form feed, \\x85 or U+2028 inside a line (scraped captions hold them) is no line break, as for
+    editors and `wc -l`: each prompt keeps its line's number, which names generate's images; a lone \\r
+    (old Mac files) still ends a line, as \\r\\n does."""
+    prompts = tmp_path / "prompts.txt"
+    lines = ["red circle\x0cblue square", "green cross \u2028 and red square \x85 too", "old mac\rline"]
+    prompts.write_bytes(("\n".join(lines) + "\n").encode())
+    assert read_prompts(str(prompts)) == [
+        "red circle\x0cblue square",
+        "green cross \u2028 and red square \x85 too",
+        "old mac",
+        "line",
+    ]
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_exit_code_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

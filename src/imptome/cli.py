@@ -402,7 +402,10 @@ def read_prompts(path: str) -> list[str]:
         raise CliError(f"prompt file {path} is not UTF-8 text") from None
     except OSError as error:
         raise CliError(f"cannot read prompt file {path}: {error.strerror or error}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    # lines end at a newline only (text mode reads \r\n and \r as one): str.splitlines also breaks at
+    # form feeds, \x1c-\x1e, \x85 and U+2028/U+2029, which scraped captions hold mid-line, and would
+    # shift every later prompt's number (generate's file names) away from its line
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise CliError(f"prompt file {path} has no prompts (one per line; blank lines are skipped)")
     return prompts

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import imptome
 import imptome.generate as generate
 from imptome.cli import CliError, main
-from imptome.generate import WorkItem, pending_items, read_metadata, save_image, work_items
+from imptome.generate import METADATA_KEY, WorkItem, pending_items, read_metadata, save_image, work_items
 from tests.factories import tiny_sd_pipeline
 
 PROMPTS = ["a red cat", "a blue dog on the grass", "a green tree", "a white house", "a yellow star"]
@@ -267,6 +267,18 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
         pending_items(items, tmp_path, {**settings, "weights": "sha256:bb"})
     with pytest.raises(CliError, match=r"imptome_version '0.2.0' \(now '0.3.0'\)"):  # plans may differ
         pending_items(items, tmp_path, {**settings, "imptome_version": "0.3.0"})
+
+
+def test_a_png_whose_imptome_chunk_is_not_an_object_is_not_done(tmp_path):
+    """Only an object is imptome's metadata; other JSON under that name (a list, a number) raised an
+    AttributeError from the resume scan."""
+    (item,) = work_items(["a red cat"], range(1))
+    for text in ("[1, 2]", "3", '"text"', "null"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text(METADATA_KEY, text)
+        Image.new("RGB", (8, 8)).save(tmp_path / item.file_name, pnginfo=info)
+        assert read_metadata(tmp_path / item.file_name) is None
+        assert pending_items([item], tmp_path, {}) == [item]
 
 
 def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str, tuple[list[str], str]]:

@@ -73,13 +73,15 @@ def work_items(prompts: list[str], seeds: range) -> list[WorkItem]:
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
-    """The imptome metadata of a PNG, or None when the file is missing, unreadable or has none."""
+    """The imptome metadata of a PNG, or None when the file is missing, unreadable or has none (a chunk of
+    that name holding other JSON than an object is not imptome's)."""
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(METADATA_KEY)
-        return json.loads(text) if text is not None else None
+        metadata = json.loads(text) if text is not None else None
     except (OSError, SyntaxError, ValueError):
         return None
+    return metadata if isinstance(metadata, dict) else None
 
 
 def pending_items(items: list[WorkItem], out: Path, settings: dict[str, Any]) -> list[WorkItem]:

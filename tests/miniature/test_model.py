@@ -13,6 +13,9 @@ def test_build_and_reload_random_pipeline(tmp_path):
     tok = build.build_tokenizer()
     export(tmp_path, build.build_vae(), build.build_text_encoder(len(tok)), build.build_unet(), 1.0)
     assert not list(tmp_path.rglob("*.bin"))
+    assert _text_encoder_names(tmp_path) and all(
+        name.startswith("text_model.") for name in _text_encoder_names(tmp_path)
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     out = pipe("top left: red circle", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
@@ -29,3 +32,22 @@ def test_shipped_model_generates_offline():
     prompts = ["top left: red circle", "bottom right: blue square"]
     out = pipe(prompts, num_inference_steps=2, generator=g, output_type="np").images
     assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all()
+
+
+def _text_encoder_names(folder) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "text_encoder" / "model.safetensors", "pt") as weights:
+        return list(weights.keys())
+
+
+def test_the_shipped_text_encoder_loads_every_weight_by_name():
+    """Saved by transformers 5.24, its weight names lacked the `text_model.` prefix, and transformers 5.0 (the
+    floor) matched none of them: the bundled model ran with a random text encoder, drawing shapes anywhere,
+    with a log line only. Every name carries the prefix, which every 5.x loads; CI's oldest-versions run loads
+    it with 5.0."""
+    from transformers import CLIPTextModel
+
+    assert all(name.startswith("text_model.") for name in _text_encoder_names(MODEL_DIR))
+    _, info = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -351,6 +352,21 @@ def export(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    prefix_text_encoder_keys(path / "text_encoder" / "model.safetensors")
+
+
+def prefix_text_encoder_keys(file: Path) -> None:
+    """Rewrite a saved CLIPTextModel's weight names with the `text_model.` prefix that every transformers 5.x
+    loads. Recent releases (5.24) save them without it, and earlier ones (5.0, the floor) then match no name
+    and keep the whole text encoder at its random initialisation, saying so in a log line only. Tensors and
+    metadata are kept as they are."""
+    with safe_open(file, "pt") as weights:
+        metadata = weights.metadata()
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (not a dict)
+    prefixed = {
+        name if name.startswith("text_model.") else f"text_model.{name}": t for name, t in tensors.items()
+    }
+    save_file(prefixed, file, metadata=metadata)
 
 
 def export_checkpoint(out: Path, path: Path) -> int:

@@ -41,13 +41,18 @@ def _text_encoder_names(folder) -> list[str]:
         return list(weights.keys())
 
 
-def test_the_shipped_text_encoder_loads_every_weight_by_name():
+def test_the_shipped_model_loads_every_weight_by_name():
     """Saved by transformers 5.24, its weight names lacked the `text_model.` prefix, and transformers 5.0 (the
     floor) matched none of them: the bundled model ran with a random text encoder, drawing shapes anywhere,
     with a log line only. Every name carries the prefix, which every 5.x loads; CI's oldest-versions run loads
     it with 5.0."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     assert all(name.startswith("text_model.") for name in _text_encoder_names(MODEL_DIR))
     _, info = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    infos = {"text_encoder": info}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):  # the same check, by diffusers
+        _, infos[name] = cls.from_pretrained(MODEL_DIR, subfolder=name, output_loading_info=True)
+    for name, info in infos.items():
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), name

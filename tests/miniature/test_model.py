@@ -42,10 +42,10 @@ def _text_encoder_names(folder) -> list[str]:
 
 
 def test_the_shipped_model_loads_every_weight_by_name():
-    """Saved by transformers 5.24, its weight names lacked the `text_model.` prefix, and transformers 5.0 (the
-    floor) matched none of them: the bundled model ran with a random text encoder, drawing shapes anywhere,
-    with a log line only. Every name carries the prefix, which every 5.x loads; CI's oldest-versions run loads
-    it with 5.0."""
+    """Saved by transformers 5.24, the text encoder's weight names lacked the `text_model.` prefix, and
+    transformers 5.0-5.5 (5.0 is the floor) matched none of them: the bundled model ran with a random text
+    encoder, drawing shapes anywhere, with a log line only. Every name carries the prefix, which every 5.x
+    loads; CI's oldest-versions run loads the model with transformers 5.0 and diffusers 0.35.2."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 

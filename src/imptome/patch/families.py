@@ -155,20 +155,14 @@ def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[
 
 
 # Processors that keep a layer's attention probabilities for their pipeline to read over the layer's full
-# token grid, by class name: pipeline.
+# token grid, by class name: (pipeline, whether they store cross-attention maps only). Attend-and-Excite and
+# Pix2Pix-Zero install theirs on every attention of the UNet, self-attention included, where they store
+# nothing (Attend-and-Excite keeps the maps of calls with text, Pix2Pix-Zero those of its attn2 processors).
 _ATTENTION_STORES = {
-    "CrossAttnStoreProcessor": "self-attention guidance (StableDiffusionSAGPipeline)",
-    "AttendExciteAttnProcessor": "Attend-and-Excite",
-    "LEDITSCrossAttnProcessor": "LEDITS++",
-    "Pix2PixZeroAttnProcessor": "Pix2Pix-Zero",
-}
-# Of those, the ones that store cross-attention maps only. Attend-and-Excite and Pix2Pix-Zero install theirs
-# on every attention of the UNet, self-attention included, where they store nothing (Attend-and-Excite keeps
-# the maps of calls with text, Pix2Pix-Zero those of its attn2 processors).
-_CROSS_ATTENTION_STORES = {
-    "AttendExciteAttnProcessor",
-    "LEDITSCrossAttnProcessor",
-    "Pix2PixZeroAttnProcessor",
+    "CrossAttnStoreProcessor": ("self-attention guidance (StableDiffusionSAGPipeline)", False),
+    "AttendExciteAttnProcessor": ("Attend-and-Excite", True),
+    "LEDITSCrossAttnProcessor": ("LEDITS++", True),
+    "Pix2PixZeroAttnProcessor": ("Pix2Pix-Zero", True),
 }
 
 
@@ -179,17 +173,18 @@ def check_no_attention_store(merged: dict[str, nn.Module]) -> None:
     store cross-attention maps only are left alone on self-attention, which they do not store."""
     for name, module in merged.items():
         processor = processor_name(module)
-        pipeline = _ATTENTION_STORES.get(processor)
-        if processor in _CROSS_ATTENTION_STORES and not getattr(module, "is_cross_attention", True):
+        if processor not in _ATTENTION_STORES:
             continue
-        if pipeline is not None:
-            raise ValueError(
-                f"imptome merges the tokens entering {name}, and {processor} ({pipeline}) "
-                "stores that layer's attention maps for the pipeline, which reads them over every token. "
-                "Leave the layer unmerged: merge_crossattn=False for cross-attention maps (Attend-and-"
-                "Excite, LEDITS++, Pix2Pix-Zero), and a max_downsample below the mid block's for self-"
-                "attention guidance."
-            )
+        pipeline, cross_attention_only = _ATTENTION_STORES[processor]
+        if cross_attention_only and not getattr(module, "is_cross_attention", True):
+            continue
+        raise ValueError(
+            f"imptome merges the tokens entering {name}, and {processor} ({pipeline}) "
+            "stores that layer's attention maps for the pipeline, which reads them over every token. "
+            "Leave the layer unmerged: merge_crossattn=False for cross-attention maps (Attend-and-"
+            "Excite, LEDITS++, Pix2Pix-Zero), and a max_downsample below the mid block's for self-"
+            "attention guidance."
+        )
 
 
 def check_no_chunked_feed_forward(blocks: dict[str, nn.Module]) -> None:

@@ -431,13 +431,18 @@ RESUMABLE_WITH_ANY = ("out", "export", "threads", "probe_every", "ckpt_every", "
 STAGE_OUTPUTS = ("ckpt_vae", "vae_final.safetensors", "latents.safetensors", "ckpt_unet")
 
 
+def _recorded_args(args: argparse.Namespace) -> dict[str, str]:
+    """The options as the run folder's args.json records them (and `_check_resume` compares them)."""
+    return {k: str(v) for k, v in vars(args).items()}
+
+
 def _check_resume(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse to resume a run folder with settings other than those it was trained with."""
     recorded = args.out / "args.json"
     if not recorded.exists() or not any((args.out / f).exists() for f in STAGE_OUTPUTS):
         return
     before = json.loads(recorded.read_text())
-    now = {k: str(v) for k, v in vars(args).items()}
+    now = _recorded_args(args)
     changed = [k for k in now if k not in RESUMABLE_WITH_ANY and k in before and before[k] != now[k]]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {before[k]}" for k in changed)
@@ -490,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _check_resume(ap, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    (args.out / "args.json").write_text(json.dumps(_recorded_args(args), indent=1))
     t0 = time.time()
     vae = train_vae(args, args.out).eval()
     for p in vae.parameters():

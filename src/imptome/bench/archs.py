@@ -145,6 +145,9 @@ SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
 }
 
 
+_PATCH_TRANSFORMERS = ("pixart", "sd3")  # model kinds that cut the latent into patch_size^2 patches
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """One benchmark architecture and the conditioning its pipeline sends to the denoiser.
@@ -176,6 +179,11 @@ class ArchSpec:
             raise ValueError(f"{self.name}: {height}x{width} px is not a multiple of {self.vae_scale_factor}")
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
+    @property
+    def patch_size(self) -> int:
+        """Latent pixels per token side: the patch transformers' (PixArt, SD3) patch size, 1 for UNets."""
+        return self.config["patch_size"] if self.model_kind in _PATCH_TRANSFORMERS else 1
+
     def top_level_tokens(self, res: int | tuple[int, int]) -> int:
         """Image tokens seen by the highest-resolution attention (per frame for video).
 
@@ -185,9 +193,8 @@ class ArchSpec:
         latent patch.
         """
         h, w = self.latent_hw(res)
-        if self.model_kind in ("pixart", "sd3"):
-            p = self.config["patch_size"]
-            return (h // p) * (w // p)
+        if self.model_kind in _PATCH_TRANSFORMERS:
+            return (h // self.patch_size) * (w // self.patch_size)
         for block in self.config["down_block_types"]:
             if "Attn" in block:
                 break

@@ -152,8 +152,7 @@ def _check_res(name: str, res: int) -> None:
     patch is cut to fewer tokens, so the step would be timed at a smaller image than the row names, or fail
     in the patch embedding), within SD3's position-embedding table."""
     spec = ARCHS[name]
-    patch = spec.config["patch_size"] if spec.model_kind in ("pixart", "sd3") else 1
-    step = spec.vae_scale_factor * patch
+    step = spec.vae_scale_factor * spec.patch_size
     if res <= 0 or res % step:
         raise CliError(f"--res {res}: image sizes for {name} must be positive multiples of {step} px")
     max_patches = spec.config.get("pos_embed_max_size") if spec.model_kind == "sd3" else None

@@ -203,9 +203,9 @@ def test_proportional_attention_mid_generation_reads_the_processors():
 def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merged_layers):
     """On a GPU every operator is a launch that the host issues, and an eager step of a large model is often
     bound by the host. A merged step adds one merge and one unmerge per merged layer, plus a per-step cost
-    (the importance map, one plan, call bookkeeping) that does not grow with the layers: 60 operators on
-    both models (PixArt's patch pools the map to its token grid; the UNet's plan record keeps a copy of the
-    map instead). A change that needs more should say why."""
+    (the importance map, one plan, call bookkeeping) that does not grow with the layers: 48 operators on
+    both models in a steady step (PixArt's patch pools the map to its token grid; the UNet's plan record
+    keeps a copy of the map instead). A change that needs more should say why."""
     with registered():
         model = denoisers.build_denoiser(arch)
         call = _denoiser_call(model, denoisers.example_inputs(arch, 128))
@@ -213,12 +213,13 @@ def test_a_merged_step_adds_two_operators_per_layer_and_a_fixed_cost(arch, merge
         importance = cfg_importance(call()[0], 4)
         unmerged = count_operators(call)
         with Variant("importance", 0.7).applied(model, importance, timestep=500.0):
+            call()  # one-time work: the call key's buffer, the shared index tensors of planning
             merged = count_operators(call)
     added = merged.copy()
     added.subtract(unmerged)
     assert added["embedding_bag"] == added["index_select"] == merged_layers
     fixed = added.total() - 2 * merged_layers
-    assert 0 < fixed <= 60, f"{fixed} operators: {+added}"
+    assert 0 < fixed <= 48, f"{fixed} operators: {+added}"
 
 
 def test_example_inputs_are_a_cfg_batch():

@@ -47,7 +47,7 @@ def test_segment_mean_equals_embedding_bag(interpreted, channels, ratio):
     tokens = _tokens(plan, channels, seed=4)
     got = kernels.segment_mean(tokens, plan.bag_order, plan.bag_offsets)
     want = F.embedding_bag(plan.bag_order, tokens, plan.bag_offsets, mode="mean")
-    assert got.shape == (plan.slot.shape[0] * plan.num_kept, channels)
+    assert got.shape == (plan.rows * plan.num_kept, channels)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_the_triton_kernel_is_used_only_while_compiling_cuda_inference(monkeypat
     """merge(kernel="triton") calls the kernel only while torch.compile traces CUDA tokens that need no
     gradient; in eager mode, on CPU tokens or in training it is embedding_bag, whose launch costs less."""
     plan = _plan(8, 8, units=1, ratio=0.5, seed=7)
-    x = torch.randn(plan.slot.shape[0], 64, 16, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(plan.rows, 64, 16, generator=torch.Generator().manual_seed(8))
     calls = []
 
     def recording_segment_mean(tokens, order, offsets):
@@ -116,7 +116,7 @@ def test_merge_of_cuda_tokens_traces_to_the_chosen_kernel(kernel):
             for f in dataclasses.fields(plan)
             if isinstance(value := getattr(plan, f.name), torch.Tensor)
         }
-        x = torch.empty(plan.slot.shape[0], 64, 16, dtype=torch.float16, device="cuda")
+        x = torch.empty(plan.rows, 64, 16, dtype=torch.float16, device="cuda")
         graph = torch.export.export(Merge(dataclasses.replace(plan, **on_cuda)), (x,)).graph
     targets = [str(node.target) for node in graph.nodes if node.op == "call_function"]
     merges = [target for target in targets if "segment_mean" in target or "embedding_bag" in target]
@@ -124,7 +124,7 @@ def test_merge_of_cuda_tokens_traces_to_the_chosen_kernel(kernel):
     assert merges[0].startswith("imptome.segment_mean" if kernel == "triton" else "aten.embedding_bag")
     (output,) = [node for node in graph.nodes if node.op == "output"][0].args[0]
     merged = output.meta["val"]
-    assert merged.shape == (plan.slot.shape[0], plan.num_kept, 16)
+    assert merged.shape == (plan.rows, plan.num_kept, 16)
     assert merged.dtype == torch.float16 and merged.device.type == "cuda"
 
 

@@ -100,7 +100,7 @@ def test_fast_plan_matches_reference(case):
 def test_merge_unmerge(case):
     h, w, units, cfg, ratio, pool_factor, seed = case
     plan, *_ = _importance_plan(*case)
-    rows = plan.slot.shape[0]
+    rows = plan.rows
     x = torch.randn(rows, h * w, 5, generator=torch.Generator().manual_seed(seed + 1))
     merged = plan.merge(x)
     assert merged.shape == (rows, plan.num_kept, 5)
@@ -235,22 +235,22 @@ def test_merge_and_unmerge_are_one_operator_each(average):
     assert list(unmerge_ops.names.elements()) == ["index_select"]
 
 
-@pytest.mark.parametrize(("dst_selection", "budget"), [("cells", 51), ("random", 45)])
+@pytest.mark.parametrize(("dst_selection", "budget"), [("cells", 40), ("random", 40)])
 def test_one_importance_plan_stays_within_its_operator_budget(dst_selection, budget):
     """Planning runs once per step and grid; on a GPU its operators are launches on a host-bound step.
-    Partition + matching + plan with one similarity chunk, views not counted: 45 tensor operators with
-    destinations drawn from the pool (the paper's), 12 of them the counter-based draw (which torch.compile
-    can trace and fuse, unlike a generator's); 51 with the default cell destinations, whose positions take
-    8 integer operators where the pool draw takes a second topk and a gather (0.6.6: 4 fewer than 0.6.5,
-    whose plans also indexed the kept tokens for pruning when averaging). A change that needs more should
-    say why."""
+    Partition + matching + plan with one similarity chunk, views not counted, in a steady step (the index
+    tensors that depend on sizes only are made once): 40 tensor operators with destinations drawn from the
+    pool (the paper's) or in ToMeSD's cells (the default), 11 of them the counter-based draw (which
+    torch.compile can trace and fuse, unlike a generator's). 0.8.2 needed 45 and 51: it made those index
+    tensors at every plan. A change that needs more should say why."""
     gen = torch.Generator().manual_seed(0)
     key = torch.tensor(stream_id(0))
     grid, rows, num_tokens = (32, 32), 2, 1024
     num_remove = math.floor(num_tokens * 0.7)
     importance = pool_to_grid(torch.rand(1, *grid, generator=gen), grid)
     features = torch.randn(1, num_tokens, 16, generator=gen)
-    with OperatorCounter() as ops:
+
+    def plan() -> None:
         if dst_selection == "cells":
             dst = cell_partition(1, grid, 2, 2, key)
             pool = importance_pool(importance, pool_size(num_tokens, num_remove, 1.0))
@@ -259,4 +259,8 @@ def test_one_importance_plan_stays_within_its_operator_budget(dst_selection, bud
                 importance, num_tokens // 4, pool_size(num_tokens, num_remove, 1.4), key
             )
         build_plan(dst, num_remove, grid, rows, metric=features, in_pool=pool, chunk_entries=1 << 26)
+
+    plan()
+    with OperatorCounter() as ops:
+        plan()
     assert ops.total <= budget, f"{ops.total}: {ops.names}"

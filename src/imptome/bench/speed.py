@@ -13,8 +13,10 @@ classifier-free-guidance batch, [uncond, cond] as a pipeline sends it. Variants:
 - ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
   on PixArt, AnimateDiff or SVD); a failure is recorded in the row's ``error``.
 
-Every variant is called once as warm-up (under a FLOP and an operator counter), then ``--rounds`` rounds call
-each variant once, the order rotating every round, with the device synchronised around each call. Reported
+Every variant is called twice as warm-up, the first call under a FLOP counter, the second (a steady step:
+one-time work such as the shared index tensors of planning is done) under an operator counter; then
+``--rounds`` rounds call each variant once, the order rotating every round, with the device synchronised
+around each call. Reported
 per row: median step seconds and spread, speedup = median(none) / median(variant) of the same run, FLOPs
 per step (merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant), efficiency = speedup /
 ideal, peak memory, the seconds spent in the method's own work (``overhead_frac`` = own work / median
@@ -247,14 +249,15 @@ def _measure_case(
         variant = record.variant
         try:
             with variant.applied(model, importance, timestep), torch.inference_mode():
-                with flop_counter() as counter, OperatorCounter() as operators:
+                with flop_counter() as counter:
                     output = call()
+                with OperatorCounter() as operators:
+                    call()
                 record.flops, record.operators = counter.get_total_flops(), operators.total
                 if variant.name == "none":
                     importance = step_importance(output[0], info)
                 if device.type == "cuda":
-                    for _ in range(2):
-                        call()
+                    call()
                     timer.reset()
                     with instrumented(variant):
                         call()

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from imptome.merge import constants
+
 _MASK = 0xFFFFFFFF
 
 
@@ -51,5 +53,4 @@ def random_bits(key: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
     Element i (row-major) holds mix32(i ^ key); no host synchronisation.
     """
-    index = torch.arange(math.prod(shape), dtype=torch.int64, device=key.device).view(shape)
-    return mix32(index ^ key)
+    return mix32(constants.arange(math.prod(shape), key.device).view(shape) ^ key)

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from imptome.merge import constants
 from imptome.merge.noise import random_bits
 
 
@@ -77,12 +78,7 @@ def cell_partition(
     Returns:
         dst_idx [U, (h // sy) * (w // sx)] token indices (row-major on the h x w grid).
     """
-    h, w = grid
-    cells_y, cells_x = h // sy, w // sx
-    device = key.device
-    # token index of each cell's top-left corner, [cells_y, cells_x]
-    corner = torch.arange(0, cells_y * sy * w, sy * w, device=device).view(-1, 1)
-    corner = corner + torch.arange(0, cells_x * sx, sx, device=device)
-    offset = random_bits(key, (units, cells_y, cells_x)) % (sy * sx)  # row-major position inside the cell
-    # offset // sx rows down and offset % sx columns right: offset + (offset // sx) * (w - sx)
-    return (corner + offset + (offset // sx) * (w - sx)).flatten(1)
+    positions = constants.cell_positions(grid, sy, sx, key.device)  # [cells, sy * sx]
+    # row-major position inside each cell, [U, cells, 1]
+    offset = random_bits(key, (units, positions.shape[0], 1)) % (sy * sx)
+    return positions.expand(units, -1, -1).gather(2, offset).squeeze(2)

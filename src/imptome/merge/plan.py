@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from imptome.merge import constants
+
 MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
 # What averages merged tokens in a compiled CUDA step: MergeConfig.merge_kernel as apply_patch resolved it.
 AveragingKernel = Literal["embedding_bag", "triton"]
@@ -25,7 +27,9 @@ class MergePlan:
     Attributes:
         kept_idx: [U, K] token index of each kept slot; slots 0..D-1 are destinations, the rest
             independent tokens.
-        slot: [B, N] kept slot whose attention output each token receives.
+        unit_slot: [U, N] kept slot whose attention output each token of a unit receives (`slot` has it
+            per denoiser row).
+        rows: B, the denoiser rows the plan is applied to (row b uses unit b % U).
         num_dst: D, the number of destination slots.
         grid: (h, w) token grid, N = h * w.
         flat_slot: [B * N] `slot` as rows of the flattened [B * K, C] kept tokens (b * K + slot[b, n]).
@@ -45,7 +49,8 @@ class MergePlan:
     """
 
     kept_idx: torch.Tensor
-    slot: torch.Tensor
+    unit_slot: torch.Tensor
+    rows: int
     num_dst: int
     grid: tuple[int, int]
     flat_slot: torch.Tensor
@@ -63,10 +68,15 @@ class MergePlan:
         return self.kept_idx.shape[1]
 
     @property
+    def slot(self) -> torch.Tensor:
+        """[B, N] kept slot whose attention output each token receives, made on request."""
+        return self.unit_slot.repeat(self.rows // self.unit_slot.shape[0], 1)
+
+    @property
     def roles(self) -> torch.Tensor:
         """[U, N] int8: MERGED (0), DESTINATION (1) or INDEPENDENT (2). Made on request (for inspection and
         pictures), not while planning."""
-        units, num_tokens = self.kept_idx.shape[0], self.slot.shape[1]
+        units, num_tokens = self.unit_slot.shape
         roles = torch.full((units, num_tokens), MERGED, dtype=torch.int8, device=self.kept_idx.device)
         roles.scatter_(1, self.kept_idx[:, : self.num_dst], DESTINATION)
         return roles.scatter_(1, self.kept_idx[:, self.num_dst :], INDEPENDENT)
@@ -85,7 +95,8 @@ class MergePlan:
         """
         rows, num_tokens, channels = x.shape
         if rows * num_tokens != self.flat_slot.numel():
-            raise ValueError(f"this plan is for {tuple(self.slot.shape)} tokens, got {tuple(x.shape[:2])}")
+            num_tokens = self.unit_slot.shape[1]
+            raise ValueError(f"this plan is for {(self.rows, num_tokens)} tokens, got {tuple(x.shape[:2])}")
         tokens = x.reshape(rows * num_tokens, channels)
         if self.bag_order is None:
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
@@ -107,8 +118,7 @@ class MergePlan:
 
     def source(self) -> torch.Tensor:
         """[B, N] token index of the kept token whose output each token receives."""
-        kept = self.kept_idx.repeat(self.slot.shape[0] // self.kept_idx.shape[0], 1)
-        return kept.gather(1, self.slot)
+        return self.kept_idx.gather(1, self.unit_slot).repeat(self.rows // self.unit_slot.shape[0], 1)
 
 
 def _best_destination(
@@ -200,25 +210,28 @@ def build_plan(
     kept_idx = torch.cat([dst_idx, src_idx.gather(1, independent_pos)], dim=1)  # [U, K]
     num_kept = kept_idx.shape[1]
 
+    # Few operators: on a GPU each is a launch, and a merged step is bound by the host. So the index tensors
+    # that depend on sizes only are shared constants, and rows get their offsets by broadcasting.
     slot = torch.empty(units, num_tokens, dtype=torch.long, device=device)
-    slot.scatter_(1, kept_idx, torch.arange(num_kept, device=device).expand(units, -1))
+    slot.scatter_(1, kept_idx, constants.arange(num_kept, device).expand(units, -1))
     slot.scatter_(1, removed_idx, best.gather(1, removed_pos))
 
-    # Few operators from here on: on a GPU each is a launch, and a merged step is bound by the host.
-    slot = slot.repeat(rows // units, 1)
-    first_slot = torch.arange(0, rows * num_kept, num_kept, device=device).unsqueeze(1)
+    copies = rows // units  # [copies, U, 1]: b * K for row b = c * U + u
+    first_slot = constants.arange(rows * num_kept, device, step=num_kept).view(copies, units, 1)
     flat_slot = (slot + first_slot).flatten()
     flat_kept = bag_order = bag_offsets = key_bias = None
     if not average:  # pruning keeps rows of the input; averaging reads them through bag_order
-        first_token = torch.arange(0, rows * num_tokens, num_tokens, device=device).unsqueeze(1)
-        flat_kept = (kept_idx.repeat(rows // units, 1) + first_token).flatten()
+        first_token = constants.arange(rows * num_tokens, device, step=num_tokens).view(copies, units, 1)
+        flat_kept = (kept_idx + first_token).flatten()
     if average or proportional:  # every slot holds at least its own kept token, so no bag is empty
         sorted_slot, order = flat_slot.sort(stable=True)
-        slots = torch.arange(rows * num_kept, device=device)
+        slots = constants.arange(rows * num_kept, device)
         starts = torch.searchsorted(sorted_slot, slots)
         if average:
             bag_order, bag_offsets = order, starts
         if proportional:  # group sizes from the sorted slots: no atomics, so deterministic on every device
             sizes = torch.searchsorted(sorted_slot, slots, right=True) - starts
             key_bias = sizes.float().log().to(bias_dtype).view(rows, 1, num_kept)
-    return MergePlan(kept_idx, slot, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets, key_bias)
+    return MergePlan(
+        kept_idx, slot, rows, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets, key_bias
+    )

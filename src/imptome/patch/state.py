@@ -680,7 +680,7 @@ class PatchState:
         out = []
         for built in self.last_plans:
             plan = built.plan
-            rows = plan.slot.shape[0]
+            rows = plan.rows
             roles = plan.roles.repeat(rows // plan.roles.shape[0], 1).view(rows, *plan.grid)
             source = plan.source()
             importance = None if built.importance is None else built.importance.clone()

@@ -269,6 +269,18 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
         pending_items(items, tmp_path, {**settings, "imptome_version": "0.3.0"})
 
 
+def test_a_folder_named_like_a_temporary_file_of_no_image_of_this_run_is_left_alone(
+    tmp_path, model_dir, prompts_file, one_thread
+):
+    """Leftover temporary files are deleted at the start; a folder of such a name is not imptome's."""
+    out = tmp_path / "out"
+    (out / "00099_0.png.tmp").mkdir(parents=True)
+    (out / "00000_0.png.tmp").write_bytes(b"half an image")
+    argv = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), "--out", str(out), *FAST]
+    assert main(argv) == 0
+    assert (out / "00099_0.png.tmp").is_dir() and not (out / "00000_0.png.tmp").exists()
+
+
 def test_a_png_whose_imptome_chunk_is_not_an_object_is_not_done(tmp_path):
     """Only an object is imptome's metadata; other JSON under that name (a list, a number) raised an
     AttributeError from the resume scan."""
@@ -294,6 +306,10 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
     old = {"model": str(model_dir.resolve()), "method": "importance", "ratio": 0.5, "steps": 30}
     old |= {"guidance": 7.5, "height": 64, "width": 64, "dtype": "float32", "prompt": PROMPTS[0], "seed": 0}
     save_image(Image.new("RGB", (8, 8)), conflicting / "00000_0.png", old)
+    taken = {}  # a folder where the run writes a file: an image, the manifest, or a temporary file of either
+    for name in ("00004_0.png", "00001_0.png.tmp", "manifest.jsonl", "manifest.jsonl.tmp"):
+        taken[name] = tmp_path / f"taken-{name}"
+        (taken[name] / name).mkdir(parents=True)
 
     def args(
         prompts: Path = prompts_file, out: Path = tmp_path / "out", model: Path = model_dir
@@ -324,6 +340,14 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, prompts_file: Path) -> dict[str
         "odd size": ([*args(), "--height", "60"], "--height 60: must be a positive multiple of 8"),
         "unknown device": ([*args(), "--device", "gpu0"], "--device gpu0: not a device name"),
         "other arguments in --out": (args(out=conflicting), "steps 30 (now 2)"),
+        **{
+            f"{name} is a folder": (
+                args(out=folder),
+                f"1 path(s) where this run writes a file are taken by a folder or other non-file "
+                f"({folder / name}); move them away or use another --out folder",
+            )
+            for name, folder in taken.items()
+        },
         "unknown --set option": (
             [*args(), "--set", "speed=11"],
             "--set speed=11: unknown option 'speed'; KEY is one of",

@@ -7,9 +7,10 @@ a run, `OUT/manifest.jsonl` lists every image of the run (its metadata plus "fil
 
 Resuming. An image is done when its file exists and its chunk matches this run's arguments. A re-run skips
 done images and regenerates missing ones, PNGs without imptome metadata included; leftover `*.png.tmp` files
-of a killed run are deleted and never count. More seeds or more prompt lines extend a finished run. If an
-image of this run exists but was made with different arguments (`MATCHED_FIELDS`), the run refuses before
-loading the model rather than mixing or overwriting results.
+of a killed run are deleted and never count. A folder (or other non-file) where the run writes a file (an
+image, its temporary file, the manifest) is refused before loading the model. More seeds or more prompt
+lines extend a finished run. If an image of this run exists but was made with different arguments
+(`MATCHED_FIELDS`), the run refuses before loading the model rather than mixing or overwriting results.
 
 Determinism. Each image's initial noise comes from its own CPU `torch.Generator` seeded with its seed. With
 `--batch-size B`, batches are fixed slices of the full (prompt, seed) list, not of what is left to do, so on
@@ -82,6 +83,14 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     except (OSError, SyntaxError, ValueError):
         return None
     return metadata if isinstance(metadata, dict) else None
+
+
+def paths_in_the_way(items: list[WorkItem], out: Path) -> list[Path]:
+    """The paths in `out` where this run writes a file (each image, the manifest, and their temporary files)
+    that hold something else, a folder say: writing there would fail once the images are made."""
+    names = [item.file_name for item in items] + [MANIFEST]
+    paths = [out / file for name in names for file in (name, name + ".tmp")]
+    return [path for path in paths if path.exists() and not path.is_file()]
 
 
 def pending_items(items: list[WorkItem], out: Path, settings: dict[str, Any]) -> list[WorkItem]:
@@ -158,11 +167,20 @@ def run(args: argparse.Namespace) -> int:
 def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
     settings = _settings(args)
     state = _process_state(args.device)
+    blocked = paths_in_the_way(items, out)  # every process refuses, as pending_items does
+    if blocked:
+        shown = ", ".join(map(str, blocked[:3])) + (", ..." if len(blocked) > 3 else "")
+        raise CliError(
+            f"{len(blocked)} path(s) where this run writes a file are taken by a folder or other "
+            f"non-file ({shown}); move them away or use another --out folder"
+        )
     if state.is_main_process:
         warn_outside_grammar(args.prompt_list, args.model)
-        # leftovers of a killed run; nobody in this run writes before the barrier
+        # leftovers of a killed run; nobody in this run writes before the barrier. A folder of such a name
+        # is not one (and not in this run's way: paths_in_the_way)
         for leftover in out.glob("*.png.tmp"):
-            leftover.unlink(missing_ok=True)
+            if not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
     pending = set(pending_items(items, out, settings))
     state.wait_for_everyone()  # every process has scanned the folder before any of them writes to it
 

@@ -269,16 +269,28 @@ def test_pending_items_ignores_temporary_and_broken_files_and_refuses_other_argu
         pending_items(items, tmp_path, {**settings, "imptome_version": "0.3.0"})
 
 
-def test_a_folder_named_like_a_temporary_file_of_no_image_of_this_run_is_left_alone(
-    tmp_path, model_dir, prompts_file, one_thread
+def test_leftover_temporary_files_are_deleted_at_the_start_and_folders_of_such_names_kept(
+    tmp_path, model_dir, prompts_file, monkeypatch
 ):
-    """Leftover temporary files are deleted at the start; a folder of such a name is not imptome's."""
+    """A killed run may leave an image's or the manifest's temporary file; a folder of such a name (of no
+    image of this run: one of this run's is refused) is not imptome's."""
     out = tmp_path / "out"
     (out / "00099_0.png.tmp").mkdir(parents=True)
-    (out / "00000_0.png.tmp").write_bytes(b"half an image")
+    leftovers = [out / "00000_0.png.tmp", out / "00099_1.png.tmp", out / "manifest.jsonl.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a file")
+    seen = []
+
+    def look(args, settings, out, batches, pending, state) -> int:
+        seen.extend(path.name for path in leftovers if path.exists())
+        return 0
+
+    monkeypatch.setattr(generate, "_generate", look)
     argv = ["generate", "--prompts", str(prompts_file), "--model", str(model_dir), "--out", str(out), *FAST]
     assert main(argv) == 0
-    assert (out / "00099_0.png.tmp").is_dir() and not (out / "00000_0.png.tmp").exists()
+    assert seen == []  # gone before any image is written
+    assert sorted(path.name for path in out.iterdir()) == ["00099_0.png.tmp", "manifest.jsonl"]
+    assert (out / "00099_0.png.tmp").is_dir()
 
 
 def test_a_png_whose_imptome_chunk_is_not_an_object_is_not_done(tmp_path):

@@ -6,11 +6,12 @@ written to `NAME.tmp`, fsynced and renamed, so a file with its final name is alw
 a run, `OUT/manifest.jsonl` lists every image of the run (its metadata plus "file").
 
 Resuming. An image is done when its file exists and its chunk matches this run's arguments. A re-run skips
-done images and regenerates missing ones, PNGs without imptome metadata included; leftover `*.png.tmp` files
-of a killed run are deleted and never count. A folder (or other non-file) where the run writes a file (an
-image, its temporary file, the manifest) is refused before loading the model. More seeds or more prompt
-lines extend a finished run. If an image of this run exists but was made with different arguments
-(`MATCHED_FIELDS`), the run refuses before loading the model rather than mixing or overwriting results.
+done images and regenerates missing ones, PNGs without imptome metadata included; leftover temporary files
+(`*.png.tmp`, `manifest.jsonl.tmp`) of a killed run are deleted at the start and never count. A folder (or
+other non-file) where the run writes a file (an image, its temporary file, the manifest) is refused before
+loading the model. More seeds or more prompt lines extend a finished run. If an image of this run exists but
+was made with different arguments (`MATCHED_FIELDS`), the run refuses before loading the model rather than
+mixing or overwriting results.
 
 Determinism. Each image's initial noise comes from its own CPU `torch.Generator` seeded with its seed. With
 `--batch-size B`, batches are fixed slices of the full (prompt, seed) list, not of what is left to do, so on
@@ -176,9 +177,9 @@ def _run_in(out: Path, items: list[WorkItem], args: argparse.Namespace) -> int:
         )
     if state.is_main_process:
         warn_outside_grammar(args.prompt_list, args.model)
-        # leftovers of a killed run; nobody in this run writes before the barrier. A folder of such a name
-        # is not one (and not in this run's way: paths_in_the_way)
-        for leftover in out.glob("*.png.tmp"):
+        # write_atomically's leftovers of a killed run; nobody in this run writes before the barrier. A
+        # folder of such a name is not one (and not in this run's way: paths_in_the_way)
+        for leftover in [*out.glob("*.png.tmp"), out / f"{MANIFEST}.tmp"]:
             if not leftover.is_dir():
                 leftover.unlink(missing_ok=True)
     pending = set(pending_items(items, out, settings))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFile, PngImagePlugin
 
 import imptome
 import imptome.generate as generate
@@ -291,6 +291,41 @@ def test_leftover_temporary_files_are_deleted_at_the_start_and_folders_of_such_n
     assert seen == []  # gone before any image is written
     assert sorted(path.name for path in out.iterdir()) == ["00099_0.png.tmp", "manifest.jsonl"]
     assert (out / "00099_0.png.tmp").is_dir()
+
+
+def test_the_resume_scan_reads_the_metadata_without_decoding_pixels_and_checks_the_file_is_whole(
+    tmp_path, monkeypatch
+):
+    """The chunk is read, and every chunk's checksum checked up to the end marker (Image.verify), but the
+    pixels are not decoded: a run of thousands of images paid for that on every resume. A damaged or cut
+    file is not done, wherever it was cut."""
+    (item,) = work_items(["a red cat"], range(1))
+    path = tmp_path / item.file_name
+    metadata = {"prompt": "a red cat", "seed": 0}
+    save_image(Image.effect_noise((64, 64), 64).convert("RGB"), path, metadata)
+    complete = path.read_bytes()
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert read_metadata(path) == metadata
+    idat = complete.index(b"IDAT")
+    assert complete.index(METADATA_KEY.encode()) < idat  # where save_image puts it
+    damaged = bytearray(complete)
+    damaged[idat + 100] ^= 1  # the chunk's checksum no longer matches
+    for data in (complete[: idat + 100], complete[:-12], bytes(damaged)):  # cut in IDAT; no IEND
+        path.write_bytes(data)
+        assert read_metadata(path) is None
+    monkeypatch.undo()
+
+    start = complete.index(b"tEXt") - 4  # another program may move the chunk after the pixels, before IEND
+    end = start + 12 + int.from_bytes(complete[start : start + 4], "big")
+    moved = complete[:start] + complete[end:-12] + complete[start:end] + complete[-12:]
+    path.write_bytes(moved)
+    assert read_metadata(path) == metadata  # found by decoding them
+    path.write_bytes(moved[: idat + 100])
+    assert read_metadata(path) is None
 
 
 def test_a_png_whose_imptome_chunk_is_not_an_object_is_not_done(tmp_path):

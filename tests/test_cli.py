@@ -45,7 +45,10 @@ def test_values_take_the_type_of_their_field():
         ("method=tome", "use --method"),
         ("proportional_attention", "expected KEY=VALUE"),
         ("no_such_option=1", "unknown option 'no_such_option'; KEY is one of dst_fraction, pool_factor"),
-        ("proportional_attention=maybe", "'maybe' is not a valid proportional_attention (true or false)"),
+        (
+            "proportional_attention=maybe",
+            "'maybe' is not a valid proportional_attention (true, false, yes, no, 1 or 0)",
+        ),
         ("block_range=7", "'7' is not a valid block_range (int,int or none)"),
         ("pool_factor=big", "'big' is not a valid pool_factor (float)"),
         ("fallback=cells", "--set fallback='cells' is not supported; choose one of auto, random, tome"),
@@ -56,6 +59,17 @@ def test_bad_options_name_what_is_wrong(pair, message):
     with pytest.raises(CliError) as error:
         merge_options([pair], ratio=0.5, method="importance")
     assert str(error.value).startswith("--set ") and message in str(error.value)
+
+
+def test_every_spelling_the_bool_error_names_is_accepted_in_any_case():
+    with pytest.raises(CliError) as error:
+        merge_options(["merge_mlp=maybe"], ratio=0.5, method="importance")
+    words = str(error.value).rpartition("(")[2].rstrip(")").replace(" or ", ", ").split(", ")
+    assert sorted(words) == ["0", "1", "false", "no", "true", "yes"]
+    for word in words:
+        for text in (word, word.upper()):
+            value = merge_options([f"merge_mlp={text}"], ratio=0.5, method="importance")["merge_mlp"]
+            assert value is (word in ("true", "yes", "1")), text
 
 
 def test_options_are_checked_together_with_ratio_and_method():

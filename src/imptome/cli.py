@@ -317,6 +317,10 @@ def prepare_output_folder(out: Path) -> None:
         raise CliError(f"cannot write a file in output folder {out}: {problem}")
 
 
+#: How `--set` writes a bool field's values (in any case), in the order its error message names them.
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
 def _typed(text: str, annotation: Any) -> Any:
     """`text` as a value of a MergeConfig field's type (bool, int, float, a Literal, a tuple, or None)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -326,9 +330,9 @@ def _typed(text: str, annotation: Any) -> Any:
         (annotation,) = [arg for arg in args if arg is not type(None)]
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        if text.lower() not in BOOL_WORDS:
             raise ValueError(text)
-        return text.lower() in ("true", "1", "yes")
+        return BOOL_WORDS[text.lower()]
     if origin is Literal:
         return text  # MergeConfig names the allowed values when it rejects one
     if origin is tuple:
@@ -348,7 +352,10 @@ def _describe(annotation: Any) -> str:
         return "none"
     if origin is tuple:
         return ",".join(_describe(arg) for arg in args)
-    return {bool: "true or false"}.get(annotation, annotation.__name__)
+    if annotation is bool:
+        *words, last = BOOL_WORDS
+        return f"{', '.join(words)} or {last}"
+    return annotation.__name__
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):

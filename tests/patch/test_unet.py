@@ -1871,6 +1871,48 @@ def test_cross_attention_stores_on_self_attention_do_not_refuse_merging_it(pipel
     assert set(counts[TOP_CROSS_ATTENTION]) == {256}  # the stored maps cover every token
 
 
+def test_diffedit_mask_pass_is_no_cfg_batch_and_warns_of_nothing(sd):
+    """DiffEdit's generate_mask sends one batch of noised latents per prompt, [source, negative, target,
+    negative]; its halves passed for the CFG copies of twice as many images, half of whose "map" (negative
+    against negative) was zero, so imptome warned that the prompt is the negative prompt, and that warning was
+    used up. The pass is no CFG batch: the copies of a latent share one plan, no map is made, nothing is
+    warned of (neither that nor, merging by importance from step 0, the missing guidance); the inversion
+    and the edit merge by importance as before, and a prompt equal to its negative prompt is still warned
+    about."""
+    from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
+
+    pipe = StableDiffusionDiffEditPipeline(
+        **{name: sd.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        inverse_scheduler=DDIMInverseScheduler.from_config(sd.scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    steps = dict(num_inference_steps=4, inpaint_strength=0.8)
+    imptome.apply_patch(pipe, ratio=0.5, importance_start_step=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prompts = dict(source_prompt="a cat", target_prompt="a dog")
+        mask = pipe.generate_mask(image=image, num_maps_per_mask=3, **prompts)
+        state = patch_state(pipe)
+        assert (state.copies, state.uncond_copy) == (4, None) and imptome.importance_map(pipe) is None
+        (record,) = imptome.merge_plan(pipe)
+        assert record.importance is None and record.roles.shape[0] == 4 * 3
+        first, *others = record.roles.view(4, 3, -1)  # [copy, noised latent, token]
+        assert all(torch.equal(first, other) for other in others)
+        latents = pipe.invert(image=image, prompt="a cat", **steps).latents
+        (record,) = imptome.merge_plan(pipe)
+        assert record.importance is not None and not record.pruned
+        pipe("a dog", mask_image=mask, image_latents=latents, output_type="latent", **steps)
+        (record,) = imptome.merge_plan(pipe)
+        assert record.importance is not None and not record.pruned
+    with pytest.warns(UserWarning, match="is the prompt the negative prompt"):
+        call = dict(mask_image=mask, image_latents=latents, output_type="latent", **steps)
+        pipe("a dog", negative_prompt="a dog", **call)
+
+
 def test_proportional_attention_is_refused_with_text2video_zeros_cross_frame_attention():
     """Text2Video-Zero makes every frame attend to the first frame's keys, which each frame's mask of its own
     kept tokens does not describe: wrong weights, without a word."""

@@ -51,6 +51,20 @@ def _outside_libraries() -> int:
     return level
 
 
+def _called_by_diffedit_mask() -> bool:
+    """Whether the denoiser call comes from `StableDiffusionDiffEditPipeline.generate_mask` (or a subclass's),
+    read from the first frame outside imptome and torch. That pass holds a copy of each noised latent per
+    prompt, [source, negative, target, negative] in diffusers 0.42 (without CFG [source, target], which
+    fails there in diffusers itself), and its halves pass for a CFG batch of twice as many images."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("imptome", "torch"):
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_name != "generate_mask":
+        return False
+    owner = type(frame.f_locals.get("self"))
+    return any(cls.__name__ == "StableDiffusionDiffEditPipeline" for cls in owner.__mro__)
+
+
 def _equal_chunks(latents: torch.Tensor, copies: int) -> bool:
     """Whether the batch of `latents` is `copies` equal chunks (waits for the GPU to compare them)."""
     if latents.shape[0] < copies or latents.shape[0] % copies:
@@ -339,7 +353,11 @@ class PatchState:
             self.stopped_early_in_a_row = 0
         self.position = 0 if new_generation or t != self.last_timestep else self.position + 1
         self.last_timestep = t
-        self._detect_copies(sample)  # with this generation's PAG layout
+        diffedit_mask = _called_by_diffedit_mask()
+        if diffedit_mask:  # no unconditional copy: merged as a call without CFG, without warning
+            self._diffedit_mask_copies(sample)
+        else:
+            self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
         self.last_sample_version = None if sample.is_inference() else sample._version
         self.guided = (
@@ -364,7 +382,7 @@ class PatchState:
             self._set_call_key(sample.device)
             self.plans = {}
         merges = self.config.ratio > 0  # ratio 0 merges nothing, so there is nothing to warn about
-        if merges and self.use_importance and not self.guided and not self.warned_no_cfg:
+        if merges and self.use_importance and not (self.guided or diffedit_mask or self.warned_no_cfg):
             warnings.warn(
                 "imptome: this denoiser call has no classifier-free guidance (guidance_scale <= 1, a CFG "
                 "cut-off, a distilled model, or an auxiliary pass such as Zero123++'s reference image); "
@@ -468,6 +486,14 @@ class PatchState:
         layout = self._compare_chunks(sample)
         self.layouts[sample.shape] = (layout, known is not None and known[0] == layout)
         self.copies, self.cond_copy, self.uncond_copy = layout
+
+    def _diffedit_mask_copies(self, sample: torch.Tensor) -> None:
+        """Set the layout of DiffEdit's mask pass (see `_called_by_diffedit_mask`): the prompts' copies of
+        each noised latent share one plan, matched on the target prompt's copy as when the pass was read as
+        a CFG batch, and no copy is unconditional, so the pass makes no map."""
+        latents = self.info.latents(sample)
+        self.copies = next(copies for copies in (4, 2, 1) if _equal_chunks(latents, copies))
+        self.cond_copy, self.uncond_copy = self.copies // 2, None
 
     def _compare_chunks(self, sample: torch.Tensor) -> tuple[int, int, int | None]:
         latents = self.info.latents(sample)

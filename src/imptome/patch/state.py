@@ -53,11 +53,13 @@ def _outside_libraries() -> int:
 
 def _called_by_diffedit_mask() -> bool:
     """Whether the denoiser call comes from `StableDiffusionDiffEditPipeline.generate_mask` (or a subclass's),
-    read from the first frame outside imptome and torch. That pass holds a copy of each noised latent per
-    prompt, [source, negative, target, negative] in diffusers 0.42 (without CFG [source, target], which
-    fails there in diffusers itself), and its halves pass for a CFG batch of twice as many images."""
+    read from the first frame outside imptome, torch and accelerate (whose offload hooks may wrap the call).
+    That pass holds a copy of each noised latent per prompt, [source, negative, target, negative] in diffusers
+    0.42 (without CFG [source, target], which fails there in diffusers itself), and its halves pass for a CFG
+    batch of twice as many images."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("imptome", "torch"):
+    skipped = ("imptome", "torch", "accelerate")
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in skipped:
         frame = frame.f_back
     if frame is None or frame.f_code.co_name != "generate_mask":
         return False

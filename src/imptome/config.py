@@ -91,7 +91,9 @@ class MergeConfig:
             the K kept tokens equals attention over all N tokens with each replaced by its group's mean. On
             the bundled model it brought merged images 4-9 dB closer to the unmerged ones than ToMeSD. Off by
             default: an additive mask keeps SDPA from its flash kernels, which cost 3-8% of the merged step
-            on an H100.
+            on an H100. Refused with processors whose keys are not the kept tokens (Zero123++'s
+            reference-only attention, Text2Video-Zero) or that cannot take the mask (see README,
+            Limitations).
 
     Runtime
         plan_scope: "step" computes one plan per token grid per denoiser call and reuses it in every

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 import imptome
@@ -109,3 +110,94 @@ def test_a_reference_pass_per_step_keeps_steps_and_importance_of_the_main_pass()
     assert imptome.importance_map(pipe).shape == (1, *GRID)
     imptome.remove_patch(pipe)
     assert torch.equal(generate(pipe, steps=4), base)
+
+
+class ReferenceOnlyAttnProc:
+    """Zero123++'s reference-only attention processor (its pipeline.py, without the `is_cfg_guidance` branch
+    that its pipeline leaves off), set on every attention and enabled on attn1: there the reference pass (mode
+    "w") stores the attention's input tokens [B, M, C] by layer name, and the main pass (mode "r") appends
+    them to its own as keys and values."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.chained_proc = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "w",
+        ref_dict: dict | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        if self.enabled and mode == "w":
+            ref_dict[self.name] = encoder_hidden_states
+        elif self.enabled and mode == "r":
+            encoder_hidden_states = torch.cat([encoder_hidden_states, ref_dict.pop(self.name)], dim=1)
+        return self.chained_proc(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def set_reference_attention(unet: nn.Module) -> None:
+    """Put Zero123++'s reference-only processors on `unet`, as `RefOnlyNoisedUNet` does."""
+    unet.set_attn_processor(
+        {name: ReferenceOnlyAttnProc(name, name.endswith("attn1.processor")) for name in unet.attn_processors}
+    )
+
+
+class ReferenceAttentionUNet(ReferencePassUNet):
+    """`RefOnlyNoisedUNet` with its reference-only attention: the main pass's self-attention also attends to
+    the reference pass's tokens of the same layer."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__(unet)
+        set_reference_attention(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        ref_dict = {}
+        write = dict(mode="w", ref_dict=ref_dict)
+        self.unet(
+            self.reference,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            cross_attention_kwargs=write,
+        )
+        kwargs["cross_attention_kwargs"] = dict(mode="r", ref_dict=ref_dict)
+        return self.unet(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+def test_proportional_attention_is_refused_with_reference_only_attention():
+    """The main pass's keys are its kept tokens and the reference pass's, which imptome merged too (20 of
+    64 here): proportional attention's mask covers only the former. Before 0.8.3 it was passed on, diffusers
+    padded it to the wrong length and SDPA failed inside torch at the first step. Without proportional
+    attention, merging works."""
+    pipe = tiny_sd_pipeline()
+    pipe.unet = ReferenceAttentionUNet(pipe.unet)
+    refusal = (
+        r"and ReferenceOnlyAttnProc \(Zero123\+\+'s reference-only attention\) also attends to the reference"
+    )
+    with pytest.raises(ValueError, match=refusal):
+        imptome.apply_patch(pipe, ratio=0.7, proportional_attention=True)
+    base = generate(pipe, steps=3)
+    imptome.apply_patch(pipe, ratio=0.7)
+    attn1 = pipe.unet.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    keys = []
+    handle = attn1.to_k.register_forward_pre_hook(lambda module, args: keys.append(tuple(args[0].shape[:2])))
+    with pytest.warns(UserWarning, match="reference image"):
+        merged = generate(pipe, steps=3)
+    handle.remove()
+    reference, main = 64 - math.floor(64 * 0.7), N - math.floor(N * 0.7)
+    # the main pass attends to its kept tokens and to the reference pass's merged ones
+    assert keys == [(2, reference), (2, main + reference)] * 3
+    assert torch.isfinite(merged).all() and not torch.equal(merged, base)
+    imptome.remove_patch(pipe)
+    assert torch.equal(generate(pipe, steps=3), base)
+    # processors set after patching are refused at the next merged call
+    pipe.unet.unet.set_attn_processor(AttnProcessor2_0())
+    imptome.apply_patch(pipe, ratio=0.7, proportional_attention=True)
+    set_reference_attention(pipe.unet.unet)
+    with pytest.raises(ValueError, match=refusal):
+        generate(pipe, steps=3)

@@ -192,8 +192,12 @@ def check_mask_support(attention: nn.Module, num_kept: int | None) -> None:
     processors pass the mask unpadded, diffusers#9637), SD3's joint-attention processors ignore masks,
     perturbed-attention guidance's processors split the batch into its copies and reshape the mask for fewer
     rows than it has, and Text2Video-Zero's cross-frame processors attend to other frames' tokens than the
-    mask's. Checked at patching (num_kept None: not known yet) and at every merged call, as the
-    processors may change in between."""
+    mask's. Zero123++'s reference-only processors (`ReferenceOnlyAttnProc`, also in pipelines derived from
+    it) append the reference pass's tokens to the keys, which the mask does not cover (diffusers pads a short
+    mask by the whole key count, and SDPA failed on its length); those tokens are the reference pass's merged
+    ones, and the copies of the processor differ in how they pass them, so imptome cannot extend the mask.
+    Checked at patching (num_kept None: not known yet) and at every merged call, as the processors may change
+    in between."""
     name = processor_name(attention)
     if num_kept is not None and num_kept % 8 and "XFormers" in name:
         raise ValueError(
@@ -212,6 +216,12 @@ def check_mask_support(attention: nn.Module, num_kept: int | None) -> None:
             f"imptome: proportional_attention passes each frame an additive attention mask for its own kept "
             f"tokens, and {name} (Text2Video-Zero) makes every frame attend to the first frame's, which the "
             "mask does not describe. Use proportional_attention=False."
+        )
+    if name == "ReferenceOnlyAttnProc":
+        raise ValueError(
+            "imptome: proportional_attention passes an additive attention mask over the kept tokens, and "
+            f"{name} (Zero123++'s reference-only attention) also attends to the reference image's tokens, "
+            "which the mask does not cover. Use proportional_attention=False (merging works without it)."
         )
     if name.startswith("PAG"):
         raise ValueError(

@@ -49,4 +49,7 @@ def _constant(make: Callable[..., torch.Tensor], args: tuple, device: torch.devi
 def _cached(make: Callable[..., torch.Tensor], args: tuple, device: torch.device) -> torch.Tensor:
     # a normal tensor, usable inside and outside torch.inference_mode
     with torch.inference_mode(False), torch.no_grad():
-        return make(*args, device=device)
+        constant = make(*args, device=device)
+    if device.type == "cuda":  # written by the current stream: wait once, so that any stream may read it
+        torch.cuda.current_stream(device).synchronize()
+    return constant

@@ -93,7 +93,8 @@ class MergeConfig:
             default: an additive mask keeps SDPA from its flash kernels, which cost 3-8% of the merged step
             on an H100. Refused with processors whose keys are not the kept tokens (Zero123++'s
             reference-only attention, Text2Video-Zero) or that cannot take the mask (see README,
-            Limitations).
+            Limitations); a call given keys of its own (`encoder_hidden_states`, the community
+            reference-only pipelines' attn1) attends to them unmerged, without a mask.
 
     Runtime
         plan_scope: "step" computes one plan per token grid per denoiser call and reuses it in every

@@ -32,6 +32,7 @@ class MergedLayer:
     block: nn.Module
     module: nn.Module
     self_attention: bool
+    joint: bool  # SD3's attention over image and text tokens: its encoder_hidden_states is the text
 
 
 def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any, str | int | None]:
@@ -120,6 +121,7 @@ class _LayerHooks:
         self.block_name = layer.block_name
         self.block_index = block_index
         self.self_attention = layer.self_attention
+        self.joint = layer.joint
         self.mask_dtype = MaskDtype(layer.module)
         if layer.self_attention:
             state.mask_dtypes.append(self.mask_dtype)
@@ -132,11 +134,14 @@ class _LayerHooks:
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.state.layers_ran = True
         tokens, where = _first_input(args, kwargs, ("hidden_states",))
-        plan = self._plan(module, tokens, kwargs)
+        other_keys = self._other_keys(args, kwargs)
+        plan = self._plan(module, tokens, other_keys, kwargs)
         self.pending.append(plan)
         if plan is None:
             return None
-        if self.self_attention and plan.key_bias is not None:  # proportional attention: an additive mask
+        # proportional attention: an additive mask over the kept tokens, which are the keys unless the call
+        # brings its own (those are not merged, so each weighs one token: no mask is the exact attention)
+        if self.self_attention and plan.key_bias is not None and not other_keys:
             check_mask_support(module, plan.num_kept)
             mask = plan.key_bias.float() if self.mask_dtype.float32 else plan.key_bias
             kwargs = {**kwargs, "attention_mask": mask}
@@ -145,7 +150,17 @@ class _LayerHooks:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, where: merged}
 
-    def _plan(self, module: nn.Module, tokens: Any, kwargs: dict) -> MergePlan | None:
+    def _other_keys(self, args: tuple, kwargs: dict) -> bool:
+        """Whether this self-attention call attends to other keys than its tokens: `encoder_hidden_states`
+        given to a self-attention other than SD3's joint one. Reference-only control (diffusers' community
+        reference pipelines) replaces the blocks' forward to call attn1 with its tokens followed by a
+        reference pass's, [B, N + M, C], and again on the unconditional rows alone over their own tokens.
+        Only `hidden_states` is merged: the queries, not those keys."""
+        if not self.self_attention or self.joint:
+            return False
+        return kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None) is not None
+
+    def _plan(self, module: nn.Module, tokens: Any, other_keys: bool, kwargs: dict) -> MergePlan | None:
         """The plan to merge this call's tokens with, or None when they are not merged."""
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
             return None
@@ -157,6 +172,8 @@ class _LayerHooks:
             return None
         grid = self.state.token_grid(tokens.shape[1])
         if grid is not None and tokens.shape[0] != self.state.rows:
+            if other_keys:  # e.g. reference-only control's unconditional rows: left unmerged, exact
+                return None
             raise ValueError(
                 f"imptome: {self.block_name} received {tokens.shape[0]} rows of tokens in a denoiser call "
                 f"with {self.state.rows} (images x frames): the batch is split inside the model (e.g. "
@@ -258,7 +275,8 @@ def merged_layers(blocks: list[BlockSite], config: MergeConfig) -> list[MergedLa
                 # A block built with only_cross_attention (the SD 2 x4 upscaler's) has an attn1 over the text
                 self_attention = self_attention and not getattr(module, "is_cross_attention", False)
                 name = f"{site.name}.{attribute}"
-                layers.append(MergedLayer(name, site.name, block, module, self_attention))
+                joint = site.joint and attribute == "attn"
+                layers.append(MergedLayer(name, site.name, block, module, self_attention, joint))
     return layers
 
 

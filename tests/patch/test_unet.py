@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline
+from diffusers import HeunDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, SlicedAttnProcessor
 
 import imptome
@@ -110,6 +110,28 @@ def test_patching_twice_equals_patching_once(sd):
     hooks = sum(len(m._forward_pre_hooks) for m in sd.unet.modules())
     imptome.remove_patch(sd)
     assert sum(len(m._forward_pre_hooks) for m in sd.unet.modules()) == 0 < hooks
+
+
+class _PassThroughUNet(UNet2DConditionModel):
+    """A subclass whose forward passes its arguments on unnamed, as wrappers in other libraries do."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_a_subclass_whose_forward_passes_its_arguments_on_is_patched_as_its_base(sd):
+    """The timestep's position is read from the first class whose forward names it: apply_patch failed with
+    "ValueError: 'timestep' is not in list"."""
+    unet = _PassThroughUNet.from_config(sd.unet.config)
+    unet.load_state_dict(sd.unet.state_dict())
+    subclassed = StableDiffusionPipeline(**{**sd.components, "unet": unet.eval()})
+    subclassed.set_progress_bar_config(disable=True)
+    imptome.apply_patch(sd, ratio=0.7)
+    imptome.apply_patch(subclassed, ratio=0.7)
+    imptome.apply_patch(subclassed, ratio=0.7)
+    assert np.array_equal(generate(subclassed), generate(sd))
+    imptome.remove_patch(subclassed)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet.modules()) == 0
 
 
 def test_same_seed_same_image_and_global_rng_untouched(sd):

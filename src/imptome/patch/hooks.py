@@ -45,10 +45,13 @@ def _first_input(args: tuple, kwargs: dict, keys: tuple[str, ...]) -> tuple[Any,
 def _timestep_position(denoiser: nn.Module) -> int:
     """Positional index of `timestep` in the denoiser's forward (e.g. 1 for UNets and DiT, 2 for PixArt).
 
-    Read from the class: tools such as DeepCache replace the instance's `forward` with a (*args, **kwargs)
-    wrapper that still passes the original arguments through.
+    Read from the first class in the denoiser's MRO whose forward names `timestep`: tools such as DeepCache
+    replace the instance's `forward`, and subclasses may define their own, with a (*args, **kwargs) wrapper
+    that still passes the original arguments through. Every supported family's forward names it.
     """
-    return list(inspect.signature(type(denoiser).forward).parameters).index("timestep") - 1  # minus self
+    parameters = (inspect.signature(cls.forward).parameters for cls in type(denoiser).__mro__)
+    names = next(list(names) for names in parameters if "timestep" in names)
+    return names.index("timestep") - 1  # minus self
 
 
 # Graphs Dynamo may keep per compiled function once a model is patched (see make_room_for_graphs).

@@ -1770,6 +1770,24 @@ def test_processors_that_store_a_merged_layers_attention_maps_are_refused(pipeli
         pipe("a red circle", num_inference_steps=2, output_type="latent", **call)
 
 
+def test_self_attention_guidance_runs_with_the_default_levels():
+    """SAG stores the mid block's self-attention maps. The default max_downsample merges the finest level
+    only, so the mid block stays unmerged and SAG runs (it was refused whatever max_downsample said: the
+    check read every self-attention hooked, not the levels merged)."""
+    from diffusers import StableDiffusionSAGPipeline
+
+    parts = tiny_sd_pipeline().components
+    parts["unet"] = tiny_sd_unet(attention_head_dim=[2, 4])  # SAG reads head counts from a list only
+    parameters = inspect.signature(StableDiffusionSAGPipeline).parameters
+    pipe = StableDiffusionSAGPipeline(**{name: part for name, part in parts.items() if name in parameters})
+    imptome.apply_patch(pipe, ratio=0.5)
+    tokens = query_token_counts(
+        pipe.unet, lambda: pipe("a red circle", num_inference_steps=3, output_type="latent", sag_scale=0.75)
+    )
+    assert min(tokens["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]) == 128  # merged, 256 -> 128
+    assert set(tokens["mid_block.attentions.0.transformer_blocks.0.attn1"]) == {64}  # unmerged
+
+
 def test_an_inversion_is_one_generation_that_merges_by_importance(sd):
     """DDIM inversion walks up one timesteps tensor, one element per call. Each call was taken for a new
     generation: never past the warm-up, never merged by importance, and warned about as generations taking

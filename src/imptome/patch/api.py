@@ -14,6 +14,7 @@ from imptome.config import PRESETS, MergeConfig, MergeKernel
 from imptome.merge import AveragingKernel
 from imptome.patch.families import (
     DENOISER_FAMILIES,
+    block_downsample,
     check_merged_layers,
     denoiser_info,
     finest_attention_downsample,
@@ -100,8 +101,16 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
     layers = merged_layers(blocks, config)
     if not layers:
         raise ValueError(_nothing_to_merge(denoiser, config, has_blocks=bool(blocks)))
-    merged_modules = {layer.name: layer.module for layer in layers}
-    feed_forward_blocks = {layer.block_name: layer.block for layer in layers if layer.name.endswith(".ff")}
+    # The layers hooked on levels coarser than max_downsample are never merged (their token count matches no
+    # merged grid), so the checks of what a merged layer cannot hold leave them out: SAG's mid block, say.
+    max_downsample = config.max_downsample or finest
+    merged_here = [
+        layer for layer in layers if block_downsample(denoiser, layer.block_name) <= max_downsample
+    ]
+    merged_modules = {layer.name: layer.module for layer in merged_here}
+    feed_forward_blocks = {
+        layer.block_name: layer.block for layer in merged_here if layer.name.endswith(".ff")
+    }
     check_merged_layers(merged_modules, feed_forward_blocks)
     if config.proportional_attention:
         for layer in layers:
@@ -113,7 +122,7 @@ def apply_patch(target: T, config: MergeConfig | None = None, **options: Any) ->
         config=config,
         info=info,
         cond_first=cond_first,
-        max_downsample=config.max_downsample or finest,
+        max_downsample=max_downsample,
         merge_kernel=merge_kernel,
         merged_modules=merged_modules,
         feed_forward_blocks=feed_forward_blocks,

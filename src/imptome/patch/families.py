@@ -145,6 +145,20 @@ def finest_attention_downsample(denoiser: nn.Module) -> int:
     return min(with_attention, default=2 ** max(levels - 1, 0))
 
 
+def block_downsample(denoiser: nn.Module, block_name: str) -> int:
+    """Downsampling factor of the UNet level a block (a `spatial_blocks` name) runs at, as in
+    `finest_attention_downsample`; 1 in transformer denoisers, which have one grid."""
+    levels = len(getattr(denoiser, "down_blocks", ()))
+    container, _, rest = block_name.partition(".")
+    if container == "down_blocks":
+        return 2 ** int(rest.split(".", 1)[0])
+    if container == "up_blocks":
+        return 2 ** (levels - 1 - int(rest.split(".", 1)[0]))
+    if container == "mid_block":
+        return 2 ** max(levels - 1, 0)
+    return 1
+
+
 def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[str, nn.Module]) -> None:
     """Refuse what would make merging the layers go wrong: `check_no_output_cache`,
     `check_no_attention_store` and `check_no_chunked_feed_forward`. Run at patching and at every generation's

@@ -1911,6 +1911,33 @@ def test_cross_attention_stores_on_self_attention_do_not_refuse_merging_it(pipel
     assert set(counts[TOP_CROSS_ATTENTION]) == {256}  # the stored maps cover every token
 
 
+def test_attend_and_excite_refinement_pass_is_no_split_cfg_pair():
+    """Attend-and-Excite runs the prompt alone before each CFG batch and, at its refinement steps, runs that
+    pass again with the same latents and text: the repeat passed for the second pass of split CFG, its map
+    (the difference of two equal predictions) was zero, and imptome warned that the prompt is the negative
+    prompt and merged the image with a random map for the whole generation. A repeat given the same
+    conditioning is no pair: those passes merge as calls without CFG, the CFG batches by importance."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    parts = tiny_sd_pipeline().components
+    parameters = inspect.signature(StableDiffusionAttendAndExcitePipeline).parameters
+    pipe = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in parts.items() if k in parameters})
+    imptome.apply_patch(pipe)
+    cfg_batches = []
+
+    def record(module, args, output):
+        if args[0].shape[0] == 2:  # the CFG batch, after the passes of the prompt alone
+            cfg_batches.append(imptome.merge_plan(pipe)[0].importance is not None)
+
+    pipe.unet.register_forward_hook(record)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(pipe, steps=4, token_indices=[1], max_iter_to_alter=2)  # refinement at step 0
+    messages = [str(w.message) for w in caught if "imptome" in str(w.message)]
+    assert len(messages) == 1 and "no classifier-free guidance" in messages[0]
+    assert cfg_batches == [False, False, True, True]  # by importance after the warm-up
+
+
 def test_diffedit_mask_pass_is_no_cfg_batch_and_warns_of_nothing(sd):
     """DiffEdit's generate_mask sends one batch of noised latents per prompt, [source, negative, target,
     negative]; its halves passed for the CFG copies of twice as many images, half of whose "map" (negative

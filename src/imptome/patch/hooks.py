@@ -102,7 +102,12 @@ class _DenoiserHooks:
         if "timestep" not in kwargs and len(args) <= self.timestep_position:
             return  # the denoiser's forward raises its own error for the missing argument
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[self.timestep_position]
-        self.state.begin_call(sample, timestep)
+        conditioning = tuple(
+            value
+            for value in (*args, *kwargs.values())
+            if isinstance(value, torch.Tensor) and value is not sample and value is not timestep
+        )
+        self.state.begin_call(sample, timestep, conditioning)
 
     @torch.compiler.disable
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

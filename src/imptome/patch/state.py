@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -208,6 +209,9 @@ class PatchState:
     cfg_step: int | None = None  # the step whose CFG batch made the current map
     last_sample: torch.Tensor | None = None  # input and output of the last call without a CFG batch
     last_sample_version: int | None = None  # last_sample's version counter then (None: an inference tensor)
+    # the last call's other tensor arguments (text embeddings, class labels), weakly: a call given the very
+    # same ones on the same sample repeats that call, it is no second pass of split CFG
+    last_conditioning: tuple[weakref.ref, ...] = ()
     last_output: torch.Tensor | None = None
     last_shape: torch.Size | None = None  # input shape of the last call
     warned_no_cfg: bool = False
@@ -283,8 +287,11 @@ class PatchState:
     # per generation), the batch layout (copies, cond_copy, guided) and the grid, never on the step
     # counter; the key of the call's random draws is a device tensor overwritten in place.
     @torch.compiler.disable
-    def begin_call(self, sample: torch.Tensor, timestep: object) -> None:
+    def begin_call(
+        self, sample: torch.Tensor, timestep: object, conditioning: tuple[torch.Tensor, ...] = ()
+    ) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
+        `conditioning`: the call's tensor arguments besides the sample and timestep.
 
         A new generation starts when the timestep goes up (unless the calls walk on through one schedule: an
         inversion's next step, after which a call outside that schedule starts a new generation), when the
@@ -314,7 +321,9 @@ class PatchState:
         same_timestep = t == self.last_timestep
         # the passes of a split-CFG pair get one timestep tensor: a timestep in other memory starts another
         # one-step generation (with a one-element schedule, which `new_schedule` cannot tell)
-        self.paired = same_timestep and self._pairs_with_last_call(sample, same_memory is not False)
+        self.paired = same_timestep and self._pairs_with_last_call(
+            sample, conditioning, same_memory is not False
+        )
         # the very timestep of a schedule of several is another call of the step, not a one-step generation
         # (MultiDiffusion's next crop)
         step_of_a_schedule = same_memory is True and self.compare_timestep_memory.in_schedule
@@ -362,6 +371,7 @@ class PatchState:
             self._detect_copies(sample)  # with this generation's PAG layout
         self.last_sample = sample if self.copies == 1 else None
         self.last_sample_version = None if sample.is_inference() else sample._version
+        self.last_conditioning = tuple(weakref.ref(tensor) for tensor in conditioning)
         self.guided = (
             self.cfg
             or self.cfg_step == self.step
@@ -445,14 +455,18 @@ class PatchState:
         self.layouts = {}
         self.inverting = False
 
-    def _pairs_with_last_call(self, sample: torch.Tensor, same_timestep_memory: bool) -> bool:
+    def _pairs_with_last_call(
+        self, sample: torch.Tensor, conditioning: tuple[torch.Tensor, ...], same_timestep_memory: bool
+    ) -> bool:
         """Whether this call, at the last call's timestep, is the second pass of split CFG: the same sample
         and timestep memory as the last call, which had no copies in its batch (`last_sample` is kept only
-        then, so this one has none either), and no pair yet in this step at this sample (a third pass, e.g.
-        PAG's, merges with the pair's map but makes none; Heun's second evaluation of the timestep, at
-        another sample, is a pair again). The same tensor object is decided without comparing values, which
-        would wait for the GPU: it is the same sample unless its version counter shows a write since the
-        last call (an inference tensor has none, and is taken for the same sample)."""
+        then, so this one has none either), other conditioning tensors (given the very same ones, the call
+        repeats the last one, as Attend-and-Excite's refinement pass repeats its pass of the prompt alone),
+        and no pair yet in this step at this sample (a third pass, e.g. PAG's, merges with the pair's map but
+        makes none; Heun's second evaluation of the timestep, at another sample, is a pair again). The same
+        tensor object is decided without comparing values, which would wait for the GPU: it is the same
+        sample unless its version counter shows a write since the last call (an inference tensor has none,
+        and is taken for the same sample)."""
         previous = self.last_sample
         if previous is None:
             return False
@@ -466,7 +480,11 @@ class PatchState:
         if self.pair_step == self.step and not self.sample_moved_since_pair:
             self.sample_moved_since_pair = not same
             return False
-        return same
+        last = self.last_conditioning
+        repeated = len(last) == len(conditioning) and all(
+            ref() is tensor for ref, tensor in zip(last, conditioning, strict=True)
+        )
+        return same and not repeated
 
     def _detect_copies(self, sample: torch.Tensor) -> None:
         """Set copies / cond_copy / uncond_copy from the batch: chunks with equal noisy latents are copies of

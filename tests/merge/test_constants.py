@@ -73,3 +73,27 @@ def test_inside_torch_compile_constants_are_made_in_the_graph():
     compiled = torch.compile(lambda x: x + constants.arange(5, x.device), fullgraph=True)
     assert torch.equal(compiled(torch.zeros(5, dtype=torch.int64)), torch.arange(5))
     assert constants._cached.cache_info().currsize == 0
+
+
+def test_a_tracer_leaves_no_fake_constant_behind():
+    """A plan traced under fake tensors (make_fx, FakeTensorMode: memory estimates, graph capture tools) makes
+    its constants in the trace: a kept fake tensor would fail every later eager call of that size."""
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    key = torch.tensor(stream_id(5))
+    size = (3, 37)  # a size no other test uses
+    with FakeTensorMode():
+        fake = constants.arange(41, CPU, step=5)
+    assert type(fake) is not torch.Tensor
+    make_fx(lambda k: random_bits(k, size), tracing_mode="fake")(key)
+    make_fx(lambda k: cell_partition(2, (9, 7), 3, 1, k), tracing_mode="symbolic")(key)
+    assert torch.equal(constants.arange(41, CPU, step=5), torch.arange(0, 41, 5))
+    assert random_bits(key, size).shape == size
+    assert cell_partition(2, (9, 7), 3, 1, key).shape == (2, 21)
+
+
+def test_cell_positions_take_a_grid_as_a_list():
+    """`cell_partition` is public and took any (h, w) sequence before its cell positions were shared."""
+    listed = constants.cell_positions([4, 6], 2, 3, CPU)
+    assert torch.equal(listed, constants.cell_positions((4, 6), 2, 3, CPU))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -978,8 +979,9 @@ def test_split_cfg_pair_survives_its_first_pass_memory_being_reused():
                 first.fill_(float("nan"))
                 for built in first_plans:
                     plan = built.plan
-                    for tensor in (plan.kept_idx, plan.slot, plan.flat_slot, plan.flat_kept, plan.bag_order):
-                        if tensor is not None:  # bag_order: None while the warm-up prunes
+                    for f in dataclasses.fields(plan):  # every stored tensor (`slot` is made on request)
+                        tensor = getattr(plan, f.name)
+                        if isinstance(tensor, torch.Tensor):  # bag_order: None while the warm-up prunes
                             tensor.zero_()
                     if built.importance is not None:
                         built.importance.fill_(float("nan"))

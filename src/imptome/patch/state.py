@@ -52,12 +52,22 @@ def _outside_libraries() -> int:
     return level
 
 
+# Where diffusers defines StableDiffusionDiffEditPipeline: its own folder, later among the deprecated ones.
+_DIFFEDIT_MODULES = tuple(
+    f"diffusers.pipelines.{folder}stable_diffusion_diffedit.pipeline_stable_diffusion_diffedit"
+    for folder in ("", "deprecated.")
+)
+
+
 def _called_by_diffedit_mask() -> bool:
     """Whether the denoiser call comes from `StableDiffusionDiffEditPipeline.generate_mask` (or a subclass's),
     read from the first frame outside imptome, torch and accelerate (whose offload hooks may wrap the call).
     That pass holds a copy of each noised latent per prompt, [source, negative, target, negative] in diffusers
     0.42 (without CFG [source, target], which fails there in diffusers itself), and its halves pass for a CFG
-    batch of twice as many images."""
+    batch of twice as many images. Every denoiser call asks, so the frames (several microseconds' walk) are
+    read only once diffusers has imported the pipeline's module: before, no DiffEdit pipeline exists."""
+    if not any(name in sys.modules for name in _DIFFEDIT_MODULES):
+        return False
     frame = sys._getframe(1)
     skipped = ("imptome", "torch", "accelerate")
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in skipped:

@@ -20,7 +20,7 @@ MERGED, DESTINATION, INDEPENDENT = 0, 1, 2
 AveragingKernel = Literal["embedding_bag", "triton"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergePlan:
     """Index tensors that take N tokens to K kept tokens and back.
 
@@ -233,5 +233,14 @@ def build_plan(
             sizes = torch.searchsorted(sorted_slot, slots, right=True) - starts
             key_bias = sizes.float().log().to(bias_dtype).view(rows, 1, num_kept)
     return MergePlan(
-        kept_idx, slot, rows, num_dst, grid, flat_slot, flat_kept, bag_order, bag_offsets, key_bias
+        kept_idx=kept_idx,
+        unit_slot=slot,
+        rows=rows,
+        num_dst=num_dst,
+        grid=grid,
+        flat_slot=flat_slot,
+        flat_kept=flat_kept,
+        bag_order=bag_order,
+        bag_offsets=bag_offsets,
+        key_bias=key_bias,
     )

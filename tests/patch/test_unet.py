@@ -924,6 +924,24 @@ def test_split_cfg_pair_of_one_tensor_is_found_without_comparing(monkeypatch):
         assert not state.paired and len(compared) == 1
 
 
+def test_split_cfg_passes_without_tensor_arguments_still_pair(monkeypatch):
+    """The very same conditioning tensors make a second call a repeat, not a pair (Attend-and-Excite); a
+    call whose conditioning is not among its tensor arguments (only in a dict, e.g. `added_cond_kwargs`)
+    gives nothing to tell by, and its passes pair as they did before that rule."""
+    unet, state, latent, cond, _ = split_cfg_case()
+    with torch.no_grad():
+        unet(latent, 900, encoder_hidden_states=cond)
+        unet(latent, 900, encoder_hidden_states=cond)
+        assert not state.paired
+        begin_call = state.begin_call  # the hook then finds no other tensor argument
+        monkeypatch.setattr(
+            state, "begin_call", lambda sample, timestep, conditioning: begin_call(sample, timestep)
+        )
+        unet(latent, 700, encoder_hidden_states=cond)
+        unet(latent, 700, encoder_hidden_states=cond)
+        assert state.paired
+
+
 @pytest.mark.parametrize("made_per_call", [False, True], ids=["schedule-view", "tensor-per-evaluation"])
 def test_split_cfg_with_heun_pairs_both_evaluations_of_a_timestep(made_per_call):
     """Heun evaluates every timestep after the first twice, at two samples: with split CFG that is two

@@ -490,9 +490,12 @@ class PatchState:
         if self.pair_step == self.step and not self.sample_moved_since_pair:
             self.sample_moved_since_pair = not same
             return False
+        # with no tensor arguments to tell by (conditioning only in dicts, say), the calls pair as before
         last = self.last_conditioning
-        repeated = len(last) == len(conditioning) and all(
-            ref() is tensor for ref, tensor in zip(last, conditioning, strict=True)
+        repeated = (
+            bool(conditioning)
+            and len(last) == len(conditioning)
+            and all(ref() is tensor for ref, tensor in zip(last, conditioning, strict=True))
         )
         return same and not repeated
 

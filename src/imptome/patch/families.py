@@ -129,34 +129,37 @@ def spatial_blocks(denoiser: nn.Module) -> list[BlockSite]:
     return sites
 
 
-def finest_attention_downsample(denoiser: nn.Module) -> int:
-    """Downsampling factor of the highest-resolution UNet level with attention (1 for transformers).
+def _level_downsample(levels: int, container: str, index: int) -> int:
+    """Downsampling factor of a UNet with `levels` down blocks at block `index` of `container`: down block i
+    runs at 2**i, up block i at 2**(levels - 1 - i) (its attentions run before its upsampler), the mid block
+    at the coarsest level."""
+    if container == "down_blocks":
+        return 2**index
+    if container == "up_blocks":
+        return 2 ** (levels - 1 - index)
+    return 2 ** max(levels - 1, 0)
 
-    Down block i runs at 2**i, up block i at 2**(levels - 1 - i) (its attentions run before its upsampler),
-    the mid block at the coarsest level."""
-    down_blocks = getattr(denoiser, "down_blocks", ())
-    levels = len(down_blocks)
+
+def finest_attention_downsample(denoiser: nn.Module) -> int:
+    """Downsampling factor of the highest-resolution UNet level with attention (1 for transformers)."""
+    levels = len(getattr(denoiser, "down_blocks", ()))
     with_attention = [
-        2**level for level, block in enumerate(down_blocks) if getattr(block, "attentions", None)
+        _level_downsample(levels, container, index)
+        for container in ("down_blocks", "up_blocks")
+        for index, block in enumerate(getattr(denoiser, container, ()))
+        if getattr(block, "attentions", None)
     ]
-    for index, block in enumerate(getattr(denoiser, "up_blocks", ())):
-        if getattr(block, "attentions", None):
-            with_attention.append(2 ** (levels - 1 - index))
-    return min(with_attention, default=2 ** max(levels - 1, 0))
+    return min(with_attention, default=_level_downsample(levels, "mid_block", 0))
 
 
 def block_downsample(denoiser: nn.Module, block_name: str) -> int:
-    """Downsampling factor of the UNet level a block (a `spatial_blocks` name) runs at, as in
-    `finest_attention_downsample`; 1 in transformer denoisers, which have one grid."""
-    levels = len(getattr(denoiser, "down_blocks", ()))
+    """Downsampling factor of the UNet level a block (a `spatial_blocks` name) runs at; 1 in transformer
+    denoisers, which have one grid."""
     container, _, rest = block_name.partition(".")
-    if container == "down_blocks":
-        return 2 ** int(rest.split(".", 1)[0])
-    if container == "up_blocks":
-        return 2 ** (levels - 1 - int(rest.split(".", 1)[0]))
-    if container == "mid_block":
-        return 2 ** max(levels - 1, 0)
-    return 1
+    if container not in ("down_blocks", "up_blocks", "mid_block"):
+        return 1
+    index = 0 if container == "mid_block" else int(rest.split(".", 1)[0])
+    return _level_downsample(len(getattr(denoiser, "down_blocks", ())), container, index)
 
 
 def check_merged_layers(merged: dict[str, nn.Module], feed_forward_blocks: dict[str, nn.Module]) -> None:

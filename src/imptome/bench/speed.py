@@ -16,13 +16,12 @@ classifier-free-guidance batch, [uncond, cond] as a pipeline sends it. Variants:
 Every variant is called twice as warm-up, the first call under a FLOP counter, the second (a steady step:
 one-time work such as the shared index tensors of planning is done) under an operator counter; then
 ``--rounds`` rounds call each variant once, the order rotating every round, with the device synchronised
-around each call. Reported
-per row: median step seconds and spread, speedup = median(none) / median(variant) of the same run, FLOPs
-per step (merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant), efficiency = speedup /
-ideal, peak memory, the seconds spent in the method's own work (``overhead_frac`` = own work / median
-step), and the tensor operators a step dispatches, views left out (``operators``; ``added_operators`` over
-``none``): on a GPU each is a launch the host issues, the cost of a method's own work when an eager step is
-host-bound.
+around each call. Reported per row: median step seconds and spread, speedup = median(none) / median(variant)
+of the same run, FLOPs per step (merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant),
+efficiency = speedup / ideal, peak memory, the seconds spent in the method's own work (``overhead_frac`` = own
+work / median step), and the tensor operators a step dispatches, views left out (``operators``;
+``added_operators`` over ``none``): on a GPU each is a launch the host issues, the cost of a method's own work
+when an eager step is host-bound.
 On the CPU own work is timed in the timed calls; on a GPU in one extra call with syncs around each function
 (see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest.
 """

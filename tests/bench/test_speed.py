@@ -21,7 +21,7 @@ from imptome.bench import archs, denoisers
 from imptome.bench.flops import flop_counter
 from imptome.bench.generation import generation_variants, sd_pipeline
 from imptome.bench.operators import OperatorCounter
-from imptome.bench.speed import Variant, _denoiser_call, markdown_table
+from imptome.bench.speed import Variant, _denoiser_call, host_timed_call, markdown_table
 from imptome.bench.timing import round_order
 from imptome.cli import CliError, build_parser, main
 from imptome.commands.speed import VARIANTS
@@ -452,3 +452,53 @@ def test_table_notes_leave_out_the_none_row_and_name_the_fewest_rounds():
     table = markdown_table([none | {"rounds": 3}, merged])  # efficiency 1 is not above 1; 3 rounds suffice
     assert "An efficiency above 1" not in table and "round(s) only" not in table
     assert "2 round(s) only" in markdown_table([none | {"rounds": 2}, merged])
+
+
+def test_host_timed_call_syncs_only_around_the_call(unet, monkeypatch):
+    """The GPU's host-time measurement: an unsynced timer still sees every kind of imptome's own work, and the
+    device is synchronised twice (before and after the whole call), not around each function as the synced
+    timer does, which would stop the host running ahead of the kernels it issues."""
+    from imptome.bench import speed, timing
+
+    syncs = []
+    monkeypatch.setattr(timing, "synchronize", lambda device: syncs.append("work"))
+    monkeypatch.setattr(speed, "synchronize", lambda device: syncs.append("call"))
+    unet.set_attn_processor(AttnProcessor2_0())
+    call = _denoiser_call(unet, tiny_sd_inputs())
+    device = torch.device("cpu")
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], 4)
+        with Variant("importance", 0.7).applied(unet, importance, timestep=500.0):
+            call()
+            synced, unsynced = timing.WorkTimer(device), timing.WorkTimer(device, synced=False)
+            step_s, own_work = host_timed_call(call, unsynced, unsynced.imptome())
+            assert syncs == ["call", "call"]
+            assert step_s > 0 and set(own_work) == {"importance", "planning", "merge"}
+            assert 0 < sum(own_work.values()) < step_s
+            host_timed_call(call, synced, synced.imptome())
+            # begin_call, end_call, and per layer plan_for (planning or a look-up), merge, unmerge
+            assert syncs.count("work") == 2 * (2 + 3 * LAYERS)
+
+
+def test_table_shows_the_host_share_of_gpu_rows():
+    row = {"arch": "sd2", "res": 1024, "variant": "importance", "ratio": 0.7, "error": None, "median_s": 0.04}
+    row |= {"iqr_s": 0.001, "speedup": 1.03, "flops": 3e12, "ideal_speedup": 1.5, "device": "cuda"}
+    row |= {"rounds": 7}
+    row |= {"efficiency": 0.69, "overhead_frac": 0.093, "overhead_host_frac": 0.031, "host_step_s": 0.038}
+    table = markdown_table([row])
+    assert "| 9.3% (host 3.1%) |" in table
+    assert "host-bound): sd2 1024 importance 0.7: 95%." in table
+    cpu_row = row | {"device": "cpu", "overhead_host_frac": None, "host_step_s": None}
+    table = markdown_table([cpu_row])
+    assert "| 9.3% |" in table and "host-bound" not in table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_rows_carry_the_host_time(tiny_archs, tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["bench", "speed", "--arch", "tiny-sd", "--ratios", "0.5", "--variants", "none", "importance"]
+    assert main([*argv, "--rounds", "1", "--device", "cuda", "--json", str(out)]) == 0
+    none, merged = json.loads(out.read_text())["rows"]
+    assert none["host_step_s"] > 0 and none["overhead_host_s"] == 0
+    assert 0 < merged["overhead_host_s"] < merged["host_step_s"]
+    assert merged["overhead_host_frac"] == pytest.approx(merged["overhead_host_s"] / merged["median_s"])

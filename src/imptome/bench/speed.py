@@ -23,7 +23,11 @@ work / median step), and the tensor operators a step dispatches, views left out 
 ``added_operators`` over ``none``): on a GPU each is a launch the host issues, the cost of a method's own work
 when an eager step is host-bound.
 On the CPU own work is timed in the timed calls; on a GPU in one extra call with syncs around each function
-(see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest.
+(see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest, and
+in three more calls without syncs, the host's time only (``overhead_host_frac``, ``host_step_s``: the host's
+time to issue the whole step). When ``host_step_s`` is close to the step's time, the step is bound by the host
+and the host's share is what the own work costs it; when it is well below, the GPU is the bottleneck and the
+synced share is the closer bound.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ from imptome.patch.families import DenoiserInfo, denoiser_info, finest_attention
 
 #: torch's memory format of each --memory-format choice
 TORCH_MEMORY_FORMATS = dict(zip(MEMORY_FORMATS, (torch.contiguous_format, torch.channels_last), strict=True))
+#: on a GPU, untimed calls whose own work and whole step are timed on the host, without syncs
+HOST_TIMED_CALLS = 3
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -183,6 +189,8 @@ class _Record:
     operators: int | None = None
     seconds: list[float] = field(default_factory=list)
     own_work: list[dict[str, float]] = field(default_factory=list)
+    own_work_host: list[dict[str, float]] = field(default_factory=list)  # GPU only: unsynced, host time
+    host_step: list[float] = field(default_factory=list)  # GPU only: seconds to issue a step, unsynced
     peak_mem: list[int] = field(default_factory=list)
     error: str | None = None
 
@@ -226,6 +234,21 @@ def _inputs(spec: ArchSpec, res: int, settings: Settings) -> dict[str, Any]:
     }
 
 
+def host_timed_call(
+    call: Callable[[], Any], timer: WorkTimer, instrumented: contextlib.AbstractContextManager
+) -> tuple[float, dict[str, float]]:
+    """One call timed on the host, the device synchronised before and after but not during it: the seconds
+    the host took to issue the call, and the unsynced `timer`'s seconds of own work by kind."""
+    timer.reset()
+    synchronize(timer.device)
+    start = time.perf_counter()
+    with instrumented:
+        call()
+    step_s = time.perf_counter() - start
+    synchronize(timer.device)
+    return step_s, dict(timer.seconds)
+
+
 def _measure_case(
     model: torch.nn.Module, spec: ArchSpec, res: int, settings: Settings, say: Callable[[str], None]
 ) -> list[_Record]:
@@ -234,15 +257,15 @@ def _measure_case(
     timestep = float(inputs["timestep"].flatten()[0])
     call = _denoiser_call(model, inputs)
     info = denoiser_info(model)
-    timer, peak = WorkTimer(device), PeakMemory(device)
+    timer, host_timer, peak = WorkTimer(device), WorkTimer(device, synced=False), PeakMemory(device)
     records = [_Record(variant) for variant in settings.variants]
     importance = None
     tag = f"[{spec.name} {res}px]"
 
-    def instrumented(variant: Variant) -> contextlib.AbstractContextManager:
+    def instrumented(variant: Variant, work_timer: WorkTimer) -> contextlib.AbstractContextManager:
         if variant.name == "none":
             return contextlib.nullcontext()
-        return timer.tomesd() if variant.name == "tomesd" else timer.imptome()
+        return work_timer.tomesd() if variant.name == "tomesd" else work_timer.imptome()
 
     for record in records:  # warm-up, FLOPs, and on a GPU the own-work call; "none" comes first
         variant = record.variant
@@ -258,9 +281,14 @@ def _measure_case(
                 if device.type == "cuda":
                     call()
                     timer.reset()
-                    with instrumented(variant):
+                    with instrumented(variant, timer):
                         call()
                     record.own_work.append(dict(timer.seconds))
+                    for _ in range(HOST_TIMED_CALLS):
+                        work = instrumented(variant, host_timer)
+                        host_s, host_work = host_timed_call(call, host_timer, work)
+                        record.host_step.append(host_s)
+                        record.own_work_host.append(host_work)
         except Exception as error:  # a variant that does not run here (tomesd on PixArt) is reported
             if variant.name == "none":
                 raise
@@ -276,7 +304,7 @@ def _measure_case(
             variant = record.variant
             with variant.applied(model, importance, timestep), torch.inference_mode():
                 timer.reset()
-                with instrumented(variant) if device.type == "cpu" else contextlib.nullcontext():
+                with instrumented(variant, timer) if device.type == "cpu" else contextlib.nullcontext():
                     peak.reset()
                     synchronize(device)
                     start = time.perf_counter()
@@ -333,6 +361,8 @@ def _rows(
             round_q1, round_q3 = quartiles(round_speedups)
             own = [sum(parts.values()) for parts in record.own_work]
             own_median = statistics.median(own) if own else 0.0
+            own_host = [sum(parts.values()) for parts in record.own_work_host]
+            own_host_median = statistics.median(own_host) if own_host else None
             kinds = sorted({kind for parts in record.own_work for kind in parts})
             row.update(
                 median_s=median,
@@ -354,6 +384,9 @@ def _rows(
                     kind: statistics.median(parts.get(kind, 0.0) for parts in record.own_work)
                     for kind in kinds
                 },
+                overhead_host_s=own_host_median,
+                overhead_host_frac=None if own_host_median is None else own_host_median / median,
+                host_step_s=statistics.median(record.host_step) if record.host_step else None,
                 peak_mem_bytes=max(record.peak_mem) if record.peak_mem else None,
             )
             if row["speedup"] is not None and row["ideal_speedup"]:
@@ -461,7 +494,9 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| does not run: {row['error'][:60]} |||||||||| "
             )
             continue
-        overhead = row.get("overhead_frac")
+        own_work = _fmt(None if row.get("overhead_frac") is None else 100 * row["overhead_frac"], 1, "%")
+        if row.get("overhead_host_frac") is not None and row["variant"] != "none":
+            own_work += f" (host {100 * row['overhead_host_frac']:.1f}%)"
         memory = row.get("peak_mem_bytes")
         gflop = row["flops"] / 1e9 if row["flops"] else None
         operators = row.get("operators")
@@ -471,7 +506,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['arch']} | {row['res']} | {row['variant']} | {row['ratio']:g} "
             f"| {_fmt(row['median_s'], 3)} | {_fmt(row.get('iqr_s'), 3)} | {_fmt(row['speedup'], 2, 'x')} "
             f"| {_per_round(row)} | {_fmt(gflop, 1)} | {_fmt(row['ideal_speedup'], 2, 'x')} "
-            f"| {_fmt(row['efficiency'])} | {_fmt(None if overhead is None else 100 * overhead, 1, '%')} "
+            f"| {_fmt(row['efficiency'])} | {own_work} "
             f"| {'-' if operators is None else operators} "
             f"| {_fmt(None if memory is None else memory / 2**30, 2)} |"
         )
@@ -479,6 +514,19 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append("\nOn the CPU, peak mem is the process's peak resident memory, weights included.")
     if any(row.get("device", "").startswith("cuda") for row in rows):
         lines.append("\nOn a GPU, peak mem is the most memory allocated in a timed call, weights included.")
+    issued = [row for row in rows if row["error"] is None and row.get("host_step_s") and row.get("median_s")]
+    if issued:
+        shares = ", ".join(
+            f"{row['arch']} {row['res']} {row['variant']} {row['ratio']:g}: "
+            f"{100 * row['host_step_s'] / row['median_s']:.0f}%"
+            for row in issued
+        )
+        lines.append(
+            "\nOn a GPU, own work is timed with syncs around each of its functions (an upper bound), and in "
+            "brackets without syncs: the host's time to issue it, its cost to a step bound by the host. The "
+            "host's time to issue the whole step, as a share of the step's median (near 100%: host-bound): "
+            f"{shares}."
+        )
     if any((row.get("efficiency") or 0) > 1 for row in rows):
         lines.append(
             "\nAn efficiency above 1: the FLOP count sees matrix products only, while merging also shrinks "

@@ -2,10 +2,12 @@
 work (importance map, planning, merge / unmerge) inside a denoiser call, and what a run's numbers rest on
 (package versions, a busy machine).
 
-Own work is timed by wrapping the method's functions while a call runs. Every wrapped function is bracketed
-by device synchronisations, so on a GPU its kernels are counted in full (launch and execution) but the call
-around it is slowed by the syncs: time instrumented calls separately from the calls whose speed you report.
-On the CPU the wrappers cost about a microsecond each and the step can be timed with them in place.
+Own work is timed by wrapping the method's functions while a call runs. By default every wrapped function is
+bracketed by device synchronisations, so on a GPU its kernels are counted in full (launch and execution) but
+the call around it is slowed by the syncs: time instrumented calls separately from the calls whose speed you
+report. Unsynced (``synced=False``), a GPU timer sees the host's time only (issuing the kernels): what the
+work costs a step bound by the host issuing kernels, as eager steps of these models are. On the CPU the two
+are the same; the wrappers cost about a microsecond each and the step can be timed with them in place.
 """
 
 from __future__ import annotations
@@ -117,10 +119,13 @@ class PeakMemory:
 
 
 class WorkTimer:
-    """Seconds spent in a merging method's own functions, by kind: "importance", "planning", "merge"."""
+    """Seconds spent in a merging method's own functions, by kind: "importance", "planning", "merge";
+    with `synced` the device is synchronised around each function (on a GPU: launch and kernels), without
+    it only the host's time is seen."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, synced: bool = True) -> None:
         self.device = device
+        self.synced = synced
         self.seconds: dict[str, float] = defaultdict(float)
 
     def reset(self) -> None:
@@ -129,12 +134,14 @@ class WorkTimer:
     def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            synchronize(self.device)
+            if self.synced:
+                synchronize(self.device)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                synchronize(self.device)
+                if self.synced:
+                    synchronize(self.device)
                 self.seconds[kind] += time.perf_counter() - start
 
         return timed

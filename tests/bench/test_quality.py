@@ -168,6 +168,32 @@ def test_a_resumed_run_makes_the_images_an_uninterrupted_one_does(
     assert "holds images made with other settings: versions" in capsys.readouterr().err
 
 
+def test_tomesd_images_depend_on_neither_the_global_rng_nor_resuming(model_dir, prompt_file, tmp_path):
+    """tomesd draws its partitions from a generator it forks from torch's global RNG at its first call, and
+    that state differs between processes (and after anything that draws from it). The bench seeds tomesd's
+    generator for every batch, so two runs make the same tomesd images, and a resumed run remakes a batch
+    as an uninterrupted run made it, not with the draws left over from the batches before."""
+    pytest.importorskip("tomesd")
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "2"]
+    argv += ["--methods", "tomesd", "--ratios", "0.5", "--steps", "3", "--batch-size", "2"]
+
+    def images(name):
+        folder = tmp_path / f"{name}.cache" / "tomesd@0.5"
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.glob("*.png")}
+
+    with torch.random.fork_rng():
+        for name, global_seed in (("a", 0), ("b", 1)):
+            torch.manual_seed(global_seed)
+            assert main([*argv, "--json", str(tmp_path / f"{name}.json")]) == 0
+        assert len(images("a")) == 4 and images("a") == images("b")
+        # the second batch (seed 1) made again alone, after another global RNG state
+        key = hashlib.sha256(b"a blue square").hexdigest()[:16]
+        (tmp_path / "b.cache" / "tomesd@0.5" / f"{key}_1.png").unlink()
+        torch.manual_seed(2)
+        assert main([*argv, "--json", str(tmp_path / "b.json")]) == 0
+    assert images("b") == images("a")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 from imptome.patch.api import find_denoiser
 from imptome.patch.families import finest_attention_downsample
 
@@ -22,3 +24,15 @@ def tomesd_patched(target: Any, ratio: float) -> Iterator[None]:
         yield
     finally:
         tomesd.remove_patch(target)
+
+
+def seed_tomesd(target: Any, seed: int) -> None:
+    """Give the tomesd patch on `target` a generator seeded with `seed` for its random partitions.
+
+    Left alone, tomesd forks torch's global RNG at its first call after `apply_patch` and draws every later
+    partition from that fork, so its partitions depend on the process (torch seeds the global RNG anew in
+    each one unless a program seeds it) and on everything drawn before: its images would differ from run to
+    run, and a batch made again on resuming would differ from the batch an uninterrupted run made."""
+    denoiser = find_denoiser(target)
+    device = next(denoiser.parameters()).device  # tomesd makes a new fork when the devices differ
+    denoiser._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)

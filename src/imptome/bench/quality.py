@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 import imptome
-from imptome.bench.baseline import tomesd_patched
+from imptome.bench.baseline import seed_tomesd, tomesd_patched
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
 from imptome.bench.timing import busy_machine_note, package_versions
@@ -195,7 +195,9 @@ def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> N
     """Make the missing images of one variant; record step times and FLOPs.
 
     Batches are fixed slices of `items`, and a batch with any image missing is made whole: an image's merge
-    draws depend on its row in the batch, so a resumed run makes the images an uninterrupted one would."""
+    draws depend on its row in the batch, so a resumed run makes the images an uninterrupted one would.
+    tomesd's draws (one partition per block call for the whole batch) come from a generator seeded with the
+    batch's first index, not from its fork of the process's global RNG."""
     stats = cache.stats(variant)
     denoiser = find_denoiser(pipe)
     with variant.applied(pipe):
@@ -205,6 +207,8 @@ def _generate_variant(pipe, variant, prompts, items, cache, args, progress) -> N
             if not missing:
                 continue
             generators = [torch.Generator(pipe.device).manual_seed(seed) for _, seed in batch]
+            if variant.method == "tomesd":  # its partitions drawn for this batch, as in every run
+                seed_tomesd(pipe, start)
             with DenoiserTimer().attach(denoiser) as timer:
                 images = pipe(
                     [prompts[p] for p, _ in batch],

@@ -23,7 +23,7 @@ from tests.factories import tiny_sd_pipeline, tiny_sd_unet
 
 FIELDS = {
     "method", "ratio", "n_images", "accuracy", "accuracy_ci95", "position_accuracy", "frechet", "psnr",
-    "ssim", "step_seconds", "flops_per_step",
+    "ssim", "step_seconds", "flops_per_step", "n_scored",
 }  # fmt: skip
 
 
@@ -305,6 +305,19 @@ def test_prompts_outside_the_classifier_grammar_are_named_and_the_rest_scored(tm
     assert row["frechet"] is None  # one scored image has no covariance
     # the table is printed whole on a stdout that is not a terminal, not wrapped at 80 columns
     assert out.with_suffix(".md").read_text().splitlines()[0] in captured.out.splitlines()
+
+
+def test_the_frechet_note_counts_only_the_images_the_classifier_scores(tmp_path):
+    """The Frechet distance rests on the images of the prompts the classifier reads: the table's note gives
+    their number, not that of every image (here 2 of 3)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("top left: red circle\nbottom right: blue square\na green triangle\n")
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--prompts", str(prompts), "--seeds", "1", "--methods", "none"]
+    assert main([*argv, "--steps", "2", "--json", str(out)]) == 0
+    assert "Frechet: from 2 images per method" in out.with_suffix(".md").read_text()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["n_images"], row["n_scored"]) == (3, 2) and row["frechet"] is not None
 
 
 def test_plot_of_rows_without_values_has_no_legend(tmp_path):

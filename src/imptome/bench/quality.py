@@ -115,6 +115,7 @@ class Row:
     ssim_ci95: tuple[float, float] | None
     step_seconds: float | None
     flops_per_step: float
+    n_scored: int | None = None  # images of prompts the classifier reads: accuracies and Frechet rest on them
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -309,6 +310,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 **fidelity,
                 step_seconds=float(np.median(stats["step_seconds"])) if stats["step_seconds"] else None,
                 flops_per_step=float(stats["flops_per_step"]),
+                n_scored=len(scored_items),
             )
         )
     # (variant, baseline): importance variants against imptome's tome variants, methods against their control,
@@ -329,14 +331,14 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         (hits, counts, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
         both = np.isfinite(db) & np.isfinite(base_db)
         db_diff = db[both] - base_db[both]
-        scored = hits is not None  # accuracy only where the classifier scores the prompts
+        classified = hits is not None  # accuracy only where the classifier scores the prompts
         comparisons.append(
             {
                 "method": variant.method,
                 "baseline": baseline.method,
                 "ratio": variant.ratio,
-                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()) if scored else None,
-                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts) if scored else None,
+                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()) if classified else None,
+                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts) if classified else None,
                 "psnr_diff_db": float(db_diff.mean()) if len(db_diff) else None,
                 "psnr_ci95": bootstrap_ci(db_diff) if len(db_diff) else None,
             }
@@ -376,7 +378,7 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]], cfg: bool
         f"\ns/step: median time of one denoiser call on a batch of --batch-size prompts {with_cfg}; "
         f"GFLOPs/step: one call for one prompt {with_cfg}, averaged over the schedule.\n"
     )
-    counts = sorted({r.n_images for r in rows if r.frechet is not None})
+    counts = sorted({r.n_images if r.n_scored is None else r.n_scored for r in rows if r.frechet is not None})
     if counts:
         text += (
             f"Frechet: from {', '.join(map(str, counts))} images per method; the estimate is biased by the "

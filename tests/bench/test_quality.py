@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -318,6 +319,41 @@ def test_the_frechet_note_counts_only_the_images_the_classifier_scores(tmp_path)
     assert "Frechet: from 2 images per method" in out.with_suffix(".md").read_text()
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["n_images"], row["n_scored"]) == (3, 2) and row["frechet"] is not None
+
+
+def test_fidelity_pairs_each_image_with_the_unmerged_image_of_its_prompt_and_seed():
+    """PSNR and its paired differences compare each merged image with the unmerged image of the same prompt
+    and seed: every image here is off from its own reference by its own amount, so any other pairing (or a
+    mean over the wrong axis) gives other numbers."""
+    items = [(p, s) for s in (3, 5) for p in range(3)]
+    rng = np.random.default_rng(0)
+    unmerged = rng.integers(0, 200, (len(items), 8, 8, 3), dtype=np.uint8)
+    offsets = {"tome": np.arange(1, 7), "importance": np.array([2, 1, 4, 3, 6, 5])}  # per image, items order
+
+    class Cache:
+        def load(self, variant, wanted):
+            assert wanted == items
+            if variant.method == "none":
+                return unmerged
+            return unmerged + offsets[variant.method].astype(np.uint8)[:, None, None, None]
+
+        def stats(self, variant):
+            return {"step_seconds": [], "flops_per_step": 1.0}
+
+    variants = [
+        quality.Variant(method, ratio) for method, ratio in (("none", 0), ("tome", 0.5), ("importance", 0.5))
+    ]
+    rows, comparisons = quality.evaluate(Cache(), variants, ["x", "y", "z"], items, [None] * 3)
+    db = {method: 20 * np.log10(255 / offset) for method, offset in offsets.items()}  # MSE = (offset / 255)^2
+    assert rows[1].psnr == pytest.approx(db["tome"].mean(), rel=1e-5)
+    assert rows[2].psnr == pytest.approx(db["importance"].mean(), rel=1e-5)
+    assert rows[1].ssim < 1 and rows[0].psnr is None
+    (comparison,) = comparisons
+    assert (comparison["method"], comparison["baseline"]) == ("importance", "tome")
+    assert comparison["psnr_diff_db"] == pytest.approx((db["importance"] - db["tome"]).mean(), abs=1e-4)
+    low, high = comparison["psnr_ci95"]
+    per_image = db["importance"] - db["tome"]
+    assert per_image.min() <= low < high <= per_image.max()
 
 
 def test_plot_of_rows_without_values_has_no_legend(tmp_path):

@@ -135,6 +135,26 @@ def test_a_subclass_whose_forward_passes_its_arguments_on_is_patched_as_its_base
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in unet.modules()) == 0
 
 
+class _Mixin:
+    """A mixin without a forward, as libraries add to a model class (listed before it)."""
+
+
+class _MixedInPassThroughUNet(_Mixin, _PassThroughUNet):
+    pass
+
+
+def test_a_mixin_without_forward_before_the_model_class_is_passed_over(sd):
+    """The search for the forward that names the timestep read `forward` from every class of the MRO and
+    failed on a mixin that has none: "AttributeError: type object '_Mixin' has no attribute 'forward'"."""
+    unet = _MixedInPassThroughUNet.from_config(sd.unet.config)
+    unet.load_state_dict(sd.unet.state_dict())
+    mixed_in = StableDiffusionPipeline(**{**sd.components, "unet": unet.eval()})
+    mixed_in.set_progress_bar_config(disable=True)
+    imptome.apply_patch(sd, ratio=0.7)
+    imptome.apply_patch(mixed_in, ratio=0.7)
+    assert np.array_equal(generate(mixed_in), generate(sd))
+
+
 def test_same_seed_same_image_and_global_rng_untouched(sd):
     imptome.apply_patch(sd, ratio=0.7)
     first = generate(sd)

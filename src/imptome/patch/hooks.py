@@ -47,9 +47,11 @@ def _timestep_position(denoiser: nn.Module) -> int:
 
     Read from the first class in the denoiser's MRO whose forward names `timestep`: tools such as DeepCache
     replace the instance's `forward`, and subclasses may define their own, with a (*args, **kwargs) wrapper
-    that still passes the original arguments through. Every supported family's forward names it.
+    that still passes the original arguments through. Classes without a forward (a mixin listed before the
+    model's class) are passed over. Every supported family's forward names it.
     """
-    parameters = (inspect.signature(cls.forward).parameters for cls in type(denoiser).__mro__)
+    forwards = (getattr(cls, "forward", None) for cls in type(denoiser).__mro__)
+    parameters = (inspect.signature(forward).parameters for forward in forwards if forward is not None)
     names = next(list(names) for names in parameters if "timestep" in names)
     return names.index("timestep") - 1  # minus self
 

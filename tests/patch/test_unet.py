@@ -1730,6 +1730,27 @@ def test_a_pass_after_a_split_cfg_pair_at_the_first_step_stays_in_its_generation
             latent = latent - 0.1 * eps_uncond
 
 
+@pytest.mark.parametrize("case", ["number then schedule", "inversion then number"])
+def test_a_pair_of_passes_that_starts_a_new_generation_is_no_split_cfg_pair(case):
+    """A second pass on the last call's sample at its timestep that starts a new generation (a view of a
+    schedule after a number; a number after an inversion's walk up a schedule) was taken for the second pass
+    of a split-CFG pair too, whose output the new generation had just forgotten: "AttributeError: 'NoneType'
+    object has no attribute 'clone'". It is the new generation's first call."""
+    unet, state, latent, cond, uncond = split_cfg_case()
+    schedule = torch.tensor([100.0, 500.0, 900.0])
+    with torch.no_grad():
+        if case == "number then schedule":
+            unet(latent, 500, encoder_hidden_states=cond)
+            unet(latent, schedule[1], encoder_hidden_states=uncond)
+        else:
+            unet(latent, schedule[0], encoder_hidden_states=cond)
+            unet(latent, schedule[1], encoder_hidden_states=cond)  # walks up: an inversion's next step
+            assert state.inverting and state.step == 1
+            unet(latent, 500, encoder_hidden_states=uncond)
+    assert (state.step, state.calls, state.paired, state.inverting) == (0, 0, False, False)
+    assert imptome.importance_map(unet) is None
+
+
 def test_a_pipeline_made_with_from_pipe_shares_the_patch_and_can_remove_it(sd):
     """The README's promise: the patch lives on the UNet, so an image-to-image pipeline made from a patched
     one merges too, and removing the patch through it removes it for both."""

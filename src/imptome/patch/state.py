@@ -365,7 +365,8 @@ class PatchState:
             or new_schedule
         )
         if new_generation:
-            self.start_generation()
+            self.start_generation()  # forgets the last call's sample and output: no pair across generations
+            self.paired = False
             self._count_stopped_early(stopped_early and self.last_timestep is not None)
         elif t < self.last_timestep or inversion_step:
             self.inverting = inversion_step

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Method = Literal["importance", "tome"]
 CfgOrder = Literal["auto", "uncond_first", "cond_first"]
@@ -228,7 +228,7 @@ class MergeConfig:
             return self.fallback
         return "tome" if self.proportional_attention else "random"
 
-    def replace(self, **changes: object) -> MergeConfig:
+    def replace(self, **changes: Any) -> MergeConfig:
         """A copy with some fields changed; unknown names raise a TypeError listing the valid ones."""
         valid = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - valid)
@@ -237,7 +237,7 @@ class MergeConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _as_float(value: numbers.Real) -> float:
+def _as_float(value: float) -> float:
     """`value` as a Python float; an int too large for one is infinite (and then refused as out of range)."""
     try:
         return float(value)

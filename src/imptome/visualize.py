@@ -87,7 +87,7 @@ _LEGEND_WIDTH = 3.6  # inches: the role legend in one line at fontsize 8 (about 
 def comparison_grid(
     path: str | Path,
     row_titles: Sequence[str],
-    columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor], str]],
+    columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor | np.ndarray], str]],
     title: str = "",
 ) -> Path:
     """Save a grid figure: one row per prompt, one column per panel; returns the file written (`path`, with
@@ -115,6 +115,7 @@ def comparison_grid(
             ax = axes[r][c]
             panel = panels[r]
             if kind == "image":  # greyscale or palette images as they look, not as numbers in a colormap
+                assert isinstance(panel, Image.Image)  # checked by _check_panels
                 ax.imshow(np.asarray(panel if panel.mode in ("RGB", "RGBA") else panel.convert("RGB")))
             elif kind == "heatmap":
                 heat = torch.as_tensor(panel).detach().float().cpu().numpy()
@@ -138,7 +139,8 @@ def comparison_grid(
 
 
 def _check_panels(
-    row_titles: Sequence[str], columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor], str]]
+    row_titles: Sequence[str],
+    columns: Sequence[tuple[str, Sequence[Image.Image | torch.Tensor | np.ndarray], str]],
 ) -> None:
     """A ValueError naming the first column or panel that comparison_grid cannot draw."""
     if isinstance(row_titles, str):

@@ -13,12 +13,21 @@ one key's elements are all distinct, so ranking them has no ties.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 
 from imptome.merge import constants
 
 _MASK = 0xFFFFFFFF
+
+
+@overload
+def mix32(x: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def mix32(x: int) -> int: ...
 
 
 def mix32(x: torch.Tensor | int) -> torch.Tensor | int:

@@ -8,7 +8,7 @@ tokens, D destinations, R removed tokens, K = N - R kept tokens, C channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,8 @@ class MergePlan:
     def clone(self) -> MergePlan:
         """The same plan in new memory (e.g. to keep it past a CUDA graph replay that reuses its memory)."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+        clones: dict[str, Any] = {k: v.clone() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        return replace(self, **clones)
 
     def merge(self, x: torch.Tensor, kernel: AveragingKernel = "embedding_bag") -> torch.Tensor:
         """[B, N, C] -> [B, K, C]: each kept slot is the mean of its tokens (or just itself when pruning).
@@ -99,6 +100,7 @@ class MergePlan:
             raise ValueError(f"this plan is for {(self.rows, num_tokens)} tokens, got {tuple(x.shape[:2])}")
         tokens = x.reshape(rows * num_tokens, channels)
         if self.bag_order is None:
+            assert self.flat_kept is not None  # pruning keeps rows of the input
             return tokens.index_select(0, self.flat_kept).view(rows, self.num_kept, channels)
         if (
             kernel == "triton"

@@ -44,8 +44,9 @@ def find_denoiser(target: Any, verb: str = "patch") -> nn.Module:
     """The denoiser of a pipeline (`unet` or `transformer`, looking through wrappers that keep the denoiser
     under one of those names), a supported denoiser itself, or a TypeError saying what cannot be `verb`ed."""
     module, found = target, None
+    supported = tuple(DENOISER_FAMILIES)
     for _ in range(_MAX_WRAPPING + 1):
-        if isinstance(module, tuple(DENOISER_FAMILIES)):
+        if isinstance(module, supported):
             return module
         inner = (getattr(module, name, None) for name in _INNER)
         module = next((m for m in inner if isinstance(m, nn.Module)), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import (
@@ -89,7 +90,7 @@ def denoiser_info(denoiser: nn.Module) -> DenoiserInfo:
             f"imptome cannot patch {type(denoiser).__name__} objects; supported denoisers: "
             f"{supported_names()} (or a diffusers pipeline that has one as `unet` or `transformer`)"
         )
-    config = denoiser.config
+    config: Any = denoiser.config  # diffusers' FrozenDict (nn.Module's attributes type it as a tensor)
     in_channels = config.in_channels
     out_channels = config.get("out_channels") or in_channels
     noise_channels = in_channels if out_channels == 2 * in_channels else out_channels
@@ -258,9 +259,8 @@ def scores_in_float32(attention: nn.Module) -> bool:
     `Attention.get_attention_scores` (used by the classic and sliced processors, not by SDPA's) upcasts the
     queries and keys of a module built with `upcast_attention=True` (SD 2.1's UNet) and adds the mask to
     their product, which must then have the same dtype."""
-    return getattr(attention, "upcast_attention", False) and _calls_get_attention_scores(
-        type(getattr(attention, "processor", None))
-    )
+    processor_class: type = type(getattr(attention, "processor", None))
+    return getattr(attention, "upcast_attention", False) and _calls_get_attention_scores(processor_class)
 
 
 @functools.cache

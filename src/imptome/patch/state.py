@@ -7,6 +7,8 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -68,7 +70,7 @@ def _called_by_diffedit_mask() -> bool:
     read only once diffusers has imported the pipeline's module: before, no DiffEdit pipeline exists."""
     if not any(name in sys.modules for name in _DIFFEDIT_MODULES):
         return False
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     skipped = ("imptome", "torch", "accelerate")
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in skipped:
         frame = frame.f_back
@@ -88,7 +90,7 @@ def _equal_chunks(latents: torch.Tensor, copies: int) -> bool:
 
 def _reusable(
     buffer: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device
-) -> bool:
+) -> TypeGuard[torch.Tensor]:
     """Whether `buffer` can be overwritten with a tensor of this shape, dtype and device (an inference tensor
     only inside `torch.inference_mode`).
 
@@ -298,7 +300,10 @@ class PatchState:
     # counter; the key of the call's random draws is a device tensor overwritten in place.
     @torch.compiler.disable
     def begin_call(
-        self, sample: torch.Tensor, timestep: object, conditioning: tuple[torch.Tensor, ...] = ()
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        conditioning: tuple[torch.Tensor, ...] = (),
     ) -> None:
         """Start of a denoiser call: detect a new generation or step, the latent grid and whether CFG is on.
         `conditioning`: the call's tensor arguments besides the sample and timestep.
@@ -368,7 +373,7 @@ class PatchState:
             self.start_generation()  # forgets the last call's sample and output: no pair across generations
             self.paired = False
             self._count_stopped_early(stopped_early and self.last_timestep is not None)
-        elif t < self.last_timestep or inversion_step:
+        elif (self.last_timestep is not None and t < self.last_timestep) or inversion_step:  # None: went up
             self.inverting = inversion_step
             self.step += 1
             self.maps_before, self.maps_now = self.maps_now, {}
@@ -399,7 +404,8 @@ class PatchState:
             # call's replay overwrites (torch.compile(mode="reduce-overhead") starts a new generation of its
             # graphs at every call in inference), and the plans are read and the map made after it.
             self.plans = {key: built.clone() for key, built in self.plans.items()}
-            self.last_output = self.last_output.clone()  # set: the first pass ended (else call_open)
+            assert self.last_output is not None  # set: the first pass ended (else call_open)
+            self.last_output = self.last_output.clone()
         else:
             self.calls = 0 if new_generation else self.calls + 1
             self._set_call_key(sample.device)
@@ -421,11 +427,12 @@ class PatchState:
         # a call without a CFG batch that merges with the map of its step's (a further pass) but does not fit
         # it; a CFG batch that does not fit the map of the step before (the batch changed) makes its own
         units = self.rows // self.copies
-        unfit = self.guided and not self.cfg and self.call_map is not None and not self._map_fits(units)
-        if merges and self.use_importance and unfit and not self.warned_unfit_map:
+        call_map = self.call_map
+        unfit = self.guided and not self.cfg and call_map is not None and not self._map_fits(units)
+        if call_map is not None and merges and self.use_importance and unfit and not self.warned_unfit_map:
             warnings.warn(
                 f"imptome: this denoiser call has no CFG batch and follows one in its step, but its batch "
-                f"({units} image(s)) does not match that call's importance map ({self.call_map.shape[0]} "
+                f"({units} image(s)) does not match that call's importance map ({call_map.shape[0]} "
                 "image(s) on its grid), so it merges as a call without guidance does (see `fallback`). "
                 "Pipelines that change their batch between the passes of a step (e.g. Pix2Pix-Zero) do this.",
                 stacklevel=_outside_libraries(),
@@ -582,16 +589,20 @@ class PatchState:
                 )
         noise_pred = noise_pred.detach().movedim(self.info.channel_dim, 1)  # [B, C, ...] for the map
         channels = self.info.noise_channels
-        if self.cfg:
+        made = None  # the map this call makes: its CFG batch's, or the split-CFG pair's that it ends
+        if self.uncond_copy is not None:  # a CFG batch (self.cfg)
             chunks = noise_pred.chunk(self.copies)
-            self._keep_map(guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels))
+            made = guidance_importance(chunks[self.cond_copy], chunks[self.uncond_copy], channels)
             self.cfg_step = self.step
         elif self.paired:  # |first pass - second pass|: the same magnitude whichever pass was conditional
-            self._keep_map(guidance_importance(self.last_output, noise_pred, channels))
+            assert self.last_output is not None  # the first pass's, kept by begin_call
+            made = guidance_importance(self.last_output, noise_pred, channels)
             self.pair_step = self.step
             self.sample_moved_since_pair = False
-        if (self.cfg or self.paired) and self.silent_units is None and self.ranks_by_map:
-            self._check_map_signal(self.latest_map)
+        if made is not None:
+            self._keep_map(made)
+            if self.silent_units is None and self.ranks_by_map:
+                self._check_map_signal(made)
         self.last_output = noise_pred if self.copies == 1 else None
         self.last_plans = list(self.plans.values())
         self.call_open = False
@@ -667,10 +678,11 @@ class PatchState:
         if not self.use_importance:
             return None, None
         num_tokens = grid[0] * grid[1]
-        guided = self.guided and self._map_fits(units)
+        call_map = self.call_map if self.guided and self._map_fits(units) else None  # None: not guided
+        guided = call_map is not None
         silent = self.silent_units if guided and self.silent_units and len(self.silent_units) == units else ()
-        if guided and not (silent and all(silent)):  # with no image's map left, merged as without CFG
-            cfg_map = pool_to_grid(self.call_map, grid)
+        if call_map is not None and not (silent and all(silent)):  # with no image's map left, as without CFG
+            cfg_map = pool_to_grid(call_map, grid)
             if not any(silent):
                 return cfg_map, cfg_map
             # the images whose map is zero rank tokens by the random map (its 32-bit draws, as alone in their
@@ -694,6 +706,7 @@ class PatchState:
         if self.copies > 1 and not per_row:
             features = tokens[self.cond_copy * units : (self.cond_copy + 1) * units]
         # [] int64: this call's draws for this grid or block (moved only when a model spans devices)
+        assert self.call_key is not None  # set by begin_call
         draw_key = (self.call_key ^ stream).to(tokens.device)
         importance, record = self._ranking_map(grid, units, draw_key)
         in_pool = None
@@ -731,6 +744,7 @@ class PatchState:
         if record is not None:
             # at the map's own grid a view of the map, which the next guided call overwrites
             record = record.view(units, *grid)
+            assert self.call_map is not None  # the map `record` was pooled from
             record = record.clone() if record.shape == self.call_map.shape else record
         return _Built(plan, block, record)
 

@@ -17,7 +17,8 @@ def _elements_after(tensor: torch.Tensor) -> int:
     """How many elements of `tensor`'s memory lie after the last one it reads (e.g. the later timesteps of a
     schedule that a view of one timestep leaves)."""
     span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset() - span
+    offset = int(tensor.storage_offset())  # an int for a real tensor (torch's stubs allow a SymInt)
+    return tensor.untyped_storage().nbytes() // tensor.element_size() - offset - span
 
 
 def _views_part_of_its_memory(tensor: torch.Tensor) -> bool:
@@ -56,19 +57,20 @@ class TimestepMemory:
     def more_to_come(self) -> bool:
         """Whether the last call's timestep lives in a schedule that holds later timesteps after it: a
         generation that ends with that call stopped before its last step."""
-        return self.in_schedule and _elements_after(self._last) > 0
+        last = self._last
+        return last is not None and self._is_schedule and _elements_after(last) > 0
 
-    def __call__(self, timestep: object, t: float) -> tuple[bool | None, bool]:
+    def __call__(self, timestep: torch.Tensor | float, t: float) -> tuple[bool | None, bool]:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is
         no tensor; whether it does not and the last call's was a schedule, or the last call's was a number
         and this one is part of a schedule)."""
-        is_number = not isinstance(timestep, torch.Tensor)
-        after_number, self._last_was_number = self._last_was_number, is_number
-        if is_number:
+        after_number = self._last_was_number
+        self._last_was_number = not isinstance(timestep, torch.Tensor)
+        if not isinstance(timestep, torch.Tensor):
             self._last, self._direction, self.moved_on, self.walked_back = None, 0, False, False
             return None, False
         same = None if self._last is None else same_memory(self._last, timestep)
-        offset = timestep.storage_offset()
+        offset = int(timestep.storage_offset())
         move = (offset > self._last_offset) - (offset < self._last_offset) if same else 0
         self._last_offset = offset
         self.walked_back = move != 0 and move == -self._direction
@@ -112,13 +114,14 @@ class TimestepReader:
         self._version = -1
         self._host: torch.Tensor | None = None  # [storage elements] on the CPU
 
-    def __call__(self, timestep: object) -> float:
+    def __call__(self, timestep: torch.Tensor | float) -> float:
         if not isinstance(timestep, torch.Tensor):
             return float(timestep)
         if timestep.device.type in self.read_directly or timestep.is_inference():
             return float(timestep.flatten()[0])
         if not self._holds(timestep) and not self._copy(timestep):
             return float(timestep.flatten()[0])
+        assert self._host is not None  # copied by _copy, with _source, which _holds requires
         return float(self._host[timestep.storage_offset()])
 
     def _holds(self, timestep: torch.Tensor) -> bool:
@@ -136,7 +139,7 @@ class TimestepReader:
         elements = storage.nbytes() // timestep.element_size()
         if elements > _LARGEST_COPY:
             return False
-        whole = timestep.new_empty(0).set_(storage, 0, (elements,))
+        whole = timestep.new_empty(0).set_(storage, 0, (elements,), (1,))
         self._host = whole.to("cpu", copy=True)
         self._source, self._version = timestep, timestep._version
         return True

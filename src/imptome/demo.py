@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -71,7 +72,7 @@ def _generate(pipe, prompts, args, variant: str, progress: tqdm) -> _Result:
     else:
         apply_patch_or_fail(pipe, ratio=args.ratio, method=method, **{**args.options, **extra})
     middle = args.steps // 2
-    captured: dict[str, torch.Tensor | int | None] = {}
+    captured: dict[str, Any] = {}  # the _Result fields importance, roles and step
 
     def on_step_end(pipeline, step: int, timestep, kwargs: dict) -> dict:
         # the plan of the middle step; for importance, of the first step from there whose plan used the map

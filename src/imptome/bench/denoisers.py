@@ -47,6 +47,7 @@ def _spec(name: str) -> ArchSpec:
 def _construct(spec: ArchSpec) -> torch.nn.Module:
     """Instantiate the model in the ambient device context (meta, empty-weights or real)."""
     if spec.model_kind == "animatediff":
+        assert spec.adapter_config is not None  # every animatediff architecture has one
         unet = UNet2DConditionModel(**spec.config)
         adapter = MotionAdapter(**spec.adapter_config)
         return UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
@@ -170,12 +171,14 @@ def example_inputs(
         }
     elif spec.model_kind == "animatediff":
         frames = num_frames or spec.num_frames
+        assert frames is not None  # video architectures have num_frames
         kwargs = {
             "sample": latents(spec.latent_channels, frames, h, w),
             "timestep": timestep,
             "encoder_hidden_states": text.repeat_interleave(frames, dim=0),
         }
     elif spec.model_kind == "sd3":
+        assert spec.pooled_embed_dim is not None  # set for sd3 and sdxl
         kwargs = {
             "hidden_states": latents(spec.latent_channels, h, w),
             "timestep": timestep[None].expand(n).to(dtype),
@@ -184,6 +187,7 @@ def example_inputs(
         }
     elif spec.model_kind == "svd":
         frames = num_frames or spec.num_frames
+        assert frames is not None  # video architectures have num_frames
         image = randn(batch, 1, spec.latent_channels, h, w).expand(-1, frames, -1, -1, -1)
         if cfg:
             image = torch.cat([torch.zeros_like(image), image])
@@ -198,6 +202,7 @@ def example_inputs(
         sample = latents(spec.latent_channels, h, w)
         kwargs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}
         if spec.model_kind == "sdxl":
+            assert spec.pooled_embed_dim is not None  # set for sd3 and sdxl
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * n)
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": randn(n, spec.pooled_embed_dim),

@@ -16,8 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 import imptome
 from imptome.bench.timing import quartiles, round_order, synchronize
@@ -41,7 +40,7 @@ def sd_ddim_scheduler() -> DDIMScheduler:
     )
 
 
-def sd_pipeline(unet: torch.nn.Module) -> StableDiffusionPipeline:
+def sd_pipeline(unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline around `unet` with an SD-style DDIM scheduler and nothing else."""
     scheduler = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
@@ -96,7 +95,7 @@ def generation_variants(ratios: list[float]) -> list[GenerationVariant]:
 
 
 def measure_generations(
-    unet: torch.nn.Module,
+    unet: UNet2DConditionModel,
     inputs: dict[str, Any],
     res: int,
     ratios: list[float],

@@ -88,6 +88,7 @@ def _shuffle_importance(pipe: Any) -> RemovableHandle:
     """After each denoiser call (after imptome's own hook), permute the positions of the stored importance
     map [U, H, W]: one permutation per step, seeded by the step, so reruns and resumed runs agree."""
     state = patch_state(pipe)
+    assert state is not None  # patched by the caller
 
     def shuffle(module: torch.nn.Module, args: tuple, output: Any) -> None:
         importance = state.importance
@@ -283,6 +284,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             anywhere, placed, counts = _score(images[scored], prompts, scored_items, classifier)
             accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
             placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
+            assert real_features is not None  # made with the classifier
             frechet = frechet_distance(features(images[scored], classifier).numpy(), real_features)
         fidelity: dict[str, Any] = {"psnr": None, "psnr_ci95": None, "ssim": None, "ssim_ci95": None}
         if variant.method != "none":

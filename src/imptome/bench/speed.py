@@ -115,6 +115,7 @@ class Variant:
             with tomesd_patched(model, self.ratio):
                 yield
         else:
+            assert importance is not None  # the map of the unmerged call ("none"), measured first
             imptome.apply_patch(model, self.config(denoiser_info(model).family))
             _enter_mid_generation(model, importance, timestep)
             try:
@@ -127,6 +128,7 @@ def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, time
     """Make a fresh patch behave as in the middle of a generation: past the warm-up schedule (merging, and
     with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
     state = patch_state(model)
+    assert state is not None  # patched by the caller
     config = state.config
     state.start_generation()  # as a generation's first call would: reads the model's attention processors
     state.enter_step(max(config.importance_start_step, config.merge_start_step))
@@ -195,7 +197,7 @@ class _Record:
     error: str | None = None
 
 
-def _set_attention(model: torch.nn.Module, spec: ArchSpec, attention: str) -> None:
+def _set_attention(model: Any, spec: ArchSpec, attention: str) -> None:  # a diffusers denoiser
     """SDPA or math processors everywhere; SD3 keeps its joint-attention processors (always SDPA, text and
     image tokens together; `imptome.commands.speed.check` refuses "math" for it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -364,6 +366,7 @@ def _rows(
             own_host = [sum(parts.values()) for parts in record.own_work_host]
             own_host_median = statistics.median(own_host) if own_host else None
             kinds = sorted({kind for parts in record.own_work for kind in parts})
+            assert record.operators is not None and base.operators is not None  # counted by every warm-up
             row.update(
                 median_s=median,
                 iqr_s=q3 - q1,
@@ -598,7 +601,8 @@ def run(args: argparse.Namespace) -> int:
         spec = ARCHS[name]
         say(f"[{name}] building the denoiser ({settings.dtype}, {settings.device})")
         model = build_denoiser(name, dtype=DTYPES[settings.dtype], device=settings.device)
-        model.to(memory_format=TORCH_MEMORY_FORMATS[settings.memory_format])
+        # Module.to takes memory_format, which torch's type stubs leave out
+        model.to(memory_format=TORCH_MEMORY_FORMATS[settings.memory_format])  # type: ignore[call-overload]
         _set_attention(model, spec, settings.attention)
         for res in settings.resolutions[name]:
             records = _measure_case(model, spec, res, settings, say)

@@ -20,7 +20,7 @@ from imptome.cli import (
     refuse_repeats,
     tomesd_installed,
 )
-from imptome.config import MergeConfig
+from imptome.config import MergeConfig, Method
 from imptome.miniature import GUIDANCE
 
 METHODS = ("none", "tome", "importance", "tomesd")
@@ -70,7 +70,7 @@ def ablation_options(method: str) -> dict[str, Any] | None:
     return options if pool is None else {**options, "pool_factor": float(pool.group(2))}
 
 
-def base_method(method: str) -> str:
+def base_method(method: str) -> Method:
     """imptome's MergeConfig.method behind a bench method name ("tome" also stands in for tomesd)."""
     return "tome" if method.startswith("tome") else "importance"
 

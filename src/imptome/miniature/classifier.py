@@ -15,7 +15,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 CLASSIFIER_DIR = Path(__file__).parent / "classifier"
 EMPTY = -1
@@ -177,8 +180,8 @@ def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor
             labels[i, o.pos] = o.cls + 1
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
     sigma = float(rng.uniform(0.01, 1.2))
-    k = torch.arange(-2, 3, dtype=torch.float32)
-    g = torch.exp(-(k**2) / (2 * sigma**2))
+    taps = torch.arange(-2, 3, dtype=torch.float32)
+    g = torch.exp(-(taps**2) / (2 * sigma**2))
     g = g / g.sum()
     x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), g.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
     x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), g.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
@@ -186,7 +189,7 @@ def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor
     return x.clamp(0, 1), torch.from_numpy(labels)
 
 
-def load_vae(path: str | Path) -> torch.nn.Module:
+def load_vae(path: str | Path) -> AutoencoderKL:
     """A trained miniature VAE: a pipeline folder (its vae/ subfolder, safetensors only) or a safetensors
     state dict."""
     from diffusers import AutoencoderKL
@@ -202,7 +205,7 @@ def load_vae(path: str | Path) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def reconstruct(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def reconstruct(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] through the VAE (posterior mean) and back."""
     return (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
 

@@ -97,7 +97,8 @@ def importance_ratio(maps: torch.Tensor, obj_lists: list[list[data.Obj]]) -> dic
     keep = [i for i, o in enumerate(obj_lists) if o]
     maps = maps[keep]
     masks = torch.from_numpy(np.stack([data.object_mask(obj_lists[i]) for i in keep]))[:, None]
-    pooled = F.adaptive_avg_pool2d(masks, maps.shape[-2:])[:, 0]
+    height, width = maps.shape[-2:]
+    pooled = F.adaptive_avg_pool2d(masks, (height, width))[:, 0]
     inside, outside = pooled > 0.5, pooled < 0.05
     mi, mo = maps[inside].mean().item(), maps[outside].mean().item()
     per_image = [

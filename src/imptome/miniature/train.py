@@ -25,7 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import build, data
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 
 def _log(out: Path, msg: str) -> None:
@@ -116,7 +120,7 @@ def _load_ckpt(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim
 # ----------------------------------------------------------------------------------------------- VAE
 
 
-def train_vae(args: argparse.Namespace, out: Path) -> torch.nn.Module:
+def train_vae(args: argparse.Namespace, out: Path) -> AutoencoderKL:
     torch.manual_seed(args.seed)
     vae = build.build_vae()
     final = out / "vae_final.safetensors"
@@ -168,8 +172,8 @@ def train_vae(args: argparse.Namespace, out: Path) -> torch.nn.Module:
                 out, f"vae step {step + 1}/{args.vae_steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)"
             )
         if (step + 1) % args.ckpt_every == 0:
-            progress = {"step": step + 1, "elapsed": before + time.time() - t0}
-            _save_ckpt(checkpoint, {"vae": vae}, opt, progress)
+            done = {"step": step + 1, "elapsed": before + time.time() - t0}
+            _save_ckpt(checkpoint, {"vae": vae}, opt, done)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, final)
     _timing(out, "vae_s", before + time.time() - t0)
     return vae
@@ -184,9 +188,7 @@ def _timing(out: Path, key: str, seconds: float) -> None:
 
 
 @torch.no_grad()
-def cache_latents(
-    args: argparse.Namespace, out: Path, vae: torch.nn.Module
-) -> tuple[torch.Tensor, list[str]]:
+def cache_latents(args: argparse.Namespace, out: Path, vae: AutoencoderKL) -> tuple[torch.Tensor, list[str]]:
     f = out / "latents.safetensors"
     if f.exists():
         lat = load_file(f)["latents"]
@@ -210,9 +212,9 @@ def cache_latents(
 
 @torch.no_grad()
 def probe_positions(
-    vae: torch.nn.Module,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
     tok: Any,
     scale: float,
     seed: int,
@@ -247,8 +249,8 @@ def probe_positions(
 
 
 def train_unet(
-    args: argparse.Namespace, out: Path, vae: torch.nn.Module, lat: torch.Tensor, prompts: list[str]
-) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    args: argparse.Namespace, out: Path, vae: AutoencoderKL, lat: torch.Tensor, prompts: list[str]
+) -> tuple[CLIPTextModel, UNet2DConditionModel, float]:
     torch.manual_seed(args.seed)
     tok = build.build_tokenizer()
     text_encoder = build.build_text_encoder(len(tok))
@@ -335,7 +337,7 @@ def train_unet(
 
 
 def export(
-    path: Path, vae: torch.nn.Module, text_encoder: torch.nn.Module, unet: torch.nn.Module, scale: float
+    path: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel, scale: float
 ) -> None:
     """Write the EMA weights as a StableDiffusionPipeline save_pretrained folder (safetensors)."""
     from diffusers import StableDiffusionPipeline

@@ -35,4 +35,5 @@ def seed_tomesd(target: Any, seed: int) -> None:
     run, and a batch made again on resuming would differ from the batch an uninterrupted run made."""
     denoiser = find_denoiser(target)
     device = next(denoiser.parameters()).device  # tomesd makes a new fork when the devices differ
-    denoiser._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
+    tome_info: Any = denoiser._tome_info  # tomesd's dict, set by its apply_patch
+    tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)

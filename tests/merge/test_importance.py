@@ -63,6 +63,14 @@ def _plan(units: int = 1, rows: int = 2):
         (lambda: cfg_importance(torch.zeros(3, 4, 2, 2), 4), "even size, got 3"),
         (lambda: _plan().merge(torch.zeros(3, 16, 8)), r"plan is for \(2, 16\) tokens, got \(3, 16\)"),
         (lambda: _plan().merge(torch.zeros(2, 9, 8)), r"got \(2, 9\)"),
+        # as many tokens in all as the plan's rows hold: a shape error inside torch (0.8.3)
+        (lambda: _plan().merge(torch.zeros(4, 8, 8)), r"plan is for \(2, 16\) tokens, got \(4, 8\)"),
+        # an output of another shape than the merged tokens' [B, K, C] came back silently of a wrong shape or
+        # from other slots ([4, K]: [4, N / 2]; [2, K + 1]: [2, N]; [1, 2K]: [1, 2N]), or failed in the gather
+        (lambda: _plan().unmerge(torch.zeros(4, 8, 8)), r"plan is for \(2, 8\) kept tokens, got \(4, 8\)"),
+        (lambda: _plan().unmerge(torch.zeros(2, 9, 8)), r"got \(2, 9\)"),
+        (lambda: _plan().unmerge(torch.zeros(1, 16, 8)), r"got \(1, 16\)"),
+        (lambda: _plan().unmerge(torch.zeros(2, 7, 8)), r"got \(2, 7\)"),
         (lambda: _plan(units=2, rows=3), "rows=3 is not a multiple of the plan's units=2"),
         (
             lambda: importance_partition(torch.rand(1, 16), 4, 8, key=None),

@@ -95,7 +95,7 @@ class MergePlan:
         apply_patch does that); elsewhere it is `embedding_bag` too.
         """
         rows, num_tokens, channels = x.shape
-        if rows * num_tokens != self.flat_slot.numel():
+        if (rows, num_tokens) != (self.rows, self.unit_slot.shape[1]):  # [2B, N / 2] has the same size
             num_tokens = self.unit_slot.shape[1]
             raise ValueError(f"this plan is for {(self.rows, num_tokens)} tokens, got {tuple(x.shape[:2])}")
         tokens = x.reshape(rows * num_tokens, channels)
@@ -116,6 +116,10 @@ class MergePlan:
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """[B, K, C] -> [B, N, C]: every token receives the output of its slot (one row gather)."""
         rows, num_kept, channels = y.shape
+        if (rows, num_kept) != (self.rows, self.num_kept):  # a gather would read other rows' slots, or fail
+            raise ValueError(
+                f"this plan is for {(self.rows, self.num_kept)} kept tokens, got {tuple(y.shape[:2])}"
+            )
         return y.reshape(rows * num_kept, channels).index_select(0, self.flat_slot).view(rows, -1, channels)
 
     def source(self) -> torch.Tensor:

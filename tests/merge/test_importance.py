@@ -72,6 +72,22 @@ def _plan(units: int = 1, rows: int = 2):
         (lambda: _plan().unmerge(torch.zeros(1, 16, 8)), r"got \(1, 16\)"),
         (lambda: _plan().unmerge(torch.zeros(2, 7, 8)), r"got \(2, 7\)"),
         (lambda: _plan(units=2, rows=3), "rows=3 is not a multiple of the plan's units=2"),
+        # no destination (an IndexError from max() inside the matching) or no unit (a ZeroDivisionError)
+        (
+            lambda: build_plan(torch.zeros(1, 0, dtype=torch.long), 0, (2, 2), 1, torch.randn(1, 4, 3)),
+            r"dst_idx \[1, 0\] must hold at least one unit and one destination",
+        ),
+        (lambda: build_plan(torch.zeros(0, 1, dtype=torch.long), 0, (2, 2), 0), r"dst_idx \[0, 1\]"),
+        # features or a pool of more tokens or units than the plan's were read in part, silently
+        (
+            lambda: build_plan(torch.tensor([[0]]), 2, (2, 2), 1, torch.randn(1, 6, 3)),
+            r"metric \[1, 6, 3\] must start with \[U, N\] = \[1, 4\]",
+        ),
+        (lambda: build_plan(torch.tensor([[0]]), 2, (2, 2), 1, torch.randn(2, 4, 3)), r"metric \[2, 4, 3\]"),
+        (
+            lambda: build_plan(torch.tensor([[0]]), 2, (2, 2), 1, in_pool=torch.ones(1, 5, dtype=torch.bool)),
+            r"in_pool \[1, 5\] must start with \[U, N\] = \[1, 4\]",
+        ),
         (
             lambda: importance_partition(torch.rand(1, 16), 4, 8, key=None),
             "random destination draw needs a key",

@@ -212,6 +212,16 @@ def test_grid_matching_picks_nearest_destination():
     assert source[1].item() == 0 and source[14].item() == 15  # neighbours go to their own corner
 
 
+@pytest.mark.parametrize("matching", ["feature", "grid"])
+def test_a_plan_with_every_token_a_destination_is_the_identity(matching):
+    """D = N leaves no source (so R = 0): a valid plan, whose matching of no source failed in torch.cat."""
+    metric = torch.randn(1, 6, 4) if matching == "feature" else None
+    plan = build_plan(torch.tensor([[4, 1, 0, 5, 2, 3]]), 0, (2, 3), 2, metric, proportional=True)
+    x = torch.randn(2, 6, 3)
+    assert plan.num_kept == 6 and torch.equal(plan.unmerge(plan.merge(x)), x)
+    assert torch.equal(plan.key_bias, torch.zeros(2, 1, 6))
+
+
 def test_plan_rejects_too_many_removals():
     with pytest.raises(ValueError, match="num_remove"):
         build_plan(torch.tensor([[0, 1]]), 3, (2, 2), 1, torch.randn(1, 4, 2))

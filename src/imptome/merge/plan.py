@@ -149,7 +149,7 @@ def _best_destination(
         dst_feat = metric.gather(1, dst_idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
     step = max(1, chunk_entries // max(1, units * num_dst))
     scores, best = [], []
-    for start in range(0, num_src, step):
+    for start in range(0, max(1, num_src), step):  # one empty chunk when every token is a destination
         idx = src_idx[:, start : start + step]
         if metric is None:
             dy = (idx // width).float().unsqueeze(-1) - dst_y.unsqueeze(1)
@@ -181,7 +181,7 @@ def build_plan(
     """Match every source to a destination and choose the R sources to remove.
 
     Args:
-        dst_idx: [U, D] destination token indices (from a partition).
+        dst_idx: [U, D] distinct destination token indices (from a partition), U >= 1, D >= 1.
         num_remove: R, tokens removed per row; R <= N - D.
         grid: (h, w) token grid.
         rows: B, denoiser rows the plan is applied to; a multiple of U (row b uses unit b % U).
@@ -198,10 +198,15 @@ def build_plan(
     """
     units, num_dst = dst_idx.shape
     num_tokens = grid[0] * grid[1]
+    if units < 1 or num_dst < 1:  # no destination: the matching's max would fail inside torch
+        raise ValueError(f"dst_idx {list(dst_idx.shape)} must hold at least one unit and one destination")
     if not 0 <= num_remove <= num_tokens - num_dst:
         raise ValueError(f"num_remove={num_remove} must be in [0, N - D = {num_tokens - num_dst}]")
     if rows % units:
         raise ValueError(f"rows={rows} is not a multiple of the plan's units={units}")
+    for name, given in (("metric", metric), ("in_pool", in_pool)):  # larger ones would be read in part
+        if given is not None and tuple(given.shape[:2]) != (units, num_tokens):
+            raise ValueError(f"{name} {list(given.shape)} must start with [U, N] = {[units, num_tokens]}")
     device = dst_idx.device
 
     is_dst = torch.zeros(units, num_tokens, dtype=torch.uint8, device=device).scatter_(1, dst_idx, 1)

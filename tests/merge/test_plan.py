@@ -174,6 +174,14 @@ def test_a_pool_that_cannot_hold_the_destinations_is_a_clear_error(num_pool):
         importance_partition(torch.rand(3, 40), 10, num_pool, torch.tensor(0))
 
 
+@pytest.mark.parametrize("pool_factor", [1e308, math.inf])
+def test_a_pool_factor_too_large_for_a_float_product_pools_every_token(pool_factor):
+    """MergeConfig takes any finite pool_factor >= 1; (N - R) * 1e308 overflows to inf, whose floor raised an
+    OverflowError at the first plan."""
+    assert pool_size(100, 50, pool_factor) == 100
+    assert pool_size(100, 50, 1.4) == 70 and pool_size(100, 50, 2.0) == 100 and pool_size(100, 90, 1.0) == 10
+
+
 def test_importance_pool_marks_the_most_important_tokens():
     importance = torch.rand(3, 40)
     in_pool = importance_pool(importance, 12)

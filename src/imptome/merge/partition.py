@@ -16,7 +16,8 @@ from imptome.merge.noise import random_bits
 
 def pool_size(num_tokens: int, num_remove: int, pool_factor: float) -> int:
     """M = min(N, floor((N - R) * pool_factor)): how many of the most important tokens form the pool."""
-    return min(num_tokens, math.floor((num_tokens - num_remove) * pool_factor))
+    pool = (num_tokens - num_remove) * pool_factor  # may overflow to inf: floor would raise
+    return num_tokens if pool >= num_tokens else math.floor(pool)
 
 
 def importance_partition(

@@ -161,6 +161,24 @@ def test_low_precision_keeps_dtype(dtype):
     torch.testing.assert_close(merged.float(), plan.merge(x.float()), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("case", ["zero destination", "norm past 65504"])
+def test_float16_features_match_as_float32_ones_do(case):
+    """Cosine matching of float16 features: normalized in float16, a zero token's similarities were NaN (eps
+    1e-12 is 0 in float16), which max() takes, so every source matched a zero destination; and a norm past
+    float16's 65504 was inf, which made every similarity 0. Both match as the same values in float32 do."""
+    grid, generator = (4, 4), torch.Generator().manual_seed(0)
+    dst = cell_partition(1, grid, 2, 2, torch.tensor(stream_id(1)))
+    features = torch.randn(1, 16, 320, generator=generator)
+    if case == "zero destination":
+        features[0, dst[0, 0]] = 0
+    else:
+        features *= 5000  # norms 8e4 to 1e5, entries within float16's range
+    features = features.half().float()  # the same values in both
+    want = build_plan(dst, 8, grid, 2, features)
+    got = build_plan(dst, 8, grid, 2, features.half())
+    assert torch.equal(got.flat_slot, want.flat_slot) and torch.equal(got.kept_idx, want.kept_idx)
+
+
 def test_topk_destinations_are_the_most_important():
     importance = torch.rand(3, 40)
     dst_idx, _ = importance_partition(importance, 10, 20, None, topk_dst=True)

@@ -145,7 +145,12 @@ def _best_destination(
         width = grid[1]
         dst_y, dst_x = (dst_idx // width).float(), (dst_idx % width).float()
     else:
-        metric = F.normalize(metric, dim=-1)
+        if metric.dtype == torch.float16:
+            # in float16 a norm past 65504 is inf (every similarity 0) and normalize's eps of 1e-12 is 0 (a
+            # zero token's similarities NaN, which max() takes: every source matched to a zero destination)
+            metric = F.normalize(metric.float(), dim=-1).half()
+        else:
+            metric = F.normalize(metric, dim=-1)
         dst_feat = metric.gather(1, dst_idx.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
     step = max(1, chunk_entries // max(1, units * num_dst))
     scores, best = [], []

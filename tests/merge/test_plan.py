@@ -179,6 +179,17 @@ def test_float16_features_match_as_float32_ones_do(case):
     assert torch.equal(got.flat_slot, want.flat_slot) and torch.equal(got.kept_idx, want.kept_idx)
 
 
+def test_float16_merge_on_the_cpu_does_not_overflow_in_its_sums():
+    """ATen's CPU embedding_bag keeps a bag's sum in float16 before dividing: a group whose sum passes 65504
+    averaged to inf (CUDA's and the Triton kernel sum in float32). Now the float32 mean, rounded once."""
+    plan, *_ = _importance_plan(8, 6, 1, True, 0.7, 1.4, 0)
+    assert int(torch.bincount(plan.unit_slot[0]).max()) >= 3  # 3 * 30000 > 65504
+    x = torch.full((2, 48, 8), 30000.0).half()
+    assert torch.equal(plan.merge(x), torch.full((2, plan.num_kept, 8), 30000.0).half())
+    x = torch.randn(2, 48, 8, generator=torch.Generator().manual_seed(1)).half()
+    assert torch.equal(plan.merge(x), plan.merge(x.float()).half())
+
+
 def test_topk_destinations_are_the_most_important():
     importance = torch.rand(3, 40)
     dst_idx, _ = importance_partition(importance, 10, 20, None, topk_dst=True)

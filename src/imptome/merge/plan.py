@@ -92,7 +92,8 @@ class MergePlan:
 
         kernel="triton" averages with imptome's Triton kernel where it pays, while torch.compile traces
         CUDA tokens that need no gradient (`imptome.merge.kernels`, which must have been imported;
-        apply_patch does that); elsewhere it is `embedding_bag` too.
+        apply_patch does that); elsewhere it is `embedding_bag` too (over float32 copies of float16 CPU
+        tokens, whose sums the CPU kernel would keep in float16).
         """
         rows, num_tokens, channels = x.shape
         if (rows, num_tokens) != (self.rows, self.unit_slot.shape[1]):  # [2B, N / 2] has the same size
@@ -109,6 +110,9 @@ class MergePlan:
             and torch.compiler.is_compiling()
         ):
             merged = torch.ops.imptome.segment_mean(tokens, self.bag_order, self.bag_offsets)
+        elif tokens.dtype == torch.float16 and tokens.device.type == "cpu":
+            # ATen's CPU kernel keeps a bag's sum in the tokens' dtype before dividing: past 65504, inf
+            merged = F.embedding_bag(self.bag_order, tokens.float(), self.bag_offsets, mode="mean").half()
         else:
             merged = F.embedding_bag(self.bag_order, tokens, self.bag_offsets, mode="mean")
         return merged.view(rows, self.num_kept, channels)

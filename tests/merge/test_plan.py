@@ -242,6 +242,14 @@ def test_cell_partition_one_destination_per_full_cell(grid):
     assert cells == [(cy, cx) for cy in range(h // 2) for cx in range(w // 2)]
 
 
+@pytest.mark.parametrize("sx", [2**62, 10**30])
+def test_cells_larger_than_the_grid_give_no_destination(sx):
+    """MergeConfig takes any cell size; one wider than the grid has no full cell, so no destination (no merge
+    on that grid). It made the sy * sx positions of one cell first: out of memory, or an overflow error."""
+    assert cell_partition(2, (8, 8), 2, sx, torch.tensor(stream_id(0))).shape == (2, 0)
+    assert cell_partition(2, (8, 8), sx, 2, torch.tensor(stream_id(0))).shape == (2, 0)
+
+
 def test_grid_matching_picks_nearest_destination():
     dst = torch.tensor([[0, 15]])  # corners of a 4x4 grid
     plan = build_plan(dst, 14, (4, 4), 1, metric=None)

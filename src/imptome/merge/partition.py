@@ -79,6 +79,8 @@ def cell_partition(
     Returns:
         dst_idx [U, (h // sy) * (w // sx)] token indices (row-major on the h x w grid).
     """
+    if grid[0] < sy or grid[1] < sx:  # no full cell; and no sy * sx positions in one to make (sx=2**40)
+        return torch.empty(units, 0, dtype=torch.long, device=key.device)
     positions = constants.cell_positions(grid, sy, sx, key.device)  # [cells, sy * sx]
     # row-major position inside each cell, [U, cells, 1]
     offset = random_bits(key, (units, positions.shape[0], 1)) % (sy * sx)

@@ -61,18 +61,92 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
         return scipy.linalg.sqrtm(matrix)
 
 
-def bootstrap_ci(
-    values: np.ndarray, weights: np.ndarray | None = None, rounds: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of sum(values) / sum(weights), resampling the n units.
+def to_grid(
+    values: np.ndarray, rows: list, cols: list, row_labels: list | None = None, col_labels: list | None = None
+) -> np.ndarray:
+    """Per-unit values [n] with each unit's row and column label (such as its prompt and seed) -> a grid
+    [n_rows, n_cols] for bootstrap_ci, NaN where no unit is. The grid's rows follow `row_labels` (default:
+    the labels in `rows` in order of first appearance), its columns `col_labels` likewise."""
+    values = np.asarray(values, dtype=float)
+    if not len(values) == len(rows) == len(cols):
+        raise ValueError(f"{len(values)} values, {len(rows)} row labels, {len(cols)} column labels")
+    row_of = {label: i for i, label in enumerate(dict.fromkeys(rows if row_labels is None else row_labels))}
+    col_of = {label: j for j, label in enumerate(dict.fromkeys(cols if col_labels is None else col_labels))}
+    grid = np.full((len(row_of), len(col_of)), np.nan)
+    filled = np.zeros(grid.shape, dtype=bool)
+    for value, row, col in zip(values, rows, cols, strict=True):
+        cell = row_of[row], col_of[col]
+        if filled[cell]:
+            raise ValueError(f"two values for row {row!r}, column {col!r}")
+        grid[cell], filled[cell] = value, True
+    return grid
 
-    values [n]; weights [n] (default ones, giving the plain mean). With per-image hit counts as values and
-    object counts as weights this is the interval of a per-object accuracy that respects the grouping
-    of objects in images.
+
+def bootstrap_ci(
+    values: np.ndarray,
+    weights: np.ndarray | None = None,
+    rounds: int = 2000,
+    seed: int = 0,
+    resample: tuple[int, ...] = (0,),
+) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of sum(values) / sum(weights), resampling clusters of units.
+
+    values [n] (independent units) or [n_a, n_b] (a grid of units, such as prompts x seeds); weights of the
+    same shape (default ones, giving the plain mean). With per-image hit counts as values and object counts
+    as weights this is the interval of a per-object accuracy that respects the grouping of objects in
+    images. NaN in `values` or `weights` marks a missing unit: it counts in neither sum.
+
+    `resample` names the axes whose levels are drawn with replacement, each drawn level bringing all its
+    units: (0,) draws rows (clusters: a drawn prompt brings the images of all its seeds; for [n], each unit
+    alone); (0, 1) draws rows and columns independently and sums the cells where they cross (the two-way
+    "pigeonhole" bootstrap of crossed designs, Owen 2007, which also counts what a column shares, such as
+    one seed's initial noise; mildly conservative). Levels without any unit are left out. Every draw uses
+    the same generator, so the interval is a function of the inputs, `rounds` and `seed`.
+
+    Returns None when a resampled axis has fewer than 2 levels (one prompt, or one seed with (0, 1)): their
+    spread cannot be estimated, and an interval of width zero would claim certainty.
     """
     values = np.asarray(values, dtype=float)
     weights = np.ones_like(values) if weights is None else np.asarray(weights, dtype=float)
+    if values.shape != weights.shape or values.ndim not in (1, 2):
+        raise ValueError(
+            f"values {values.shape} and weights {weights.shape}: need one shape, [n] or [n_a, n_b]"
+        )
+    if not resample or any(axis not in range(values.ndim) for axis in resample):
+        raise ValueError(f"resample {resample}: axes of a {values.ndim}-d array, at least one")
+    if np.isinf(values).any() or np.isinf(weights).any():
+        raise ValueError("values and weights must not be infinite; mark a missing unit with NaN")
+    missing = np.isnan(values) | np.isnan(weights)
+    values, weights = np.where(missing, 0.0, values), np.where(missing, 0.0, weights)
+    if values.ndim == 1:
+        values, weights, present = values[:, None], weights[:, None], ~missing[:, None]
+    else:
+        present = ~missing
+    # levels without any unit draw nothing; with them the number of informative levels drawn would vary
+    rows, cols = present.any(1), present.any(0)
+    values, weights = values[rows][:, cols], weights[rows][:, cols]
+    if any(values.shape[axis] < 2 for axis in resample):
+        return None
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), (rounds, len(values)))
-    low, high = np.percentile(values[idx].sum(1) / weights[idx].sum(1), [2.5, 97.5])
+    # how often each level is drawn, per round: [rounds, n_a] and [rounds, n_b] (ones for an axis kept whole)
+    times = [
+        _draw_counts(rng, n, rounds) if axis in resample else np.ones((rounds, n))
+        for axis, n in enumerate(values.shape)
+    ]
+    numerator = np.einsum("ra,ab,rb->r", times[0], values, times[1])
+    denominator = np.einsum("ra,ab,rb->r", times[0], weights, times[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = numerator / denominator
+    ratios = ratios[np.isfinite(ratios)]  # a draw of only missing crossings has no ratio
+    if not len(ratios):
+        return None
+    low, high = np.percentile(ratios, [2.5, 97.5])
     return float(low), float(high)
+
+
+def _draw_counts(rng: np.random.Generator, n: int, rounds: int) -> np.ndarray:
+    """[rounds, n]: how many times each of n levels is drawn in n draws with replacement, per round."""
+    idx = rng.integers(0, n, (rounds, n))
+    return np.bincount((idx + n * np.arange(rounds)[:, None]).ravel(), minlength=rounds * n).reshape(
+        rounds, n
+    )

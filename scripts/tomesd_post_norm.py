@@ -26,7 +26,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from imptome.bench.metrics import bootstrap_ci, psnr
+from imptome.bench.metrics import bootstrap_ci, psnr, to_grid
+from imptome.bench.quality import RESAMPLE, report_json
 from imptome.cli import main as imptome_main
 
 
@@ -57,9 +58,17 @@ def load(cache: Path, key: str) -> np.ndarray:
     return np.stack([np.asarray(Image.open(path)) for path in sorted((cache / key).glob("*.png"))])
 
 
+def prompts_and_seeds(cache: Path, key: str) -> tuple[list[str], list[str]]:
+    """The prompt and seed of each image `load` returns, from the cache's names (<prompt hash>_<seed>.png)."""
+    names = [path.stem.rsplit("_", 1) for path in sorted((cache / key).glob("*.png"))]
+    return [prompt for prompt, _ in names], [seed for _, seed in names]
+
+
 def compare(run_cache: Path, other_cache: Path, ratios: list[str]) -> list[dict]:
-    """Paired PSNR differences per ratio, dB with 95% bootstrap intervals; printed and returned."""
+    """Paired PSNR differences per ratio, dB with 95% bootstrap intervals over prompts (as the benchmark's);
+    printed and returned."""
     reference = load(run_cache, "none@0")
+    prompts, seeds = prompts_and_seeds(run_cache, "none@0")
     if not np.array_equal(reference, load(other_cache, "none@0")):
         raise SystemExit(f"{other_cache} has other unmerged images: not the same settings")
     columns = {
@@ -81,12 +90,16 @@ def compare(run_cache: Path, other_cache: Path, ratios: list[str]) -> list[dict]
         row: dict = {"ratio": float(ratio)}
         for key, (_, a, b) in columns.items():
             difference = values[a] - values[b]
-            row[key] = {"mean_db": float(difference.mean()), "ci95": bootstrap_ci(difference)}
+            difference[~np.isfinite(difference)] = np.nan  # an image equal to its unmerged one: no PSNR
+            ci95 = bootstrap_ci(to_grid(difference, prompts, seeds), resample=RESAMPLE)
+            row[key] = {"mean_db": float(np.nanmean(difference)), "ci95": ci95}
         out.append(row)
         table.add_row(
             ratio,
             *(
                 f"{row[key]['mean_db']:+.2f} [{row[key]['ci95'][0]:+.2f}, {row[key]['ci95'][1]:+.2f}] dB"
+                if row[key]["ci95"]
+                else f"{row[key]['mean_db']:+.2f} [-] dB"  # fewer than 2 prompts
                 for key in columns
             ),
         )
@@ -119,7 +132,7 @@ def cli() -> None:
         "against": str(args.compare),
         "rows": compare(cache, args.compare, ratios),
     }
-    report_path.write_text(json.dumps(report, indent=1))
+    report_path.write_text(report_json(report))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import imptome
 from imptome.bench import quality
+from imptome.bench.metrics import bootstrap_ci
 from imptome.cli import main
 from imptome.commands import quality as quality_command
 from imptome.commands.quality import ablation_options
@@ -24,7 +25,7 @@ from tests.factories import tiny_sd_pipeline, tiny_sd_unet
 
 FIELDS = {
     "method", "ratio", "n_images", "accuracy", "accuracy_ci95", "position_accuracy", "frechet", "psnr",
-    "ssim", "step_seconds", "flops_per_step", "n_scored",
+    "ssim", "step_seconds", "flops_per_step", "n_scored", "per_image",
 }  # fmt: skip
 
 
@@ -62,6 +63,15 @@ def test_quality_bench_writes_rows_and_resumes(model_dir, prompt_file, tmp_path,
     assert all(r["flops_per_step"] < rows[0]["flops_per_step"] for r in merged)
     assert all(0 < r["ssim"] <= 1 and r["psnr"] > 0 for r in merged)
     assert rows[0]["accuracy"] is None  # prompts outside the bundled model's grammar: no classifier scores
+    # per-image values as grids [prompt][seed], the prompts named in the report
+    assert report["prompt_texts"] == ["a red circle", "a blue square"] and report["seeds"] == [0]
+    (grids,) = [r["per_image"] for r in merged]
+    assert merged[0]["psnr_ci95"] is None  # one seed: no interval
+    assert set(grids) == {"psnr", "ssim"} and rows[0]["per_image"] is None
+    assert np.mean(grids["psnr"]) == pytest.approx(merged[0]["psnr"], abs=1e-3)
+    lines = out.read_text().splitlines()  # a grid has one line per prompt, not one per value
+    start = lines.index('    "psnr": [')
+    assert [json.loads(line.strip().rstrip(",")) for line in lines[start + 1 : start + 3]] == grids["psnr"]
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     printed = capsys.readouterr().out
     assert f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}" in printed
@@ -121,7 +131,7 @@ def test_prompts_the_classifier_cannot_score_still_get_paired_psnr(model_dir, pr
     """Paired PSNR differences need no classifier: with prompts outside the bundled model's grammar they are
     reported, and only the accuracy difference is left out."""
     out = tmp_path / "q.json"
-    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "2"]
     argv += ["--methods", "tome", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(out)]
     assert main(argv) == 0
     (comparison,) = json.loads(out.read_text())["comparisons"]
@@ -272,9 +282,10 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
     assert rows["none"]["n_images"] == 36  # the built-in held-out prompt set
     for row in rows.values():
         assert 0.0 <= row["position_accuracy"] <= row["accuracy"] <= 1.0
-        low, high = row["accuracy_ci95"]
-        assert low <= row["accuracy"] <= high
         assert row["frechet"] > 0
+        # one seed: the spread between seeds (their shared initial noise) cannot be estimated, so no interval
+        assert row["accuracy_ci95"] is None and row["psnr_ci95"] is None
+    assert f"| {rows['none']['accuracy']:.3f} [-] |" in out.with_suffix(".md").read_text()
     # paired differences: each importance variant minus each tome variant, importance minus its shuffled
     # control, row matching minus the ablation it extends
     comparisons = {(c["method"], c["baseline"]): c for c in report["comparisons"]}
@@ -286,8 +297,45 @@ def test_quality_bench_scores_the_bundled_model_with_its_classifier(tmp_path):
     for (method, baseline), comparison in comparisons.items():
         difference = rows[method]["accuracy"] - rows[baseline]["accuracy"]
         assert comparison["accuracy_diff"] == pytest.approx(difference)
-        low, high = comparison["psnr_ci95"]
-        assert low <= comparison["psnr_diff_db"] <= high
+        assert math.isfinite(comparison["psnr_diff_db"]) and comparison["psnr_ci95"] is None
+
+
+def test_the_report_holds_the_per_image_values_every_interval_comes_from(tmp_path):
+    """The per-image grids [prompt][seed] in the JSON rows are enough to recompute every interval (say, with
+    another interval method) without the images."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("top left: red circle\nbottom left: red square\ntop right: red triangle\n")
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--prompts", str(prompts), "--seeds", "3", "--methods", "tome", "importance"]
+    assert main([*argv, "--ratios", "0.5", "--steps", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seeds"] == [0, 1, 2] and len(report["prompt_texts"]) == 3
+    assert "draw prompts and seeds independently" in report["intervals"]
+    assert "draw prompts and seeds independently" in out.with_suffix(".md").read_text()
+    rows = {r["method"]: r for r in report["rows"]}
+
+    def grid(method, name):
+        return np.array(rows[method]["per_image"][name], dtype=float)  # [prompt, seed]; null -> NaN
+
+    def interval(values, weights=None):
+        return bootstrap_ci(values, weights, resample=quality.RESAMPLE)
+
+    assert grid("none", "hits").shape == (3, 3) and "psnr" not in rows["none"]["per_image"]
+    for method, row in rows.items():
+        assert interval(grid(method, "hits"), grid(method, "objects")) == pytest.approx(row["accuracy_ci95"])
+        position = interval(grid(method, "position_hits"), grid(method, "objects"))
+        assert position == pytest.approx(row["position_accuracy_ci95"])
+        if method != "none":
+            assert np.nanmean(grid(method, "psnr")) == pytest.approx(row["psnr"], abs=1e-3)
+            assert interval(grid(method, "psnr")) == pytest.approx(row["psnr_ci95"], abs=1e-3)
+            ssim_ci = interval(grid(method, "ssim"))  # from values rounded to 1e-5
+            assert ssim_ci == pytest.approx(row["ssim_ci95"], abs=1e-4)
+    (comparison,) = report["comparisons"]
+    assert (comparison["method"], comparison["baseline"]) == ("importance", "tome")
+    db = grid("importance", "psnr") - grid("tome", "psnr")
+    assert interval(db) == pytest.approx(comparison["psnr_ci95"], abs=1e-3)
+    hits = grid("importance", "hits") - grid("tome", "hits")
+    assert interval(hits, grid("importance", "objects")) == pytest.approx(comparison["accuracy_ci95"])
 
 
 def test_prompts_outside_the_classifier_grammar_are_named_and_the_rest_scored(tmp_path, capsys):
@@ -354,6 +402,82 @@ def test_fidelity_pairs_each_image_with_the_unmerged_image_of_its_prompt_and_see
     low, high = comparison["psnr_ci95"]
     per_image = db["importance"] - db["tome"]
     assert per_image.min() <= low < high <= per_image.max()
+
+
+class _ShiftedCache:
+    """Images of `items` made by adding a per-image offset to random unmerged images (one offset array per
+    method, in items order), so each image's PSNR is 20 log10(255 / offset)."""
+
+    def __init__(self, items, offsets):
+        self.items, self.offsets = items, offsets
+        self.unmerged = np.random.default_rng(0).integers(0, 200, (len(items), 8, 8, 3), dtype=np.uint8)
+
+    def load(self, variant, wanted):
+        assert wanted == self.items
+        if variant.method == "none":
+            return self.unmerged
+        return self.unmerged + self.offsets[variant.method].astype(np.uint8)[:, None, None, None]
+
+    def stats(self, variant):
+        return {"step_seconds": [], "flops_per_step": 1.0}
+
+
+VARIANTS = [
+    quality.Variant(method, ratio) for method, ratio in (("none", 0), ("tome", 0.5), ("importance", 0.5))
+]
+
+
+def test_intervals_resample_prompts_not_images():
+    """All seeds of a prompt give the same PSNR here: the interval is that of the per-prompt values (each
+    prompt counted once), not the narrower one of the images taken as independent; likewise the paired
+    difference. The per-image grids in the rows hold each value at its prompt and seed."""
+    prompts, seeds = 10, (3, 5, 8, 9)
+    items = [(p, s) for s in seeds for p in range(prompts)]
+    per_prompt = {"tome": np.arange(1, 11), "importance": np.array([2, 1, 4, 3, 6, 5, 8, 7, 10, 12])}
+    offsets = {method: np.array([offset[p] for p, _ in items]) for method, offset in per_prompt.items()}
+    rows, comparisons = quality.evaluate(
+        _ShiftedCache(items, offsets), VARIANTS, [f"p{i}" for i in range(prompts)], items, [None] * prompts
+    )
+    db = {method: 20 * np.log10(255 / offset) for method, offset in per_prompt.items()}  # [prompts]
+    for row in rows[1:]:
+        np.testing.assert_allclose(row.per_image["psnr"], np.repeat(db[row.method][:, None], 4, 1), atol=1e-3)
+        assert row.psnr_ci95 == pytest.approx(bootstrap_ci(db[row.method]), rel=1e-6)  # float32 PSNR
+        per_image = bootstrap_ci(np.repeat(db[row.method], 4))  # the images as independent units
+        assert np.diff(row.psnr_ci95) > 1.5 * np.diff(per_image)  # about sqrt(4) = 2 wider
+    (comparison,) = comparisons
+    assert comparison["psnr_ci95"] == pytest.approx(bootstrap_ci(db["importance"] - db["tome"]), abs=1e-5)
+
+
+def test_intervals_count_what_the_prompts_of_one_seed_share():
+    """Every prompt at one seed starts from the same noise: here each seed moves all its prompts' PSNR alike
+    (and nothing else varies). Resampling images or prompts alone would give an interval of (nearly) zero
+    width; drawing seeds too gives the spread of the seeds' means."""
+    prompts, seeds = 10, (3, 5, 8, 9)
+    items = [(p, s) for s in seeds for p in range(prompts)]
+    by_seed = {"tome": {3: 1, 5: 3, 8: 6, 9: 12}, "importance": {3: 2, 5: 2, 8: 4, 9: 10}}
+    offsets = {method: np.array([offset[s] for _, s in items]) for method, offset in by_seed.items()}
+    rows, comparisons = quality.evaluate(
+        _ShiftedCache(items, offsets), VARIANTS, [f"p{i}" for i in range(prompts)], items, [None] * prompts
+    )
+    for row in rows[1:]:
+        seed_db = 20 * np.log10(255 / np.array(list(by_seed[row.method].values())))
+        low, high = row.psnr_ci95
+        assert seed_db.min() <= low < row.psnr < high <= seed_db.max()
+        assert high - low > 0.3 * (seed_db.max() - seed_db.min())
+    low, high = comparisons[0]["psnr_ci95"]
+    assert high - low > 1.0  # dB; the seeds' differences run from 0 to 6 dB
+
+
+def test_one_prompt_gives_values_without_intervals():
+    """With one prompt the spread between prompts cannot be estimated: the values come without intervals,
+    and the table says so with [-] rather than an interval of width zero."""
+    items = [(0, 0), (0, 1), (0, 2)]
+    offsets = {"tome": np.array([1, 2, 3]), "importance": np.array([2, 2, 4])}
+    rows, comparisons = quality.evaluate(_ShiftedCache(items, offsets), VARIANTS, ["x"], items, [None])
+    assert rows[1].psnr is not None and rows[1].psnr_ci95 is None and rows[1].ssim_ci95 is None
+    assert comparisons[0]["psnr_diff_db"] is not None and comparisons[0]["psnr_ci95"] is None
+    table = quality.markdown_table(rows, comparisons, cfg=True)
+    assert f"| {rows[1].psnr:.2f} [-] |" in table and "[-]: fewer than 2 prompts or 2 seeds" in table
 
 
 def test_plot_of_rows_without_values_has_no_legend(tmp_path):

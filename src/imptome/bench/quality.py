@@ -4,8 +4,9 @@ Every method runs in one process on the same prompts and seeds. Images are cache
 `--cache` as they are made, so an interrupted run resumes where it stopped. Metrics:
 
 - accuracy: prompted objects drawn with the right colour and shape (read by the bundled classifier);
-  position_accuracy: also in the prompted cell; both with 95% bootstrap intervals over images; prompts
-  outside the bundled model's grammar are not scored (a warning names them);
+  position_accuracy: also in the prompted cell; both with 95% bootstrap intervals that resample prompts
+  and seeds (RESAMPLE; so do those of PSNR, SSIM and the paired differences); prompts outside the bundled
+  model's grammar are not scored (a warning names them);
 - frechet: Frechet distance between classifier features of the generated images and of real procedural
   images of the same prompts (the FID analogue);
 - psnr / ssim: each merged image against the unmerged image of the same prompt and seed;
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 import imptome
 from imptome.bench.baseline import seed_tomesd, tomesd_patched
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
-from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim
+from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim, to_grid
 from imptome.bench.timing import busy_machine_note, package_versions
 from imptome.cli import CliError, write_atomically
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
@@ -117,6 +118,9 @@ class Row:
     step_seconds: float | None
     flops_per_step: float
     n_scored: int | None = None  # images of prompts the classifier reads: accuracies and Frechet rest on them
+    # per image, as grids [prompt][seed] (the report's prompt_texts and seeds; null where not measured):
+    # psnr, ssim, hits, position_hits, objects; enough to recompute every interval without the images
+    per_image: dict[str, list[list[float | None]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -260,11 +264,40 @@ def _score(images, prompts, items, classifier) -> tuple[np.ndarray, np.ndarray, 
     return anywhere, placed, counts
 
 
+# How the intervals resample the grid [prompt, seed] of images: the images of one prompt share its content
+# (and its failures), and all prompts at one seed share the initial noise (and, at the default batch size,
+# one batch). So prompts and seeds are drawn independently, each drawn prompt bringing its images at each
+# drawn seed (bootstrap_ci's two-way bootstrap). On the published 288-image run the seed carried most of
+# the spread of mean PSNR; see docs/RESULTS.md ("How the intervals are computed").
+RESAMPLE = (0, 1)
+INTERVALS = (
+    "95% percentile-bootstrap intervals (2000 rounds) that draw prompts and seeds independently, each drawn "
+    "prompt bringing its images at each drawn seed; accuracies are ratios of summed hits to summed objects; "
+    "[-]: fewer than 2 prompts or 2 seeds"
+)
+
+
+def _per_image_json(grids: dict[str, np.ndarray]) -> dict[str, list[list[float | None]]]:
+    """Grids [prompt, seed] as JSON lists, NaN as null; PSNR to 0.001 dB and SSIM to 1e-5 (far below their
+    intervals), counts as integers."""
+    digits = {"psnr": 3, "ssim": 5}
+    out = {}
+    for name, grid in grids.items():
+        if name in digits:
+            out[name] = [
+                [None if np.isnan(v) else round(float(v), digits[name]) for v in row] for row in grid
+            ]
+        else:
+            out[name] = [[None if np.isnan(v) else int(v) for v in row] for row in grid]
+    return out
+
+
 def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[dict[str, Any]]]:
     """Metrics of every variant, and paired differences (accuracy, PSNR) over the same prompts and seeds:
     each importance variant minus every imptome tome variant (tome, tome-per-layer, ...) at the same ratio,
     each method minus its -shuffled control, and each -rowmatch ablation minus the ablation it extends.
-    Accuracies and Frechet distances cover the images of the prompts in `objects` that are not None."""
+    Accuracies and Frechet distances cover the images of the prompts in `objects` that are not None.
+    Intervals resample prompts and seeds (RESAMPLE): per-image values go into grids [prompt, seed] first."""
     classifier = None
     real_features = None
     scored = [i for i, (p, _) in enumerate(items) if objects[p] is not None]  # indices into items
@@ -274,16 +307,32 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
 
         classifier = load_classifier()
         real_features = features(_reference_images(objects, scored_items), classifier).numpy()
+    # every prompt is a row (in prompt order) and every seed a column, also where a metric has no value
+    seeds = list(dict.fromkeys(seed for _, seed in items))
+
+    def grid(per_image: np.ndarray, where: list[int] | None = None) -> np.ndarray:
+        """[prompts, seeds] of the values of all items, or of items[where]; NaN elsewhere."""
+        chosen = items if where is None else [items[i] for i in where]
+        prompt_of, seed_of = [p for p, _ in chosen], [seed for _, seed in chosen]
+        return to_grid(per_image, prompt_of, seed_of, list(range(len(prompts))), seeds)
+
+    def interval(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float] | None:
+        return bootstrap_ci(values, weights, resample=RESAMPLE)
+
     baseline = cache.load(Variant("none", 0.0), items)
-    rows, paired = [], {}  # key -> per-image (hits, object counts, PSNR), for paired differences
+    rows, paired = [], {}  # key -> grids of hits, object counts and PSNR, for paired differences
     for variant in tqdm(variants, desc="metrics", unit="variant"):
         images = cache.load(variant, items)
         stats = cache.stats(variant)
         accuracy = accuracy_ci = placed_acc = placed_ci = frechet = None
+        grids: dict[str, np.ndarray] = {}
         if classifier is not None:
             anywhere, placed, counts = _score(images[scored], prompts, scored_items, classifier)
-            accuracy, accuracy_ci = anywhere.sum() / counts.sum(), bootstrap_ci(anywhere, counts)
-            placed_acc, placed_ci = placed.sum() / counts.sum(), bootstrap_ci(placed, counts)
+            grids |= {"hits": grid(anywhere, scored), "position_hits": grid(placed, scored)}
+            grids["objects"] = grid(counts, scored)
+            accuracy, accuracy_ci = anywhere.sum() / counts.sum(), interval(grids["hits"], grids["objects"])
+            placed_acc = placed.sum() / counts.sum()
+            placed_ci = interval(grids["position_hits"], grids["objects"])
             assert real_features is not None  # made with the classifier
             frechet = frechet_distance(features(images[scored], classifier).numpy(), real_features)
         fidelity: dict[str, Any] = {"psnr": None, "psnr_ci95": None, "ssim": None, "ssim_ci95": None}
@@ -291,13 +340,13 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
             all_db = psnr(images, baseline)
             db = all_db[np.isfinite(all_db)]  # identical images have no finite PSNR
             similarity = ssim(images, baseline)
-            scores = (anywhere, counts) if classifier is not None else (None, None)
-            paired[variant.key] = (*scores, all_db)
+            grids |= {"psnr": grid(np.where(np.isfinite(all_db), all_db, np.nan)), "ssim": grid(similarity)}
+            paired[variant.key] = (grids.get("hits"), grids.get("objects"), grids["psnr"])
             fidelity = {
                 "psnr": float(db.mean()) if len(db) else None,
-                "psnr_ci95": bootstrap_ci(db) if len(db) else None,
+                "psnr_ci95": interval(grids["psnr"]) if len(db) else None,
                 "ssim": float(similarity.mean()),
-                "ssim_ci95": bootstrap_ci(similarity),
+                "ssim_ci95": interval(grids["ssim"]),
             }
         rows.append(
             Row(
@@ -313,6 +362,7 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
                 step_seconds=float(np.median(stats["step_seconds"])) if stats["step_seconds"] else None,
                 flops_per_step=float(stats["flops_per_step"]),
                 n_scored=len(scored_items),
+                per_image=_per_image_json(grids) if grids else None,
             )
         )
     # (variant, baseline): importance variants against imptome's tome variants, methods against their control,
@@ -331,18 +381,19 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         if variant.key not in paired or baseline.key not in paired:
             continue
         (hits, counts, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
-        both = np.isfinite(db) & np.isfinite(base_db)
-        db_diff = db[both] - base_db[both]
+        db_diff = db - base_db  # NaN where either image equals its unmerged one (no finite PSNR)
+        has_diff = bool(np.isfinite(db_diff).any())
         classified = hits is not None  # accuracy only where the classifier scores the prompts
+        hits_diff = hits - base_hits if classified else None
         comparisons.append(
             {
                 "method": variant.method,
                 "baseline": baseline.method,
                 "ratio": variant.ratio,
-                "accuracy_diff": float((hits.sum() - base_hits.sum()) / counts.sum()) if classified else None,
-                "accuracy_ci95": bootstrap_ci(hits - base_hits, counts) if classified else None,
-                "psnr_diff_db": float(db_diff.mean()) if len(db_diff) else None,
-                "psnr_ci95": bootstrap_ci(db_diff) if len(db_diff) else None,
+                "accuracy_diff": float(np.nansum(hits_diff) / np.nansum(counts)) if classified else None,
+                "accuracy_ci95": interval(hits_diff, counts) if classified else None,
+                "psnr_diff_db": float(np.nanmean(db_diff)) if has_diff else None,
+                "psnr_ci95": interval(db_diff) if has_diff else None,
             }
         )
     return rows, comparisons
@@ -351,13 +402,31 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
 # ---------------------------------------------------------------------------------------------- output
 
 
+def report_json(report: Any, indent: str = "") -> str:
+    """JSON as json.dumps(indent=1) writes it, but each list of numbers on one line (a per-image grid: one
+    line per prompt), so that 288 images x 25 rows stay a few hundred kB that a reader can page through."""
+
+    if isinstance(report, list) and not any(isinstance(v, dict | list) for v in report):
+        return json.dumps(report, separators=(", ", ": "))
+    inner = indent + " "
+    if isinstance(report, dict) and report:
+        items = [f"{inner}{json.dumps(key)}: {report_json(value, inner)}" for key, value in report.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(report, list) and report:
+        items = [inner + report_json(value, inner) for value in report]
+        return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+    return json.dumps(report)
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _fmt_ci(value: float | None, ci: tuple[float, float] | None, digits: int = 3, sign: str = "") -> str:
-    if value is None or ci is None:
+    if value is None:
         return "-"
+    if ci is None:  # too few prompts or seeds to resample
+        return f"{value:{sign}.{digits}f} [-]"
     return f"{value:{sign}.{digits}f} [{ci[0]:{sign}.{digits}f}, {ci[1]:{sign}.{digits}f}]"
 
 
@@ -386,6 +455,7 @@ def markdown_table(rows: list[Row], comparisons: list[dict[str, Any]], cfg: bool
             f"Frechet: from {', '.join(map(str, counts))} images per method; the estimate is biased by the "
             "number of images (strongly below a few hundred), so compare it only between rows of one run.\n"
         )
+    text += f"Intervals: {INTERVALS}.\n"
     if comparisons:
         text += (
             "\n| method | minus | ratio | accuracy difference (paired) [95% CI] "
@@ -478,11 +548,13 @@ def run(args: argparse.Namespace) -> int:
         "guidance": args.guidance,
         "prompts": len(prompts),
         "seeds": seeds,
+        "prompt_texts": prompts,  # the rows of each row's per_image grids (its columns: seeds)
+        "intervals": INTERVALS,
         "rows": [asdict(r) for r in rows],
         "comparisons": comparisons,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    args.json.write_text(report_json(report))
     table = markdown_table(rows, comparisons, cfg=args.guidance > 1)
     markdown = args.markdown
     markdown.parent.mkdir(parents=True, exist_ok=True)

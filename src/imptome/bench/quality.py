@@ -320,7 +320,9 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
         return bootstrap_ci(values, weights, resample=RESAMPLE)
 
     baseline = cache.load(Variant("none", 0.0), items)
-    rows, paired = [], {}  # key -> grids of hits, object counts and PSNR, for paired differences
+    rows: list[Row] = []
+    # key -> grids of hits, object counts (None: prompts not scored) and PSNR, for paired differences
+    paired: dict[str, tuple[np.ndarray | None, np.ndarray | None, np.ndarray]] = {}
     for variant in tqdm(variants, desc="metrics", unit="variant"):
         images = cache.load(variant, items)
         stats = cache.stats(variant)
@@ -380,18 +382,21 @@ def evaluate(cache, variants, prompts, items, objects) -> tuple[list[Row], list[
     for variant, baseline in pairs:
         if variant.key not in paired or baseline.key not in paired:
             continue
-        (hits, counts, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
+        (hits, objects, db), (base_hits, _, base_db) = paired[variant.key], paired[baseline.key]
         db_diff = db - base_db  # NaN where either image equals its unmerged one (no finite PSNR)
         has_diff = bool(np.isfinite(db_diff).any())
-        classified = hits is not None  # accuracy only where the classifier scores the prompts
-        hits_diff = hits - base_hits if classified else None
+        accuracy_diff = accuracy_ci = None
+        if hits is not None and base_hits is not None and objects is not None:  # the classifier scores them
+            hits_diff = hits - base_hits
+            accuracy_diff = float(np.nansum(hits_diff) / np.nansum(objects))
+            accuracy_ci = interval(hits_diff, objects)
         comparisons.append(
             {
                 "method": variant.method,
                 "baseline": baseline.method,
                 "ratio": variant.ratio,
-                "accuracy_diff": float(np.nansum(hits_diff) / np.nansum(counts)) if classified else None,
-                "accuracy_ci95": interval(hits_diff, counts) if classified else None,
+                "accuracy_diff": accuracy_diff,
+                "accuracy_ci95": accuracy_ci,
                 "psnr_diff_db": float(np.nanmean(db_diff)) if has_diff else None,
                 "psnr_ci95": interval(db_diff) if has_diff else None,
             }

@@ -175,19 +175,25 @@ def refuse_repeats(flag: str, values: list) -> None:
         raise CliError(f"{flag} lists {listed} more than once; give each once")
 
 
-def check_output_files(outputs: dict[str, Path]) -> None:
+def check_output_files(outputs: dict[str, Path], folders: dict[str, Path] | None = None) -> None:
     """Files a command writes when its work is done (flag -> path), checked before the work: none is a folder,
     each one's folder exists and is writable or can be made in a writable folder, and no two flags name one
-    file; a CliError otherwise. Nothing is left behind here."""
+    file; a CliError otherwise. `folders` (flag -> path) are folders the command writes files in (made when
+    first needed): each is a writable folder or can be made in one, and is none of the files. Nothing is left
+    behind here."""
+    folders = folders or {}
     seen: dict[Path, str] = {}
-    for flag, path in outputs.items():
+    for flag, path in {**outputs, **folders}.items():
         resolved = path.expanduser().resolve()
         if resolved in seen:
             raise CliError(f"{flag} {path}: {seen[resolved]} writes that file too; give them different paths")
         seen[resolved] = flag
-        if resolved.is_dir():
+        if flag in folders:
+            if resolved.exists() and not resolved.is_dir():
+                raise CliError(f"{flag} {path} is a file, not a folder")
+        elif resolved.is_dir():
             raise CliError(f"{flag} {path} is a folder; name a file")
-        folder = resolved.parent
+        folder = resolved if flag in folders else resolved.parent
         while not folder.exists():  # the nearest folder that exists must take the new ones
             folder = folder.parent
         if not folder.is_dir():

@@ -249,6 +249,33 @@ def test_an_unknown_plot_format_is_refused_before_any_image(prompt_file, tmp_pat
     assert "cannot write a .xyz figure; use one of .eps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cache", "{tmp}/q.json"], "--cache {tmp}/q.json: --json writes that file too"),
+        (["--cache", "{tmp}/file.txt/cache"], "--cache {tmp}/file.txt/cache: {tmp}/file.txt is a file, not"),
+        (["--json", "{tmp}/q.cache"], "--cache (default: --json with .cache) {tmp}/q.cache: --json writes"),
+    ],
+    ids=["--json", "under-a-file", "default-at-json"],
+)
+def test_a_cache_where_no_image_can_go_is_refused_before_any_image(
+    extra, message, prompt_file, tmp_path, capsys, monkeypatch
+):
+    """The cache is checked with the output files: each of these failed with a traceback once the first
+    images were made (a cache at the --json path even made a folder where the report was to go)."""
+    from imptome.bench import quality
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded despite bad input")
+
+    monkeypatch.setattr(quality, "load_pipeline", never)
+    (tmp_path / "file.txt").write_text("")
+    argv = ["bench", "quality", "--prompts", str(prompt_file), "--json", str(tmp_path / "q.json")]
+    assert main([*argv, *(part.format(tmp=tmp_path) for part in extra)]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "prompts.txt"]
+
+
 def test_any_pool_factor_is_an_ablation():
     assert ablation_options("importance-pool2.33") == {"pool_factor": 2.33}
     assert ablation_options("importance-pool1.0") == {"pool_factor": 1.0}

@@ -131,10 +131,11 @@ def _output_paths(args: argparse.Namespace) -> None:
     for name, suffix in (("markdown", ".md"), ("plot", ".png")):
         flag, path = output_beside_json(args, name, suffix)
         outputs[flag] = path
-    check_output_files(outputs)
+    cache_flag = "--cache" if args.cache else "--cache (default: --json with .cache)"
     args.cache = args.cache or args.json.with_name(args.json.stem + ".cache")
     if args.cache.exists() and not args.cache.is_dir():
         raise CliError(f"--cache {args.cache} is a file; the image cache is a folder")
+    check_output_files(outputs, folders={cache_flag: args.cache})
 
 
 def _read_prompts(path: Path | None) -> list[str]:

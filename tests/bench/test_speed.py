@@ -373,6 +373,16 @@ def test_bad_input_is_a_clear_error(option, message, tmp_path, capsys):
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
+def test_more_threads_than_cpus_are_refused(monkeypatch):
+    """torch.set_num_threads takes any number: a few threads more than CPUs only time their contention, and
+    --threads 100000 failed with a traceback deep in torch (no memory for the threads)."""
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    argv = ["bench", "speed", "--arch", "sd15", "--threads"]
+    with pytest.raises(CliError, match=r"^--threads 5: this machine has 4 CPUs; give at most 4$"):
+        check_speed_arguments(build_parser([*argv, "5"]).parse_args([*argv, "5"]))
+    check_speed_arguments(build_parser([*argv, "4"]).parse_args([*argv, "4"]))
+
+
 @pytest.mark.parametrize(
     ("arch", "res", "message"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from imptome.bench.archs import ARCHS
@@ -63,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"only; 0: off, else at least {DEEPCACHE_INTERVAL + 1} so that DeepCache reuses its cache)",
     )
     parser.add_argument(
-        "--threads", type=int, help="CPU threads, torch.set_num_threads (default: PyTorch's, all cores)"
+        "--threads",
+        type=int,
+        help="CPU threads, torch.set_num_threads, at most the CPUs here (default: PyTorch's, all cores)",
     )
     parser.add_argument(
         "--json", type=Path, default=Path("speed.json"), help="results JSON (default: %(default)s)"
@@ -117,6 +120,9 @@ def check(args: argparse.Namespace) -> None:
         raise CliError(f"--rounds {args.rounds}: need at least 1")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads {args.threads}: need at least 1")
+    cpus = os.cpu_count() or 1  # more threads only time their contention; thousands fail deep in torch
+    if args.threads is not None and args.threads > cpus:
+        raise CliError(f"--threads {args.threads}: this machine has {cpus} CPUs; give at most {cpus}")
     if args.batch < 1 or (args.frames is not None and args.frames < 1):
         raise CliError("--batch and --frames must be at least 1")
     video = [name for name in ARCHS if ARCHS[name].num_frames]

@@ -162,6 +162,48 @@ def test_ctrl_c_ends_a_command_with_one_line_and_exit_code_130(monkeypatch, caps
     assert capsys.readouterr().err.strip() == "imptome: interrupted"
 
 
+def _device_out_of_memory():
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nIf reserved but ...")
+
+
+def _cpu_out_of_memory():
+    import torch
+
+    torch.empty(2**60, dtype=torch.uint8)  # torch's CPU allocator refuses at once
+
+
+def _python_out_of_memory():
+    raise MemoryError  # e.g. list(range(n)) for bench quality --seeds 1000000000000
+
+
+@pytest.mark.parametrize(
+    ("fail", "reason"),
+    [
+        (_device_out_of_memory, "CUDA out of memory. Tried to allocate 20.00 GiB."),
+        (_cpu_out_of_memory, "[enforce fail at alloc_cpu.cpp"),
+        (_python_out_of_memory, "MemoryError"),
+    ],
+    ids=["device", "cpu", "python"],
+)
+def test_running_out_of_memory_ends_a_command_with_one_line_and_exit_1(fail, reason, monkeypatch, capsys):
+    """A size, batch or count too large for the memory was a traceback of dozens of lines (torch's allocator
+    fails deep inside the denoiser): one line names it. Other errors still show their traceback."""
+    monkeypatch.setattr("imptome.demo.run", lambda args: fail())
+    assert main(["demo"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"imptome: error: out of memory ({reason}")
+    assert lines[0].endswith("); try smaller images or batches, or fewer seeds, prompts or frames")
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("imptome.demo.run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["demo"])
+
+
 def test_bench_without_a_benchmark_names_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench"])

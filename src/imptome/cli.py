@@ -452,6 +452,23 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: no traceback; generate and bench quality resume when rerun
             print("\nimptome: interrupted", file=sys.stderr)
             return 130
+        except (MemoryError, RuntimeError) as error:  # sizes, batches or --seeds too large for the memory
+            if not _out_of_memory(error):
+                raise
+            reason = str(error).strip().partition("\n")[0] or type(error).__name__
+            hint = "try smaller images or batches, or fewer seeds, prompts or frames"
+            print(f"\nimptome: error: out of memory ({reason}); {hint}", file=sys.stderr)
+            return 1
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says that memory ran out: Python's MemoryError, torch.OutOfMemoryError (a device's
+    allocator; named, not imported: cli imports no torch) or the RuntimeError of torch's CPU allocator."""
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or "DefaultCPUAllocator: can't allocate memory" in str(error)
+    )
 
 
 if __name__ == "__main__":

@@ -75,6 +75,21 @@ def test_demo_rejects_bad_input(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_demo_refuses_ratio_0_before_loading(tmp_path, capsys, monkeypatch):
+    """Ratio 0 merges nothing: the demo made a figure of identical columns without token or importance
+    panels, and its hint said that the map "is used from a later step; add --steps"."""
+    import imptome.demo as demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded despite bad input")
+
+    monkeypatch.setattr(demo, "load_pipeline", never)
+    assert main(["demo", "--ratio", "0", "--out", str(tmp_path / "grid.png")]) == 2
+    error = capsys.readouterr().err
+    assert "--ratio 0: the merged variants would merge nothing; give a ratio above 0" in error
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_demo_without_guidance_says_so(model_dir, tmp_path, capsys):
     """Guidance 1 turns CFG off: the table says so, the demo says why no importance panel is shown, and
     imptome's warning about calls without CFG is one line, not Python's warning format."""

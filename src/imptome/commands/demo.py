@@ -51,6 +51,8 @@ def check(args: argparse.Namespace) -> None:
             "--set proportional_attention: the demo already shows importance with and without proportional "
             "attention; leave it out"
         )
+    if args.ratio == 0:  # every column would be the unmerged images, with no plan or map to show
+        raise CliError("--ratio 0: the merged variants would merge nothing; give a ratio above 0")
     if args.steps < 2:
         raise CliError(f"--steps {args.steps}: need at least 2 steps")
     check_seed(args.seed)

@@ -105,6 +105,21 @@ def test_the_grid_adds_png_to_a_path_without_suffix_and_leaves_the_backend_alone
     assert written == tmp_path / "grid.png" and Image.open(written).format == "PNG"
 
 
+def test_a_pgf_figure_is_refused_where_its_tex_program_is_missing(monkeypatch):
+    """matplotlib typesets .pgf with TeX (xelatex by default): without it, `imptome demo --out grid.pgf` and
+    `bench quality --plot q.pgf` passed the format check and failed with a traceback after all the work."""
+    from imptome.visualize import figure_path
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    missing = r"^cannot write a \.pgf figure \(matplotlib makes them with xelatex, not installed here\)"
+    with pytest.raises(ValueError, match=missing):
+        figure_path("grid.pgf")
+    with pytest.raises(ValueError, match=r"use one of \.eps, .*\.pdf, \.png, \.ps"):
+        figure_path("grid.PGF")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
+    assert figure_path("grid.pgf").name == "grid.pgf"
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures comparison_grid draws (their axes hold the arrays and colours as drawn)."""

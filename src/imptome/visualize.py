@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,12 +67,17 @@ def heatmap_overlay(
 
 def figure_path(path: str | Path) -> Path:
     """`path`, with ".png" added when it has no suffix; a ValueError when matplotlib cannot write its
-    format."""
+    format (here: .pgf without the TeX program matplotlib typesets it with)."""
     path = Path(path)
     path = path if path.suffix else path.with_suffix(".png")
-    formats = FigureCanvasBase.get_supported_filetypes()
+    formats = dict(FigureCanvasBase.get_supported_filetypes())
+    texsystem = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(texsystem) is None:  # matplotlib typesets .pgf figures with TeX
+        formats.pop("pgf", None)
     if path.suffix[1:].lower() not in formats:
-        raise ValueError(f"cannot write a {path.suffix} figure; use one of .{', .'.join(formats)}")
+        pgf = path.suffix.lower() == ".pgf"
+        needs = f" (matplotlib makes them with {texsystem}, not installed here)" if pgf else ""
+        raise ValueError(f"cannot write a {path.suffix} figure{needs}; use one of .{', .'.join(formats)}")
     return path
 
 

@@ -120,6 +120,18 @@ def test_a_pgf_figure_is_refused_where_its_tex_program_is_missing(monkeypatch):
     assert figure_path("grid.pgf").name == "grid.pgf"
 
 
+def test_an_interrupted_grid_leaves_the_previous_figure_whole(tmp_path, interrupt_writes):
+    """The grid is drawn in memory and written atomically: a Ctrl-C while it was written (`imptome demo`'s
+    last moment) left a cut PNG in place of the previous figure."""
+    panels = [("map", [torch.rand(4, 4)], "heatmap")]
+    path = comparison_grid(tmp_path / "grid.png", ["a prompt"], panels)
+    before = path.read_bytes()
+    interrupt_writes(path)
+    with pytest.raises(KeyboardInterrupt):
+        comparison_grid(path, ["another prompt"], panels)
+    assert path.read_bytes() == before
+
+
 @pytest.fixture
 def drawn(monkeypatch):
     """The figures comparison_grid draws (their axes hold the arrays and colours as drawn)."""

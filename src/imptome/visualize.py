@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import textwrap
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
+from imptome.cli import write_atomically
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 
 ROLE_COLOURS = {MERGED: "#c8c8c8", DESTINATION: "#d62728", INDEPENDENT: "#1f77b4"}
@@ -140,8 +142,16 @@ def comparison_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return path
+
+
+def save_figure(fig: Figure, path: Path, dpi: float) -> None:
+    """Save `fig` as `path` in the format of its suffix: drawn in memory, then written atomically, so that an
+    interrupted save (Ctrl-C) leaves the previous file whole, or none, and never a cut one."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix[1:].lower(), dpi=dpi)
+    write_atomically(path, buffer.getvalue())
 
 
 def _check_panels(

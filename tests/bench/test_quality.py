@@ -276,6 +276,33 @@ def test_a_cache_where_no_image_can_go_is_refused_before_any_image(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "prompts.txt"]
 
 
+@pytest.mark.parametrize("name", ["q.json", "q.md", "q.png"])
+def test_an_interrupted_report_leaves_the_previous_one_whole(
+    name, model_dir, prompt_file, tmp_path, interrupt_writes
+):
+    """The report, table and plot are written atomically: a Ctrl-C while one was written left it cut."""
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(tmp_path / "q.json")]
+    assert main(argv) == 0
+    before = (tmp_path / name).read_bytes()
+    interrupt_writes(tmp_path / name)
+    assert main(argv) == 130  # every image cached: only the outputs are written
+    assert (tmp_path / name).read_bytes() == before
+
+
+def test_a_cache_interrupted_while_claimed_is_taken_by_the_next_run(
+    model_dir, prompt_file, tmp_path, interrupt_writes, monkeypatch
+):
+    """The cache's settings.json is written atomically: a Ctrl-C while it was written left a cut file, and
+    every later run with that cache failed reading it with a traceback."""
+    argv = ["bench", "quality", "--model", str(model_dir), "--prompts", str(prompt_file), "--seeds", "1"]
+    argv += ["--methods", "importance", "--ratios", "0.5", "--steps", "2", "--json", str(tmp_path / "q.json")]
+    interrupt_writes(tmp_path / "q.cache" / "settings.json")
+    assert main(argv) == 130
+    monkeypatch.undo()  # writes go through again
+    assert main(argv) == 0
+
+
 def test_any_pool_factor_is_an_ablation():
     assert ablation_options("importance-pool2.33") == {"pool_factor": 2.33}
     assert ablation_options("importance-pool1.0") == {"pool_factor": 1.0}

@@ -373,6 +373,22 @@ def test_bad_input_is_a_clear_error(option, message, tmp_path, capsys):
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["speed.json", "speed.md"])
+def test_an_interrupted_write_leaves_the_previous_results_whole(name, tmp_path, interrupt_writes):
+    """The results are rewritten after every case: a Ctrl-C while one was written left it cut."""
+    from imptome.bench.speed import _write
+
+    meta = {"device_name": "a CPU", "device": "cpu", "dtype": "float32", "attention": "sdpa", "rounds": 1}
+    meta |= {"memory_format": "contiguous", "loadavg_start": [0.5], "command": "imptome bench speed"}
+    paths = tmp_path / "speed.json", tmp_path / "speed.md"
+    _write(*paths, meta, [], [])
+    before = (tmp_path / name).read_bytes()
+    interrupt_writes(tmp_path / name)
+    with pytest.raises(KeyboardInterrupt):
+        _write(*paths, {**meta, "command": "imptome bench speed --rounds 2"}, [], [])
+    assert (tmp_path / name).read_bytes() == before
+
+
 def test_more_threads_than_cpus_are_refused(monkeypatch):
     """torch.set_num_threads takes any number: a few threads more than CPUs only time their contention, and
     --threads 100000 failed with a traceback deep in torch (no memory for the threads)."""

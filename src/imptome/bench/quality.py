@@ -45,7 +45,7 @@ from imptome.commands.quality import SHUFFLED, ablation_options, base_method
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts, quote_some
 from imptome.patch.api import find_denoiser, patch_state
-from imptome.visualize import figure_path
+from imptome.visualize import figure_path, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -167,7 +167,7 @@ class ImageCache:
         model must not leave a cache that refuses the next run's settings)."""
         if not self._settings_file.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            self._settings_file.write_text(json.dumps(self.settings, indent=1))
+            write_atomically(self._settings_file, json.dumps(self.settings, indent=1).encode())
 
     def path(self, variant: Variant, prompt_index: int, seed: int) -> Path:
         return self.root / variant.key / f"{self._prompt_keys[prompt_index]}_{seed}.png"
@@ -504,7 +504,7 @@ def plot(rows: list[Row], path: Path) -> Figure:
     if labels:  # none when nothing has a value (only `none`, no prompt the classifier can score)
         fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return fig
 
 
@@ -559,11 +559,11 @@ def run(args: argparse.Namespace) -> int:
         "comparisons": comparisons,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(report_json(report))
+    write_atomically(args.json, report_json(report).encode())
     table = markdown_table(rows, comparisons, cfg=args.guidance > 1)
     markdown = args.markdown
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(table)
+    write_atomically(markdown, table.encode())
     figure.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, figure)
     console = Console()

@@ -67,6 +67,7 @@ from imptome.bench.timing import (
     round_order,
     synchronize,
 )
+from imptome.cli import write_atomically
 from imptome.commands.speed import DEEPCACHE_INTERVAL, MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
 from imptome.loading import DTYPES, check_device
@@ -563,7 +564,7 @@ def _write(
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "loadavg_now": list(os.getloadavg())}
     results = {"meta": meta, "rows": rows, "generation_rows": generation_rows}
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_atomically(path, (json.dumps(results, indent=1) + "\n").encode())
     header = (
         f"Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}, attention {meta['attention']}, "
         f"{meta['memory_format']} memory format, "
@@ -576,7 +577,7 @@ def _write(
         text += f"\nWhole generations ({settings}):\n\n"
         text += generation_table(generation_rows) + "\n"
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(text)
+    write_atomically(markdown, text.encode())
 
 
 def run(args: argparse.Namespace) -> int:

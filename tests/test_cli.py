@@ -257,7 +257,7 @@ def test_help_names_defaults_as_they_are_typed(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
-    assert "merge ratios (default: 0.3 0.5 0.7)" in text and "(default: 20)" in text
+    assert "merge ratios, each 0 to 0.75 (default: 0.3 0.5 0.7)" in text and "(default: 20)" in text
     assert "[0.3" not in text
 
 
@@ -268,6 +268,22 @@ def test_help_names_each_default_once_and_no_empty_one(capsys):
     assert "--set KEY=VALUE" in text
     assert text.count("(default: importance)") == 1 and text.count("(default: 20)") == 1
     assert "(default: )" not in text and "(default: [])" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        (["demo"], "merge ratio of the merged variants, above 0 and at most 0.75 with 2x2 cells (default:"),
+        (["generate"], "merge ratio, 0 to 0.75 with 2x2 cells (default: 0.5; ignored with --method none)"),
+        (["bench", "speed"], "merge ratios, each above 0 and at most 0.75 (default: 0.5 0.7)"),
+        (["bench", "quality"], "merge ratios, each 0 to 0.75 (default: 0.3 0.5 0.7)"),
+    ],
+)
+def test_help_names_the_ratios_allowed(command, text, capsys):
+    """The ratio options said neither bound: a ratio out of range was learnt from the error."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    assert text in " ".join(capsys.readouterr().out.split())  # unwrapped
 
 
 def test_an_output_folder_where_no_file_can_be_written_is_refused(tmp_path, monkeypatch):

@@ -76,6 +76,9 @@ BENCHMARKS: dict[str, Command] = {
 #: The choices of `--dtype` (see add_dtype_argument).
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
+#: The largest ratio that every family preset allows (their 2x2 cells: at most N - D tokens can go).
+MAX_RATIO = min(preset.max_ratio for preset in PRESETS.values())
+
 
 class CliError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from imptome.cli import (
+    MAX_RATIO,
     CliError,
     add_dtype_argument,
     add_model_argument,
@@ -26,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prompt; repeat for more (default: 4 held-out prompts of the bundled model, which reads "
         "prompts like 'top left: red circle', see README; with --model, 4 general ones)",
     )
-    parser.add_argument("--ratio", type=float, default=0.7, help="merge ratio of the merged variants")
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=0.7,
+        help=f"merge ratio of the merged variants, above 0 and at most {MAX_RATIO:g} with 2x2 cells",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument(
         "--guidance",

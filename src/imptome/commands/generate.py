@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from imptome.cli import (
+    MAX_RATIO,
     CliError,
     add_dtype_argument,
     add_model_argument,
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ratio",
         type=float,
         default=0.5,
-        help="merge ratio (default: %(default)s; ignored with --method none)",
+        help=f"merge ratio, 0 to {MAX_RATIO:g} with 2x2 cells (default: %(default)s; ignored with --method "
+        "none)",
     )
     parser.add_argument(
         "--seed",

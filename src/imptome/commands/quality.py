@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imptome.cli import (
+    MAX_RATIO,
     CliError,
     add_dtype_argument,
     add_model_argument,
@@ -89,7 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and any importance variant with -shuffled appended: a control whose importance map is shuffled "
         "every step",
     )
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="merge ratios")
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        type=float,
+        default=[0.3, 0.5, 0.7],
+        help=f"merge ratios, each 0 to {MAX_RATIO:g}",
+    )
     parser.add_argument(
         "--ablations",
         action="store_true",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imptome.bench.archs import ARCHS
 from imptome.cli import (
+    MAX_RATIO,
     CliError,
     add_dtype_argument,
     check_output_files,
@@ -15,14 +16,11 @@ from imptome.cli import (
     refuse_repeats,
     tomesd_installed,
 )
-from imptome.config import PRESETS
 
 VARIANTS = ("none", "tome", "importance", "importance-per-layer", "importance-prop", "tomesd")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 DEFAULT_RATIOS = (0.5, 0.7)
 DEEPCACHE_INTERVAL = 3  # the whole-generation timings' DeepCache setting (its own example's)
-# every variant runs a family preset with the ratio; a preset's bound holds for tome too (its cells' bound)
-MAX_RATIO = min(preset.max_ratio for preset in PRESETS.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--res", nargs="+", help="image sizes in px, e.g. 512 768 (default: each architecture's own list)"
     )
-    parser.add_argument("--ratios", nargs="+", help="merge ratios (default: 0.5 0.7)")
+    parser.add_argument(
+        "--ratios", nargs="+", help=f"merge ratios, each above 0 and at most {MAX_RATIO:g} (default: 0.5 0.7)"
+    )
     parser.add_argument("--variants", nargs="+", help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument(
         "--rounds", type=int, default=5, help="timed rounds after the warm-up (default: %(default)s)"

@@ -119,11 +119,27 @@ def test_demo_bad_input_is_refused_without_leaving_a_folder(argv, figure_name, m
     assert not figure.parent.exists()
 
 
+def test_demo_that_fails_after_its_checks_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """The figure's folder is made when the figure is written: a model that does not load (a hub id offline),
+    memory running out or Ctrl-C left an empty folder behind."""
+    import imptome.demo as demo
+    from imptome.cli import CliError
+
+    def offline(*args, **kwargs):
+        raise CliError("cannot load owner/name: a hub id needs internet on first use")
+
+    monkeypatch.setattr(demo, "load_pipeline", offline)
+    figure = tmp_path / "new" / "deeper" / "grid.png"
+    assert main(["demo", "--out", str(figure)]) == 2
+    assert "cannot load owner/name" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_demo_out_under_a_file_is_refused_before_loading(tmp_path, capsys):
     text = tmp_path / "prompts.txt"
     text.write_text("a red circle\n")
     assert main(["demo", "--out", str(text / "grid.png")]) == 2
-    assert f"output folder {text} is a file, not a folder" in capsys.readouterr().err
+    assert f"--out {text / 'grid.png'}: {text} is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("own_model", [False, True], ids=["bundled", "--model"])

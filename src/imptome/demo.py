@@ -18,8 +18,8 @@ from imptome.bench.timing import busy_machine_note
 from imptome.cli import (
     CliError,
     apply_patch_or_fail,
+    check_output_files,
     check_seed,
-    prepare_output_folder,
     uses_bundled_model,
     warn_outside_grammar,
 )
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed(args.seed, len(prompts))  # one seed per prompt
     out = args.figure
     check_device(args.device)
-    prepare_output_folder(out.parent)  # after every check: a refused run leaves no folder behind
+    check_output_files({"--out": out})  # its folder is made for the figure: a failed run leaves none behind
     warn_outside_grammar(prompts, args.model)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         columns.append((f"CFG importance used at step {guided.step}", list(guided.importance[:n]), "heatmap"))
     title = f"{args.model or 'bundled miniature model'}: {args.steps} steps, guidance {args.guidance:g}"
     title += "".join(f", {key}={value}" for key, value in args.options.items())
+    out.parent.mkdir(parents=True, exist_ok=True)
     comparison_grid(out, prompts, columns, title=title)
 
     cfg = args.guidance > 1

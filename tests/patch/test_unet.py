@@ -120,13 +120,20 @@ class _PassThroughUNet(UNet2DConditionModel):
         return super().forward(*args, **kwargs)
 
 
+def _with_unet_class(sd, unet_class: type) -> StableDiffusionPipeline:
+    """`sd` with its UNet rebuilt as `unet_class` (a subclass of it), the same weights."""
+    unet = unet_class.from_config(sd.unet.config)
+    unet.load_state_dict(sd.unet.state_dict())
+    pipe = StableDiffusionPipeline(**{**sd.components, "unet": unet.eval()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_a_subclass_whose_forward_passes_its_arguments_on_is_patched_as_its_base(sd):
     """The timestep's position is read from the first class whose forward names it: apply_patch failed with
     "ValueError: 'timestep' is not in list"."""
-    unet = _PassThroughUNet.from_config(sd.unet.config)
-    unet.load_state_dict(sd.unet.state_dict())
-    subclassed = StableDiffusionPipeline(**{**sd.components, "unet": unet.eval()})
-    subclassed.set_progress_bar_config(disable=True)
+    subclassed = _with_unet_class(sd, _PassThroughUNet)
+    unet = subclassed.unet
     imptome.apply_patch(sd, ratio=0.7)
     imptome.apply_patch(subclassed, ratio=0.7)
     imptome.apply_patch(subclassed, ratio=0.7)
@@ -146,10 +153,7 @@ class _MixedInPassThroughUNet(_Mixin, _PassThroughUNet):
 def test_a_mixin_without_forward_before_the_model_class_is_passed_over(sd):
     """The search for the forward that names the timestep read `forward` from every class of the MRO and
     failed on a mixin that has none: "AttributeError: type object '_Mixin' has no attribute 'forward'"."""
-    unet = _MixedInPassThroughUNet.from_config(sd.unet.config)
-    unet.load_state_dict(sd.unet.state_dict())
-    mixed_in = StableDiffusionPipeline(**{**sd.components, "unet": unet.eval()})
-    mixed_in.set_progress_bar_config(disable=True)
+    mixed_in = _with_unet_class(sd, _MixedInPassThroughUNet)
     imptome.apply_patch(sd, ratio=0.7)
     imptome.apply_patch(mixed_in, ratio=0.7)
     assert np.array_equal(generate(mixed_in), generate(sd))

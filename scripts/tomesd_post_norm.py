@@ -65,8 +65,8 @@ def prompts_and_seeds(cache: Path, key: str) -> tuple[list[str], list[str]]:
 
 
 def compare(run_cache: Path, other_cache: Path, ratios: list[str]) -> list[dict]:
-    """Paired PSNR differences per ratio, dB with 95% bootstrap intervals over prompts (as the benchmark's);
-    printed and returned."""
+    """Paired PSNR differences per ratio, dB with 95% bootstrap intervals over prompts and seeds (as the
+    benchmark's); printed and returned."""
     reference = load(run_cache, "none@0")
     prompts, seeds = prompts_and_seeds(run_cache, "none@0")
     if not np.array_equal(reference, load(other_cache, "none@0")):
@@ -99,7 +99,7 @@ def compare(run_cache: Path, other_cache: Path, ratios: list[str]) -> list[dict]
             *(
                 f"{row[key]['mean_db']:+.2f} [{row[key]['ci95'][0]:+.2f}, {row[key]['ci95'][1]:+.2f}] dB"
                 if row[key]["ci95"]
-                else f"{row[key]['mean_db']:+.2f} [-] dB"  # fewer than 2 prompts
+                else f"{row[key]['mean_db']:+.2f} [-] dB"  # fewer than 2 prompts or seeds
                 for key in columns
             ),
         )

@@ -57,8 +57,10 @@ class TimestepMemory:
     def more_to_come(self) -> bool:
         """Whether the last call's timestep lives in a schedule that holds later timesteps after it: a
         generation that ends with that call stopped before its last step."""
-        last = self._last
-        return last is not None and self._is_schedule and _elements_after(last) > 0
+        if not self.in_schedule:
+            return False
+        assert self._last is not None  # in_schedule holds a last timestep
+        return _elements_after(self._last) > 0
 
     def __call__(self, timestep: torch.Tensor | float, t: float) -> tuple[bool | None, bool]:
         """(whether `timestep`, of value `t`, lives in the last call's timestep memory, None when either is

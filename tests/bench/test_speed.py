@@ -27,6 +27,7 @@ from imptome.cli import CliError, build_parser, main
 from imptome.commands.speed import VARIANTS
 from imptome.commands.speed import check as check_speed_arguments
 from imptome.merge import cfg_importance
+from imptome.patch.api import patch_state
 from tests.factories import PIXART_CONFIG, tiny_sd_unet_config
 
 # The tiny UNet of tests/factories.py: top level 16 x 16 = 256 tokens, 32 channels, 2 heads; five
@@ -255,10 +256,10 @@ def test_command_end_to_end(tiny_archs, tmp_path, capsys):
             assert row["ideal_speedup"] > 1 or row["variant"] == "none"
             assert 0 <= row["overhead_frac"] < 1
             own_work = {kind for kind, seconds in row["overhead_breakdown_s"].items() if seconds > 0}
-            if row["variant"] != "none":  # the timer saw the method's own functions run (imptome's call
-                # hooks, timed as "importance", run for tome too)
-                call_hooks = set() if row["variant"] == "tomesd" else {"importance"}
-                assert own_work == {"planning", "merge"} | call_hooks, row["variant"]
+            if row["variant"] != "none":  # the timer saw the method's own functions run (imptome's
+                # denoiser hooks, timed as "importance", and layer hooks run for tome too)
+                hooks = set() if row["variant"] == "tomesd" else {"importance", "hooks"}
+                assert own_work == {"planning", "merge"} | hooks, row["variant"]
             assert row["operators"] > 0
             assert row["added_operators"] > 0 or row["variant"] == "none"
     generations = results["generation_rows"]  # SD UNets only
@@ -497,13 +498,33 @@ def test_host_timed_call_syncs_only_around_the_call(unet, monkeypatch):
         with Variant("importance", 0.7).applied(unet, importance, timestep=500.0):
             call()
             synced, unsynced = timing.WorkTimer(device), timing.WorkTimer(device, synced=False)
-            step_s, own_work = host_timed_call(call, unsynced, unsynced.imptome())
+            step_s, own_work = host_timed_call(call, unsynced, unsynced.imptome(unet))
             assert syncs == ["call", "call"]
-            assert step_s > 0 and set(own_work) == {"importance", "planning", "merge"}
+            assert step_s > 0 and set(own_work) == {"importance", "planning", "merge", "hooks"}
             assert 0 < sum(own_work.values()) < step_s
-            host_timed_call(call, synced, synced.imptome())
-            # begin_call, end_call, and per layer plan_for (planning or a look-up), merge, unmerge
-            assert syncs.count("work") == 2 * (2 + 3 * LAYERS)
+            host_timed_call(call, synced, synced.imptome(unet))
+            # the denoiser's two hooks with begin_call and end_call, every hooked layer's two hooks (the self-
+            # attentions of all levels: 11), and per merged layer plan_for (planning or a look-up), merge and
+            # unmerge
+            assert syncs.count("work") == 2 * (4 + 2 * 11 + 3 * LAYERS)
+
+
+def test_a_variant_starts_past_the_generations_first_calls(unet):
+    """The timed call is a later call of a generation, as a pipeline makes most of them: the batch layout that
+    the generation's first two calls found is kept without comparing the CFG halves again (on a GPU a wait),
+    the timestep is the call's own tensor, and the step merges with importance."""
+    inputs = tiny_sd_inputs()
+    call = _denoiser_call(unet, inputs)
+    with torch.inference_mode():
+        importance = cfg_importance(call()[0], 4)
+        variant = Variant("importance", 0.7)
+        with variant.applied(unet, importance, inputs["timestep"], inputs["sample"]):
+            operators = count_operators(call)
+            state = patch_state(unet)
+            assert state is not None and state.use_importance and state.cfg
+        with variant.applied(unet, importance, inputs["timestep"]):  # no sample: a first call compares
+            assert count_operators(call)["equal"] == 1
+    assert operators["equal"] == 0 and operators["embedding_bag"] == LAYERS
 
 
 def test_table_shows_the_host_share_of_gpu_rows():
@@ -528,3 +549,6 @@ def test_gpu_rows_carry_the_host_time(tiny_archs, tmp_path):
     assert none["host_step_s"] > 0 and none["overhead_host_s"] == 0
     assert 0 < merged["overhead_host_s"] < merged["host_step_s"]
     assert merged["overhead_host_frac"] == pytest.approx(merged["overhead_host_s"] / merged["median_s"])
+    by_kind = merged["overhead_host_breakdown_s"]
+    assert set(by_kind) == {"importance", "planning", "merge", "hooks"} and all(by_kind.values())
+    assert sum(by_kind.values()) == pytest.approx(merged["overhead_host_s"], rel=0.5)  # medians by kind

@@ -8,7 +8,9 @@ classifier-free-guidance batch, [uncond, cond] as a pipeline sends it. Variants:
 - ``tome``, ``importance``, ``importance-per-layer``: imptome with the family's preset (`imptome.PRESETS`)
   at the given ratio; method "tome", or "importance" planning once per token grid per step
   (``plan_scope="step"``, the default) or in every block (``plan_scope="layer"``). Each is timed at a
-  mid-generation step: past the warm-up schedule, with the previous step's importance map.
+  mid-generation step: past the warm-up schedule, with the previous step's importance map, and past the
+  generation's first two calls (which compare the CFG halves and copy the timesteps to the host, on a GPU
+  waiting for it; later calls keep what they found).
 - ``importance-prop``: ``importance`` with ``proportional_attention=True`` (an additive attention mask).
 - ``tomesd``: the tomesd package at the same ratio and on the same UNet level, where it runs (it does not
   on PixArt, AnimateDiff or SVD); a failure is recorded in the row's ``error``.
@@ -19,15 +21,16 @@ one-time work such as the shared index tensors of planning is done) under an ope
 around each call. Reported per row: median step seconds and spread, speedup = median(none) / median(variant)
 of the same run, FLOPs per step (merge overhead included), ideal speedup = FLOPs(none) / FLOPs(variant),
 efficiency = speedup / ideal, peak memory, the seconds spent in the method's own work (``overhead_frac`` = own
-work / median step), and the tensor operators a step dispatches, views left out (``operators``;
+work / median step; for imptome its hooks' own logic too, ``overhead_breakdown_s["hooks"]``),
+and the tensor operators a step dispatches, views left out (``operators``;
 ``added_operators`` over ``none``): on a GPU each is a launch the host issues, the cost of a method's own work
 when an eager step is host-bound.
 On the CPU own work is timed in the timed calls; on a GPU in one extra call with syncs around each function
 (see `imptome.bench.timing`), an upper bound because the syncs stop that work overlapping with the rest, and
 in three more calls without syncs, the host's time only (``overhead_host_frac``, ``host_step_s``: the host's
-time to issue the whole step). When ``host_step_s`` is close to the step's time, the step is bound by the host
-and the host's share is what the own work costs it; when it is well below, the GPU is the bottleneck and the
-synced share is the closer bound.
+time to issue the whole step; ``overhead_host_breakdown_s`` by kind). When ``host_step_s`` is close to the
+step's time, the step is bound by the host and the host's share is what the own work costs it; when it is
+well below, the GPU is the bottleneck and the synced share is the closer bound.
 """
 
 from __future__ import annotations
@@ -107,9 +110,15 @@ class Variant:
 
     @contextmanager
     def applied(
-        self, model: torch.nn.Module, importance: torch.Tensor | None, timestep: float
+        self,
+        model: torch.nn.Module,
+        importance: torch.Tensor | None,
+        timestep: torch.Tensor | float,
+        sample: torch.Tensor | None = None,
     ) -> Iterator[None]:
-        """The variant patched into `model` for the duration, in the state of a mid-generation step."""
+        """The variant patched into `model` for the duration, in the state of a mid-generation step of calls
+        with this `timestep` (the calls' own tensor) and, when given, this `sample` (see
+        `_enter_mid_generation`)."""
         if self.name == "none":
             yield
         elif self.name == "tomesd":
@@ -118,16 +127,25 @@ class Variant:
         else:
             assert importance is not None  # the map of the unmerged call ("none"), measured first
             imptome.apply_patch(model, self.config(denoiser_info(model).family))
-            _enter_mid_generation(model, importance, timestep)
+            _enter_mid_generation(model, importance, timestep, sample)
             try:
                 yield
             finally:
                 imptome.remove_patch(model)
 
 
-def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, timestep: float) -> None:
+def _enter_mid_generation(
+    model: torch.nn.Module,
+    importance: torch.Tensor,
+    timestep: torch.Tensor | float,
+    sample: torch.Tensor | None,
+) -> None:
     """Make a fresh patch behave as in the middle of a generation: past the warm-up schedule (merging, and
-    with importance), holding the previous step's importance map, at the same timestep (no new generation)."""
+    with importance), holding the previous step's importance map, at the same timestep (no new generation),
+    and with what a generation's first calls leave for the later ones, which on a GPU need not wait for it:
+    the timestep tensor's memory copied to the host, and the batch layout (the CFG copies) that two calls in a
+    row found, which is then kept without comparing `sample`'s chunks again. Without this the timed call
+    would be a generation's first call on a GPU, waiting for the device twice."""
     state = patch_state(model)
     assert state is not None  # patched by the caller
     config = state.config
@@ -135,7 +153,11 @@ def _enter_mid_generation(model: torch.nn.Module, importance: torch.Tensor, time
     state.enter_step(max(config.importance_start_step, config.merge_start_step))
     state.importance = importance
     state.silent_units = (False,) * importance.shape[0]  # checked at the generation's first guided call
-    state.last_timestep = timestep
+    state.last_timestep = state.read_timestep(timestep)
+    state.compare_timestep_memory(timestep, state.last_timestep)
+    if sample is not None:
+        for _ in range(2):  # the generation's first two calls
+            state._detect_copies(sample)
 
 
 def parse_variants(names: list[str], ratios: list[float]) -> list[Variant]:
@@ -257,7 +279,8 @@ def _measure_case(
 ) -> list[_Record]:
     device = settings.device
     inputs = _inputs(spec, res, settings)
-    timestep = float(inputs["timestep"].flatten()[0])
+    timestep = inputs["timestep"]  # the calls' own tensor: read as a pipeline's calls read their timesteps
+    sample = inputs["hidden_states" if "hidden_states" in inputs else "sample"]
     call = _denoiser_call(model, inputs)
     info = denoiser_info(model)
     timer, host_timer, peak = WorkTimer(device), WorkTimer(device, synced=False), PeakMemory(device)
@@ -268,12 +291,12 @@ def _measure_case(
     def instrumented(variant: Variant, work_timer: WorkTimer) -> contextlib.AbstractContextManager:
         if variant.name == "none":
             return contextlib.nullcontext()
-        return work_timer.tomesd() if variant.name == "tomesd" else work_timer.imptome()
+        return work_timer.tomesd() if variant.name == "tomesd" else work_timer.imptome(model)
 
     for record in records:  # warm-up, FLOPs, and on a GPU the own-work call; "none" comes first
         variant = record.variant
         try:
-            with variant.applied(model, importance, timestep), torch.inference_mode():
+            with variant.applied(model, importance, timestep, sample), torch.inference_mode():
                 with flop_counter() as counter:
                     output = call()
                 with OperatorCounter() as operators:
@@ -305,7 +328,7 @@ def _measure_case(
     for round_index in range(settings.rounds):
         for record in round_order(active, round_index):
             variant = record.variant
-            with variant.applied(model, importance, timestep), torch.inference_mode():
+            with variant.applied(model, importance, timestep, sample), torch.inference_mode():
                 timer.reset()
                 with instrumented(variant, timer) if device.type == "cpu" else contextlib.nullcontext():
                     peak.reset()
@@ -389,6 +412,12 @@ def _rows(
                     for kind in kinds
                 },
                 overhead_host_s=own_host_median,
+                overhead_host_breakdown_s={
+                    kind: statistics.median(parts.get(kind, 0.0) for parts in record.own_work_host)
+                    for kind in kinds
+                }
+                if record.own_work_host
+                else None,
                 overhead_host_frac=None if own_host_median is None else own_host_median / median,
                 host_step_s=statistics.median(record.host_step) if record.host_step else None,
                 peak_mem_bytes=max(record.peak_mem) if record.peak_mem else None,

@@ -2,7 +2,9 @@
 work (importance map, planning, merge / unmerge) inside a denoiser call, and what a run's numbers rest on
 (package versions, a busy machine).
 
-Own work is timed by wrapping the method's functions while a call runs. By default every wrapped function is
+Own work is timed by wrapping the method's functions while a call runs, and for imptome also the hooks it
+registers (their own logic: reading the call's arguments, finding the layer's plan), each function's time
+counted once, without the wrapped functions it calls. By default every wrapped function is
 bracketed by device synchronisations, so on a GPU its kernels are counted in full (launch and execution) but
 the call around it is slowed by the syncs: time instrumented calls separately from the calls whose speed you
 report. Unsynced (``synced=False``), a GPU timer sees the host's time only (issuing the kernels): what the
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from imptome.merge.plan import MergePlan
+from imptome.patch.hooks import DenoiserHooks, LayerHooks
 from imptome.patch.state import PatchState
 
 #: imptome's own work as (owner, function name, kind): begin_call + end_call (CFG check, importance map) as
@@ -38,6 +41,9 @@ IMPTOME_WORK: tuple[tuple[type, str, str], ...] = (
     (MergePlan, "merge", "merge"),
     (MergePlan, "unmerge", "merge"),
 )
+#: imptome's hooks, by the kind of their own logic around the functions above: the denoiser's (reading the
+#: call's arguments) as "importance", the merged layers' (finding the tokens and the layer's plan) as "hooks".
+IMPTOME_HOOKS: tuple[tuple[type, str], ...] = ((DenoiserHooks, "importance"), (LayerHooks, "hooks"))
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -119,14 +125,16 @@ class PeakMemory:
 
 
 class WorkTimer:
-    """Seconds spent in a merging method's own functions, by kind: "importance", "planning", "merge";
-    with `synced` the device is synchronised around each function (on a GPU: launch and kernels), without
-    it only the host's time is seen."""
+    """Seconds spent in a merging method's own functions, by kind: "importance", "planning", "merge" (and
+    imptome's "hooks"); with `synced` the device is synchronised around each function (on a GPU: launch and
+    kernels), without it only the host's time is seen. A wrapped function called by another is counted in
+    its own kind only, not again in its caller's."""
 
     def __init__(self, device: torch.device, synced: bool = True) -> None:
         self.device = device
         self.synced = synced
         self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []  # per wrapped call running: the seconds of the wrapped calls it made
 
     def reset(self) -> None:
         self.seconds = defaultdict(float)
@@ -136,13 +144,17 @@ class WorkTimer:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if self.synced:
                 synchronize(self.device)
+            self._inner.append(0.0)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 if self.synced:
                     synchronize(self.device)
-                self.seconds[kind] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                self.seconds[kind] += elapsed - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += elapsed
 
         return timed
 
@@ -156,12 +168,27 @@ class WorkTimer:
             setattr(owner, name, original)
 
     @contextlib.contextmanager
-    def imptome(self) -> Iterator[WorkTimer]:
-        """Time imptome's work, the functions of `IMPTOME_WORK`."""
-        with contextlib.ExitStack() as stack:
-            for owner, name, kind in IMPTOME_WORK:
-                stack.enter_context(self._patched(owner, name, self.wrap(kind, getattr(owner, name))))
-            yield self
+    def imptome(self, model: torch.nn.Module) -> Iterator[WorkTimer]:
+        """Time imptome's work: the functions of `IMPTOME_WORK`, and the hooks of `IMPTOME_HOOKS` registered
+        on `model` (already patched: a registered hook is a bound method, which patching its class would not
+        reach, so it is swapped in the module's hook dictionary)."""
+        swapped = []
+        for module in model.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key, hook in list(hooks.items()):
+                    owner = getattr(hook, "__self__", None)
+                    kind = next((kind for cls, kind in IMPTOME_HOOKS if isinstance(owner, cls)), None)
+                    if kind is not None:
+                        swapped.append((hooks, key, hook))
+                        hooks[key] = self.wrap(kind, hook)
+        try:
+            with contextlib.ExitStack() as stack:
+                for owner, name, kind in IMPTOME_WORK:
+                    stack.enter_context(self._patched(owner, name, self.wrap(kind, getattr(owner, name))))
+                yield self
+        finally:
+            for hooks, key, hook in swapped:
+                hooks[key] = hook
 
     @contextlib.contextmanager
     def tomesd(self) -> Iterator[WorkTimer]:

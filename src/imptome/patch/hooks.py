@@ -80,7 +80,7 @@ def make_room_for_graphs() -> None:
         config.recompile_limit = RECOMPILE_LIMIT
 
 
-class _DenoiserHooks:
+class DenoiserHooks:
     """Start and end each denoiser call in the patch's state.
 
     Methods of an object holding the state, not closures: `copy.deepcopy` of a patched model then gives a
@@ -123,7 +123,7 @@ class _DenoiserHooks:
         ]
 
 
-class _LayerHooks:
+class LayerHooks:
     """Merges the token input of one attention / MLP module and unmerges its output."""
 
     def __init__(self, state: PatchState, layer: MergedLayer, block_index: int) -> None:
@@ -294,10 +294,10 @@ def register_hooks(
     denoiser: nn.Module, layers: list[MergedLayer], state: PatchState
 ) -> list[RemovableHandle]:
     """Hook the denoiser and each merged layer; returns the handles to remove."""
-    handles = _DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
+    handles = DenoiserHooks(state, _timestep_position(denoiser)).register(denoiser)
     # a block's position among the merged blocks keys its per-block draws (plan_scope="layer"), so merging
     # more or fewer of its sub-layers (merge_crossattn, merge_mlp) leaves every block's draws as they are
     block_position = {name: i for i, name in enumerate(dict.fromkeys(layer.block_name for layer in layers))}
     for layer in layers:
-        handles += _LayerHooks(state, layer, block_position[layer.block_name]).register(layer.module)
+        handles += LayerHooks(state, layer, block_position[layer.block_name]).register(layer.module)
     return handles

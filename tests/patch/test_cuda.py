@@ -61,9 +61,12 @@ def sync_is_an_error(owner: type, name: str, after_calls: int = 0):
 def test_no_host_sync_in_the_per_layer_path(plan_scope):
     """Planning, merge, unmerge and the importance map never wait for the GPU, except end_call at the
     generation's first guided call, which checks once whether any image's map is zero (begin_call: the
-    next test)."""
+    next test), and planning the first time a process makes a shared index tensor of a size
+    (`imptome.merge.constants`: made once, then waited for, so that any stream may read it): a first
+    generation makes them."""
     pipe = tiny_sd_pipeline().to("cuda")
     imptome.apply_patch(pipe, ratio=0.7, plan_scope=plan_scope)
+    generate(pipe, steps=4)
     with contextlib.ExitStack() as stack:
         for owner, name in ((PatchState, "plan_for"), (MergePlan, "merge"), (MergePlan, "unmerge")):
             stack.enter_context(sync_is_an_error(owner, name))
@@ -120,30 +123,42 @@ def test_cpu_offload_to_the_gpu(offload):
     imptome.remove_patch(pipe)
 
 
-def test_fp16_pipeline_on_the_gpu_plans_as_float32_does():
-    """The same draws as a float32 run on the GPU (every destination in place) and nearly the same plans."""
+def test_fp16_pipeline_on_the_gpu_matches_tokens_as_float32_does():
+    """An fp16 pipeline on the GPU draws what a float32 run draws (every destination in place), and matches
+    its tokens as float32 arithmetic would: the similarities, taken in float16 after normalising in float32,
+    give the plans that float32 similarities of the same tokens give, up to a near-tie or two.
 
-    def merged_roles(pipe) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        roles = []
-        handle = pipe.unet.register_forward_hook(lambda *_: roles.append(imptome.merge_plan(pipe)[0].roles))
-        try:
-            return generate(pipe), roles
-        finally:
-            handle.remove()
-
+    Its plans are not those of a float32 run: on an H200 the tiny random pipeline's fp16 activations differ
+    enough (its importance maps by 40%) that the independent tokens of the two runs shared no more than
+    chance does (on the CPU, where fp16 layers compute much in float32, 99% of the roles agreed)."""
     pipe = tiny_sd_pipeline().to("cuda", torch.float16)
     base = generate(pipe)
     imptome.apply_patch(pipe, ratio=0.7)
-    merged, roles = merged_roles(pipe)
+    builds = []
+    original = PatchState._build
+
+    def rebuilt_in_float32(state, block, grid, tokens, stream):
+        built = original(state, block, grid, tokens, stream)
+        as_float32 = original(state, block, grid, tokens.float(), stream)
+        builds.append((built.plan.roles, as_float32.plan.roles))
+        return built
+
+    PatchState._build = rebuilt_in_float32
+    try:
+        merged = generate(pipe)
+    finally:
+        PatchState._build = original
     assert torch.isfinite(merged).all() and not torch.equal(merged, base)
+    assert len(builds) == 4
+    for half, full in builds:
+        assert torch.equal(half == DESTINATION, full == DESTINATION)
+        assert (half != full).sum() <= 4, (half != full).sum()
+    destinations = imptome.merge_plan(pipe)[0].roles == DESTINATION  # the last call's
     imptome.remove_patch(pipe)
     torch.testing.assert_close(generate(pipe), base, atol=1e-3, rtol=0)
-    full = imptome.apply_patch(tiny_sd_pipeline().to("cuda"), ratio=0.7)
-    _, roles_full = merged_roles(full)
-    assert len(roles) == len(roles_full) > 0
-    for half_call, full_call in zip(roles, roles_full, strict=True):
-        assert torch.equal(half_call == DESTINATION, full_call == DESTINATION)
-        assert (half_call == full_call).float().mean() > 0.95
+    float32_run = imptome.apply_patch(tiny_sd_pipeline().to("cuda"), ratio=0.7)
+    generate(float32_run)
+    assert torch.equal(imptome.merge_plan(float32_run)[0].roles == DESTINATION, destinations)
 
 
 TIMESTEPS = (900, 800, 700, 600, 500, 400)  # one generation: random cells, pruning, then merging

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # loaded on first use (see __getattr__)
     from imptome.patch.state import PlanRecord
 
 # What each release changed, and whether its images differ: CHANGELOG.md.
-__version__ = "0.8.4"
+__version__ = "0.8.5"
 
 
 # Loaded on first use: importing diffusers (for the patch) or matplotlib (for pictures) takes seconds, which

@@ -50,9 +50,10 @@ class MergeConfig:
             importance map, so the pool (and with it the independent tokens) is a random set of N - R
             tokens. "tome": ToMeSD's partition, the R most similar sources merged (0.3.0's behaviour).
             "auto" (default): "random", or "tome" with proportional_attention. On the bundled model
-            without guidance, a random map was 1.2-5.4 dB closer to the unmerged images than ToMeSD's
-            partition without proportional attention, and 0.2-1.6 dB further with it (docs/RESULTS.md,
-            "Without guidance"); `fallback_partition` is the resolved choice.
+            without guidance, a random map was 0.9-4.6 dB closer to the unmerged images than ToMeSD's
+            partition planned per block without proportional attention (the 0.9 dB at ratio 0.7 within its
+            interval), and 0.2-1.6 dB further with it (docs/RESULTS.md, "Without guidance");
+            `fallback_partition` is the resolved choice.
 
     ToMeSD partition (method="tome", and every warm-up step)
         sx, sy: cell size; one destination per cell at a random position.

@@ -26,6 +26,8 @@
 #             (scripts/merge_kernels.py, at most 3 minutes)
 #   planning  planning alone, eager against replayed from a CUDA graph, SD2 and PixArt-alpha at 1024 px
 #             (scripts/planning_graph.py): what a graphed planner could save an eager step
+#   quality16 the bundled model's quality benchmark on the GPU in float32 and in float16 (2 seeds, ratios 0.5
+#             and 0.7, none / tome / importance): whether fp16 plans cost fidelity on a trained model
 #   triton    the Triton merge kernel (merge_kernel "auto", the default since 0.8.0, or "triton"): its tests
 #             (the kernel against embedding_bag, CUDA graphs with it), then PixArt-alpha at 1024 px
 #             compiled with CUDA graphs, importance with either merge kernel (about 5 minutes with the
@@ -108,6 +110,12 @@ stage_merge() {
 stage_planning() {
     for arch in sd2 pixart-alpha; do
         timeout 90 python3 scripts/planning_graph.py --arch $arch --res 1024 --json "$OUT/planning_graph_${arch}.json"
+    done
+}
+stage_quality16() {  # each dtype's PSNR is against its own unmerged images
+    for dtype in float32 float16; do
+        timeout 150 python3 -m imptome bench quality --device cuda --dtype $dtype --seeds 2 --ratios 0.5 0.7 \
+            --methods none tome importance --cache /tmp/quality_$dtype --json "$OUT/quality_cuda_$dtype.json"
     done
 }
 stage_triton() {  # TRITON_TESTS=0 skips the tests

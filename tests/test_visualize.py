@@ -130,6 +130,7 @@ def test_an_interrupted_grid_leaves_the_previous_figure_whole(tmp_path, interrup
     with pytest.raises(KeyboardInterrupt):
         comparison_grid(path, ["another prompt"], panels)
     assert path.read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))  # the cut temporary file is removed
 
 
 @pytest.fixture

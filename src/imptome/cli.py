@@ -226,13 +226,18 @@ def _write_problem(folder: Path) -> str | None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path.tmp`, fsync it, rename it to `path` and fsync the folder: `path` is whole or absent."""
+    """Write `path.tmp`, fsync it, rename it to `path` and fsync the folder: `path` is whole or absent. An
+    exception (a Ctrl-C) before the rename removes `path.tmp` again; only a killed process leaves one."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -388,6 +388,7 @@ def test_an_interrupted_write_leaves_the_previous_results_whole(name, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         _write(*paths, {**meta, "command": "imptome bench speed --rounds 2"}, [], [])
     assert (tmp_path / name).read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_more_threads_than_cpus_are_refused(monkeypatch):

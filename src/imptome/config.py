@@ -82,7 +82,8 @@ class MergeConfig:
             self-attention); they have no cross-attention, so merge_crossattn changes nothing there.
         matching: "feature" matches sources to destinations by cosine similarity of the layer's tokens;
             "grid" by distance on the token grid (the authors' PixArt code; on the bundled model it took
-            images 1.6-3.8 dB further from the unmerged ones, docs/RESULTS.md).
+            images 1.6-3.8 dB further from the unmerged ones, beyond the intervals at ratios 0.3 and 0.5,
+            and lowered SSIM by 0.12-0.14 at every ratio, docs/RESULTS.md).
         match_rows: whose tokens feature matching reads under CFG. "cond" (default): the conditional
             half's, one plan shared by both halves of an image (half the matching work). "each": every
             denoiser row is matched on its own tokens, as the paper and ToMeSD do; the partition and the

@@ -41,8 +41,8 @@ from imptome.cli import (
     apply_patch_or_fail,
     prepare_output_folder,
     warn_outside_grammar,
-    write_atomically,
 )
+from imptome.files import write_atomically
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 
 METADATA_KEY = "imptome"

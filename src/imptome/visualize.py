@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
 
-from imptome.cli import write_atomically
+from imptome.files import write_atomically
 from imptome.merge import DESTINATION, INDEPENDENT, MERGED
 
 ROLE_COLOURS = {MERGED: "#c8c8c8", DESTINATION: "#d62728", INDEPENDENT: "#1f77b4"}

@@ -40,8 +40,9 @@ from imptome.bench.baseline import seed_tomesd, tomesd_patched
 from imptome.bench.measure import DenoiserTimer, denoiser_flops
 from imptome.bench.metrics import bootstrap_ci, frechet_distance, psnr, ssim, to_grid
 from imptome.bench.timing import busy_machine_note, package_versions
-from imptome.cli import CliError, write_atomically
+from imptome.cli import CliError
 from imptome.commands.quality import SHUFFLED, ablation_options, base_method
+from imptome.files import write_atomically
 from imptome.loading import check_device, load_pipeline, model_fingerprint
 from imptome.miniature.data import grammar, parse_prompts, quote_some
 from imptome.patch.api import find_denoiser, patch_state

@@ -70,9 +70,9 @@ from imptome.bench.timing import (
     round_order,
     synchronize,
 )
-from imptome.cli import write_atomically
 from imptome.commands.speed import DEEPCACHE_INTERVAL, MEMORY_FORMATS
 from imptome.config import PRESETS, MergeConfig
+from imptome.files import write_atomically
 from imptome.loading import DTYPES, check_device
 from imptome.merge import cfg_importance
 from imptome.patch.api import patch_state

@@ -297,3 +297,22 @@ def test_an_output_folder_where_no_file_can_be_written_is_refused(tmp_path, monk
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(CliError, match="cannot write a file in output folder .*out: Permission denied"):
         prepare_output_folder(tmp_path / "out")
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(monkeypatch, capsys):
+    """The `imptome` command loads the command line inside its Ctrl-C handler: a Ctrl-C in the fraction of a
+    second that loading takes printed a traceback (the console script imported `imptome.cli` first)."""
+    import builtins
+
+    from imptome.__main__ import run
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "imptome.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert run() == 130
+    assert capsys.readouterr().err == "\nimptome: interrupted\n"
